@@ -1,0 +1,484 @@
+"""
+FID and Inception Score with pytorch-fid's FID Inception (the TF 2015-12-05 graph ported to torch).
+
+    python fid.py samples.npz cifar10                    # FID + IS of ADM-format samples vs the training set
+    python fid.py samples.npz ref_stats.npz              # vs saved statistics (pytorch-fid's npz works too)
+    python fid.py path/to/images cifar10 --batch-size 500
+    python fid.py cifar10 --stats-out cifar10_train.npz  # save the statistics of one input
+    torchrun --nproc_per_node 8 fid.py samples.npz cifar10
+
+Inputs: a samples .npz (ADM format: arr_0 uint8 NHWC), a folder of images (searched recursively), a statistics
+.npz (mu, sigma), or a dataset name the training scripts know (cifar10, cifar100, shapes, class folders with
+--data-path). Statistics of a reference input are cached in --cache-dir.
+"""
+import argparse
+import hashlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+from scipy.special import log_softmax, logsumexp
+from tqdm import tqdm
+
+FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
+IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+FEATURE_DIM = 2048
+THROUGHPUT = {"images": 0, "seconds": 0.0}  # of the Inception forward passes of this process, for the final report
+
+# ----------------------------------------------------------------------------
+# Inception network (module names follow torchvision, so the official weights load strictly)
+
+class BasicConv2d(nn.Module):
+    """Conv without bias + BatchNorm with TF's eps + ReLU."""
+
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _chain(x, *layers):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _avg_pool(x):
+    # TF's average pool divides by the number of real (unpadded) pixels
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block: 1x1, 5x5, double 3x3 and pooled branches."""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          _chain(x, self.branch5x5_1, self.branch5x5_2),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    """Grid reduction 35x35 -> 17x17."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                          _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                                 self.branch7x7dbl_4, self.branch7x7dbl_5),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    """Grid reduction 17x17 -> 8x8."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
+                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block with split 1x3 / 3x1 outputs; the last one of the FID graph max-pools."""
+
+    def __init__(self, cin, max_pool=False):
+        super().__init__()
+        self.max_pool = max_pool  # a quirk of the 2015 TF graph that FID numbers depend on
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        return torch.cat([self.branch1x1(x),
+                          self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
+                          self.branch_pool(pool)], 1)
+
+
+class InceptionV3(nn.Module):
+    """FID Inception: images in [0, 1] (N, 3, H, W) -> (pool3 (N, 2048), logits (N, 1008))."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(FEATURE_DIM, 1008)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
+        x = _chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
+        x = _chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,  # (N, 768, 17, 17)
+                   self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
+                   self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (N, 2048, 8, 8)
+        pool3 = x.mean((2, 3))  # (N, 2048)
+        # the reference IS (improved-GAN, ADM evaluator) uses the softmax matmul without its bias
+        return pool3, pool3 @ self.fc.weight.t()  # (N, 1008)
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception with the official weights (downloaded once to the torch hub cache), in eval mode."""
+    if path is None:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            print(f"downloading {FID_WEIGHTS_URL} to {path}")
+            try:  # writes a temp file next to path, checks the sha256 prefix, then moves it into place
+                torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS.split("-")[-1][:8])
+            except (OSError, RuntimeError) as e:
+                raise SystemExit(f"could not download the FID Inception weights ({e}); get {FID_WEIGHTS} from "
+                                 f"{FID_WEIGHTS_URL} and pass --inception PATH (or put it at {path})")
+    elif not os.path.exists(path):
+        raise SystemExit(f"--inception {path}: no such file; it should be {FID_WEIGHTS} from {FID_WEIGHTS_URL}")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    with torch.device("meta"):  # skip the random init of 24M weights that the file replaces
+        model = InceptionV3()
+    model.load_state_dict(sd, assign=True)  # strict: any other Inception (e.g. torchvision's) must not load
+    return model.eval().requires_grad_(False).to(device)
+
+# ----------------------------------------------------------------------------
+# Statistics
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Image files -> uint8 (3, H, W)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(Image.open(self.files[i]).convert("RGB"))).permute(2, 0, 1)
+
+
+def _dist():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@torch.inference_mode()
+def compute_features(images, model, batch_size=200, num_workers=0):
+    """pool3 features (N, 2048) float64 and logits (N, 1008) float32 of uint8 images.
+
+    `images`: uint8 (N, C, H, W) tensor/array, a list of image files, or any iterable of uint8 (B, C, H, W)
+    batches (single process only). Under torch.distributed each rank takes every world-th image.
+    """
+    rank, world = _dist()
+    device = next(model.parameters()).device
+    t0 = time.time()
+    if isinstance(images, (list, tuple)):
+        shard = torch.utils.data.Subset(_ImageFiles(images), range(rank, len(images), world))
+        batches = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers)
+    elif isinstance(images, (torch.Tensor, np.ndarray)):
+        shard = torch.as_tensor(images)[rank::world]
+        batches = (shard[i:i + batch_size] for i in range(0, len(shard), batch_size))
+    else:
+        assert world == 1, "iterables of batches cannot be sharded across ranks; pass a tensor or a file list"
+        batches = images
+    feats, logits = [], []
+    for x in tqdm(batches, desc="inception", disable=rank != 0, leave=False):
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        x = x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1)
+        f, l = model(x)
+        feats.append(f.float())
+        logits.append(l.float())
+    f = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=device)
+    l = torch.cat(logits) if logits else torch.zeros(0, 1008, device=device)
+    if world > 1:  # shards differ by at most one image: pad, gather, interleave back to the input order
+        n = torch.tensor([len(f)], device=device)
+        dist.all_reduce(n)
+        m = (int(n) + world - 1) // world
+        out = []
+        for t in (f, l):
+            t = F.pad(t, (0, 0, 0, m - len(t)))
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t)
+            out.append(torch.stack(parts, 1).flatten(0, 1)[:int(n)])
+        f, l = out
+    f, l = f.cpu().double().numpy(), l.cpu().numpy()
+    THROUGHPUT["images"] += len(f)
+    THROUGHPUT["seconds"] += time.time() - t0
+    return f, l
+
+
+def statistics(feats):
+    """Mean (D,) and covariance (D, D) in float64 of features (N, D), with a check on N."""
+    n, d = feats.shape
+    if n <= 2:
+        raise ValueError(f"FID statistics need at least 3 images, got {n}: the covariance would be NaN or rank 1")
+    if n <= d:
+        warnings.warn(f"FID from {n} images: the {d}x{d} covariance is rank-deficient (needs at least {d + 1} "
+                      "images); the value is biased upwards, the paper uses 50,000", stacklevel=3)
+    feats = feats.astype(np.float64)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def compute_statistics(images, model, batch_size=200, num_workers=0):
+    """(mu (2048,), sigma (2048, 2048), logits (N, 1008)) of uint8 images; see compute_features."""
+    if hasattr(images, "__len__") and len(images) <= 2:
+        statistics(np.zeros((len(images), FEATURE_DIM)))  # fail before running the network
+    feats, logits = compute_features(images, model, batch_size, num_workers)
+    return (*statistics(feats), logits)
+
+# ----------------------------------------------------------------------------
+# Frechet distance and Inception Score
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed as pytorch-fid does."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # nearly singular product: regularise both covariances
+        print(f"fid: singular product of covariances; adding {eps} to their diagonals")
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"fid: imaginary component {np.max(np.abs(covmean.imag))} in sqrt(S1 S2)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=10):
+    """(mean, std) over `splits` consecutive chunks of exp(E_x KL(p(y|x) || p(y)))."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(logits) < splits:
+        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} images, got {len(logits)}")
+    scores = []
+    for i in range(splits):
+        part = log_softmax(logits[i * len(logits) // splits:(i + 1) * len(logits) // splits], axis=1)
+        log_py = logsumexp(part, axis=0) - np.log(len(part))  # log of the marginal, safe for unseen classes
+        kl = (np.exp(part) * (part - log_py)).sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+# ----------------------------------------------------------------------------
+# Inputs
+
+def _check_exists(spec):
+    """Paths must exist; anything else that looks like a name is a dataset name."""
+    if (os.sep in spec or os.path.splitext(spec)[1]) and not os.path.exists(spec):
+        raise SystemExit(f"{spec}: no such file or folder (give an .npz, an image folder or a dataset name)")
+
+
+def load_input(spec, data_path=None):
+    """A samples npz, image folder or dataset name -> uint8 images or file list; a stats npz -> (mu, sigma, n)."""
+    _check_exists(spec)
+    if spec.endswith(".npz"):
+        with np.load(spec) as f:
+            if "mu" in f and "sigma" in f:
+                return f["mu"], f["sigma"], int(f["n"]) if "n" in f else None
+            if "arr_0" not in f:
+                raise SystemExit(f"{spec}: expected 'arr_0' (ADM samples, uint8 NHWC) or 'mu'+'sigma' (statistics)")
+            x = f["arr_0"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
+            raise SystemExit(f"{spec}: arr_0 must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+        return torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, C, H, W)
+    if os.path.isdir(spec):
+        files = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise SystemExit(f"{spec}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
+        return files
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import train_unet  # the training scripts own the dataset loaders; imported lazily, only for dataset names
+    args = train_unet.get_args(["--dataset", spec] + (["--data-path", data_path] if data_path else []))
+    x = train_unet.load_dataset(args, "train")
+    x = x[0] if isinstance(x, tuple) else x  # (x, y)
+    if x.dtype != torch.uint8:
+        raise SystemExit(f"dataset {spec} is not made of pixels ({x.dtype}); FID needs decoded images")
+    return x
+
+
+def _stats_of(spec, model, batch_size, num_workers, data_path=None, cache_dir=None):
+    """(mu, sigma, n, logits or None) of an input; statistics of non-stats inputs are cached when cache_dir is set."""
+    x = load_input(spec, data_path) if isinstance(spec, str) else spec
+    if isinstance(x, tuple):
+        return (*x, None)
+    cache = None
+    if cache_dir and isinstance(spec, str):
+        key = os.path.abspath(spec) if os.path.exists(spec) else f"{spec}:{data_path}"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+        cache = os.path.join(cache_dir, f"{Path(spec).stem}-{len(x)}-{digest}.npz")
+        if os.path.exists(cache):
+            with np.load(cache) as f:
+                return f["mu"], f["sigma"], int(f["n"]), None
+    mu, sigma, logits = compute_statistics(x, model, batch_size, num_workers)
+    if cache and _dist()[0] == 0:
+        save_statistics(cache, mu, sigma, len(logits))
+    return mu, sigma, len(logits), logits
+
+
+def save_statistics(path, mu, sigma, n):
+    """Write mu, sigma (pytorch-fid's keys) and the image count n (when known) atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"  # np.savez appends .npz to names without it
+    np.savez(tmp, mu=mu, sigma=sigma, **({} if n is None else dict(n=n)))
+    os.replace(tmp, path)
+
+
+def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_path=None,
+                     cache_dir=None):
+    """FID of samples (input spec or uint8 (N, C, H, W)) vs ref (input spec or (mu, sigma)); IS of the samples.
+
+    Under torch.distributed every rank must call it (features are sharded); only rank 0 gets the numbers.
+    """
+    mu1, sigma1, n, logits = _stats_of(samples, model, batch_size, num_workers, data_path)
+    if isinstance(ref, tuple):
+        mu2, sigma2, n_ref = *ref[:2], None
+    else:
+        mu2, sigma2, n_ref, _ = _stats_of(ref, model, batch_size, num_workers, data_path, cache_dir)
+    if _dist()[0] != 0:
+        return None
+    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+    nan = (float("nan"), float("nan"))  # IS needs the logits, which a statistics file does not hold
+    is_mean, is_std = inception_score(logits, min(10, n)) if logits is not None else nan
+    return dict(fid=fid, is_mean=is_mean, is_std=is_std, n=n, n_ref=n_ref)
+
+# ----------------------------------------------------------------------------
+# Main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FID (vs REF) and Inception Score of SAMPLES")
+    p.add_argument("samples", help="samples npz (arr_0 uint8 NHWC), image folder, stats npz or dataset name")
+    p.add_argument("ref", nargs="?", help="reference: dataset name (training split), stats npz, npz or folder")
+    p.add_argument("--batch-size", type=int, default=200, help="per process")
+    p.add_argument("--inception", default=None, help=f"path to {FID_WEIGHTS} (default: torch hub cache)")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding")
+    p.add_argument("--data-path", default=None, help="dataset root for a dataset-name REF (as in train_unet.py)")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/ddae/fid"), help="reference statistics")
+    p.add_argument("--stats-out", default=None, help="save the statistics of SAMPLES here (no REF needed)")
+    args = p.parse_args(argv)
+    if args.ref is None and args.stats_out is None:
+        p.error("give REF to compute FID, or --stats-out PATH to save the statistics of SAMPLES")
+    for spec in (args.samples, args.ref or ""):
+        _check_exists(spec)  # before loading (or downloading) the network
+
+    own_pg = "RANK" in os.environ and not dist.is_initialized()
+    if own_pg:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = _dist()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if rank != 0:
+        dist.barrier()  # rank 0 downloads the weights first
+    model = load_inception(args.inception, device)
+    if rank == 0 and world > 1:
+        dist.barrier()
+
+    if args.stats_out:
+        mu, sigma, n, _ = _stats_of(args.samples, model, args.batch_size, args.num_workers, args.data_path)
+        result = dict(n=n) if rank == 0 else None
+        if rank == 0:
+            save_statistics(args.stats_out, mu, sigma, n)
+            print(f"saved statistics of {n} images to {args.stats_out}")
+    else:
+        result = fid_from_samples(args.samples, args.ref, model, args.batch_size, args.num_workers,
+                                  args.data_path, args.cache_dir)
+        if rank == 0:
+            print(f"FID {result['fid']:.4f}  IS {result['is_mean']:.3f} +- {result['is_std']:.3f}  "
+                  f"({result['n']} samples, {result['n_ref'] or '?'} ref)")
+    if rank == 0 and THROUGHPUT["seconds"] > 0:
+        print(f"inception: {THROUGHPUT['images'] / THROUGHPUT['seconds']:.1f} images/s "
+              f"on {world} x {device.type} ({THROUGHPUT['images']} images)")
+    if own_pg:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

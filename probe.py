@@ -1,0 +1,360 @@
+"""
+Linear probing of a DDAE++ checkpoint (train_unet.py, train_uvit.py or train_dit.py): frozen EMA-model features
+at a noise level t and a layer, globally average pooled, classified by BatchNorm(affine=False) + Linear trained with
+Adam and a cosine schedule (paper Table 11). Several t and layers train one head per (t, layer) pair in the same
+pass over the data; --grid does that over a default grid and draws accuracy against layer (paper Fig. 4-5).
+
+    python probe.py --ckpt runs/X/ckpt.pt                            # Table 10 defaults: args.probe_t, args.sc_layer
+    python probe.py --ckpt runs/X/ckpt.pt --grid --raw-pixels        # every (t, layer) + the raw-pixel baseline
+    torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # extraction sharded over 8 GPUs
+
+Output: a table on stdout, <out>/probe.json and (several layers) <out>/probe.png.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from sample import load_checkpoint
+
+# ----------------------------------------------------------------------------
+# Defaults (paper Tables 10-11)
+
+# Grids in native units around the Table 10 optima (DDPM int t of T=1000; EDM sigma; RF t, t=1 is noise).
+# EDM: steps 2-8 from the end of the 18-step Heun schedule, written as Table 10 does (0.06 = step 4, 0.2964 = step 6).
+GRIDS = {
+    'DDPM': [1, 11, 21, 41, 66, 101, 151],
+    'EDM': [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
+    'RF': [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6],
+}
+MAX_PIXEL_DIM = 12288  # raw-pixel baseline: flattened as is up to 64x64x3 (and 16x16x32 latents), area-pooled above
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', required=True, help='checkpoint written by a train_*.py script')
+    p.add_argument('--raw', action='store_true', help='probe the online weights instead of the EMA')
+    p.add_argument('--t', type=float, nargs='+', help='noise level(s), native units (default: the checkpoint\'s probe_t)')
+    p.add_argument('--layer', nargs='+', help="layer(s): out_6, 6, block_9, cls (UViT [CLS]) or all (default: sc_layer)")
+    p.add_argument('--grid', action='store_true', help='default --t to the formulation\'s grid and --layer to all')
+    p.add_argument('--raw-pixels', action='store_true', help='also probe flattened raw pixels (the baseline)')
+    p.add_argument('--feature-mode', choices=['cached', 'fresh'], default='cached',
+                   help='cached: 2 flips x fixed noise, extracted once; fresh: new noise and flips every epoch')
+    p.add_argument('--epochs', type=int, help='default 15 on CIFAR, 30 otherwise')
+    p.add_argument('--lr', type=float, help='default 4e-3 pixel, 2e-3 latent')
+    p.add_argument('--batch-size', type=int, help='probe batch, default 128 pixel, 1440 latent')
+    p.add_argument('--extract-batch', type=int, default=256, help='images per forward (global, split across ranks)')
+    p.add_argument('--limit', type=int, help='probe a fixed random subset of this many train and test images')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', help='default <ckpt dir>/probe')
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Distributed helpers (torchrun: every rank extracts a shard, all ranks get all features)
+
+def setup_dist():
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    cuda = torch.cuda.is_available()
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ----------------------------------------------------------------------------
+# Features
+
+def to_model_space(x):
+    """uint8 pixels -> [-1, 1]; float latents are already normalised."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+def flipped(x, flip):
+    """Horizontally flip the images where flip (N,) is True."""
+    return x if flip is None else torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def pixel_features(x, flip=None):
+    """Raw-pixel baseline features (N, D): model-space pixels, area-pooled 2x2 until D <= MAX_PIXEL_DIM, flattened."""
+    x = to_model_space(flipped(x, flip))
+    while x[0].numel() > MAX_PIXEL_DIM:
+        x = F.avg_pool2d(x, 2)
+    return x.flatten(1)
+
+
+def _seed(*ints):
+    """A 32-bit generator seed from a tuple of ints (torch's CPU generator keeps only 32 bits of its seed)."""
+    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
+
+
+@torch.no_grad()
+def extract(model, diffusion, x, ts, layers, *, seed, flip=None, batch_size=256, desc=None):
+    """Pooled features {(t, layer): (N, C) float32 CPU} of x (N, C, H, W) for every t and layer: one forward per t.
+
+    The noise of image i depends only on (seed, i // batch_size), not on t, the layer set or the number of ranks,
+    so a pair probed alone sees exactly the features it sees inside a grid."""
+    rank, size = world()
+    device = next(model.parameters()).device
+    starts = list(range(0, len(x), batch_size))
+    feats = []
+    for r in tqdm(range(math.ceil(len(starts) / size)), desc=desc, disable=rank > 0 or desc is None, leave=False):
+        part = None
+        if r * size + rank < len(starts):
+            b = starts[r * size + rank]
+            xb = to_model_space(flipped(x[b:b + batch_size], None if flip is None else flip[b:b + batch_size]))
+            noise = torch.randn(xb.shape, generator=torch.Generator().manual_seed(_seed(seed, b))).to(device)
+            xb = xb.to(device)
+            part = {}
+            for t in ts:
+                tt = torch.full((len(xb),), t, device=device)  # int64 for DDPM, float32 otherwise
+                xt = diffusion.add_noise(xb, tt, noise)
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == 'cuda'):
+                    # y=None: unconditional, or the null class of a class-conditional DiT; aug=None: the zero augment label
+                    _, f = diffusion.pred(model, xt, tt, y=None, aug=None, feats=tuple(layers))
+                part.update({(t, l): f[l].float().cpu() for l in layers})
+        if size == 1:
+            feats.append(part)
+        else:  # one small all_gather per round keeps memory flat; ranks' batches interleave in index order
+            parts = [None] * size
+            dist.all_gather_object(parts, part)
+            feats += [p for p in parts if p is not None]
+    return {k: torch.cat([p[k] for p in feats]) for k in feats[0]}
+
+
+# ----------------------------------------------------------------------------
+# Linear probes: one head per feature key, all trained in the same loop
+
+class Probe(nn.Module):
+    """BatchNorm without affine (feature scales differ by orders of magnitude across t and layers) + Linear."""
+
+    def __init__(self, dim, classes):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False)
+        self.fc = nn.Linear(dim, classes)
+        nn.init.zeros_(self.fc.weight)  # the problem is convex: zero init loses nothing and needs no RNG,
+        nn.init.zeros_(self.fc.bias)    # so a head in a grid starts exactly like its single run
+
+    def forward(self, f):
+        return self.fc(self.bn(f))
+
+
+def train_probes(epoch_feats, y, test_feats, y_test, *, lr, epochs, batch_size, seed=0, device='cpu', log=None):
+    """Train one probe per key of test_feats; epoch_feats(epoch) -> {key: (N, C)} for the N train labels y.
+
+    One Adam over all heads equals one Adam per head (it is per-parameter) and the summed loss gives each head
+    exactly its own gradient, so every head trains as if alone. Returns {key: test top-1 accuracy in %}."""
+    classes = int(max(y.max(), y_test.max())) + 1
+    heads = {k: Probe(f.shape[1], classes).to(device) for k, f in test_feats.items()}
+    opt = torch.optim.Adam([p for h in heads.values() for p in h.parameters()], lr=lr)
+    total = epochs * math.ceil(len(y) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        feats = epoch_feats(epoch)
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) > 1:  # BatchNorm cannot train on a single sample
+                yb = y[idx].to(device)
+                loss = sum(F.cross_entropy(h(feats[k][idx].to(device)), yb) for k, h in heads.items())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+        if log:
+            log(f"epoch {epoch + 1}/{epochs} last-batch loss per head {loss.item() / len(heads):.4f}")
+    acc = {}
+    with torch.no_grad():
+        for k, h in heads.items():
+            h.eval()
+            pred = torch.cat([h(test_feats[k][i:i + 4096].to(device)).argmax(1).cpu() for i in range(0, len(y_test), 4096)])
+            acc[k] = 100.0 * (pred == y_test).float().mean().item()
+    return acc
+
+
+# ----------------------------------------------------------------------------
+# Report: table and Fig. 4-5 style chart
+
+def fmt_t(t):
+    return 'pixels' if t is None else f"{t:g}"
+
+
+def table(acc, ts, layers):
+    """Rows t, columns layers, accuracy in %."""
+    w = max(8, *(len(l) + 1 for l in layers))
+    lines = ['t'.ljust(8) + ''.join(l.rjust(w) for l in layers)]
+    lines += [fmt_t(t).ljust(8) + ''.join(f"{acc[(t, l)]:{w}.2f}" for l in layers) for t in ts]
+    return '\n'.join(lines)
+
+
+def chart(path, acc, ts, layers, title, baseline=None):
+    """Accuracy against layer index, one line per (t, layer kind) (paper Fig. 4-5), dashed raw-pixel baseline."""
+    kinds = {}  # 'out' -> {index: name}; UViT adds 'cls'. The alias 'cls' has no index and stays out of the chart.
+    for l in layers:
+        kind, _, i = l.rpartition('_')
+        if i.isdigit():
+            kinds.setdefault(kind, {})[int(i)] = l
+    xs = sorted({i for k in kinds.values() for i in k})
+    series = [(t, k) for t in ts for k in kinds]
+    W, H, L, R, T, B = 720, 440, 60, 150, 40, 50
+    vals = [acc[(t, l)] for t, k in series for l in kinds[k].values()] + ([baseline] if baseline is not None else [])
+    lo, hi = math.floor(min(vals) / 5) * 5, math.floor(max(vals) / 5) * 5 + 5
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    X = lambda i: L + (W - L - R) * (xs.index(i) + 0.5) / len(xs)
+    Y = lambda a: H - B - (H - T - B) * (a - lo) / (hi - lo)
+    d.rectangle([L, T, W - R, H - B], outline='black')
+    for a in range(lo, hi + 1, 5 if hi - lo <= 50 else 10):
+        d.line([L, Y(a), W - R, Y(a)], fill=(225, 225, 225))
+        d.text((L - 8, Y(a)), f"{a}", fill='black', anchor='rm')
+    for i in xs:
+        d.text((X(i), H - B + 6), str(i), fill='black', anchor='ma')
+    d.text(((L + W - R) / 2, H - 20), 'layer', fill='black', anchor='ma')
+    d.text((L, T - 24), 'linear probe accuracy (%)   ' + title, fill='black')
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for j, (t, k) in enumerate(series):
+        c, ly = colors[j % len(colors)], T + 10 + 18 * j
+        pts = [(X(i), Y(acc[(t, l)])) for i, l in sorted(kinds[k].items())]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        d.line([W - R + 12, ly, W - R + 32, ly], fill=c, width=2)
+        d.text((W - R + 38, ly), f"t={fmt_t(t)}" + ('' if len(kinds) == 1 else f" {k}"), fill='black', anchor='lm')
+    if baseline is not None:
+        for x in range(L, W - R, 12):
+            d.line([x, Y(baseline), min(x + 6, W - R), Y(baseline)], fill='gray', width=2)
+        d.text((W - R + 12, T + 10 + 18 * len(series)), f"pixels {baseline:.1f}", fill='gray', anchor='lm')
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------
+# Main
+
+def resolve_layers(names, model):
+    """Canonical layer names: '6' -> out_6 / block_6, 'all' -> every layer (UViT: also cls_1..); clear error if unknown."""
+    known = list(model.feature_layers) + list(getattr(model, 'cls_layers', []))  # UViT [CLS] per out-block
+    out = []
+    for n in names:
+        n = f"{known[0].rsplit('_', 1)[0]}_{n}" if n.isdigit() else n
+        new = known if n == 'all' else [n]
+        if not set(new) <= set(known) | ({'cls'} if len(known) > len(model.feature_layers) else set()):
+            raise SystemExit(f"unknown layer {n!r}: use one of {', '.join(known)}, all"
+                             + (", cls" if len(known) > len(model.feature_layers) else ''))
+        out += [l for l in new if l not in out]
+    return out
+
+
+def main(argv=None):
+    a = get_args(argv)
+    rank, size, device = setup_dist()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    log = print if rank == 0 else (lambda *_: None)
+    mod, args, model, diffusion, ckpt = load_checkpoint(a.ckpt, raw=a.raw, device=device)
+    model.eval().requires_grad_(False)
+    script = ckpt['script']
+
+    # pairs to probe
+    integer = diffusion.kind == 'DDPM'
+    ts = a.t or (GRIDS[diffusion.kind] + [args.probe_t] if a.grid else [args.probe_t])
+    ts = sorted({int(round(t)) if integer else float(t) for t in ts})
+    hi = diffusion.T if integer else 1 if diffusion.kind == 'RF' else math.inf
+    if not all(0 < t <= hi for t in ts):
+        raise SystemExit(f"--t {ts} out of range for {diffusion.kind}: use native units in (0, {hi}] "
+                         "(DDPM step of T, EDM sigma, RF t with 1 = noise)")
+    layers = resolve_layers(a.layer or (['all'] if a.grid else [args.sc_layer]), model)
+
+    # data (labels required), optional fixed subset
+    (x, y), (x_test, y_test) = mod.load_dataset(args, 'train'), mod.load_dataset(args, 'test')
+    if (y < 0).any() or (y_test < 0).any():
+        raise SystemExit(f"dataset {args.dataset!r} has unlabelled images: linear probing needs class labels")
+    if a.limit:
+        pick = lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))[:a.limit]
+        (i, j) = pick(len(y)), pick(len(y_test))
+        x, y, x_test, y_test = x[i], y[i], x_test[j], y_test[j]
+    latent = x.dtype != torch.uint8
+    lr = a.lr or (2e-3 if latent else 4e-3)
+    epochs = a.epochs or (15 if args.dataset in ('cifar10', 'cifar100') else 30)
+    batch_size = a.batch_size or (1440 if latent else 128)
+
+    log(f"probing {a.ckpt} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
+        f"{len(y)} train / {len(y_test)} test, t {ts}, layers {layers}, {a.feature_mode} features, "
+        f"lr {lr:g} epochs {epochs} batch {batch_size}")
+
+    # features. Flips only for pixels: a flipped latent grid is not the latent of the flipped image.
+    # Noise streams: 0 = test, 1 = cached train (same noise for both flips), 2 + epoch = fresh train.
+    timer = {'images': 0, 'seconds': 0.0}
+
+    def run(x_, stream, flip=None, desc=None):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.time()
+        f = extract(model, diffusion, x_, ts, layers, seed=_seed(a.seed, stream), flip=flip,
+                    batch_size=a.extract_batch, desc=desc)
+        timer['images'] += len(x_) * len(ts)
+        timer['seconds'] += time.time() - t0
+        if a.raw_pixels:
+            f[(None, 'pixels')] = pixel_features(x_, flip)
+        return f
+
+    def flips(stream):
+        return None if latent else torch.rand(len(y), generator=torch.Generator().manual_seed(_seed(a.seed, stream))) < 0.5
+
+    test_feats = run(x_test, 0, desc='test features')
+    if a.feature_mode == 'cached':
+        views = [run(x, 1, None if latent else torch.full((len(y),), v == 1), desc=f'train features {v + 1}/2')
+                 for v in range(1 if latent else 2)]
+        # each epoch every image takes one of its cached views at random: flip augmentation without new forwards
+        epoch_feats = lambda e: views[0] if latent else {k: torch.where(flips(2 + e)[:, None], views[1][k], views[0][k]) for k in views[0]}
+    else:  # the paper's protocol: every epoch new noise and new flips (one full extraction per epoch)
+        epoch_feats = lambda e: run(x, 2 + e, flips(2 + e), desc=f'epoch {e + 1} features')
+    acc = train_probes(epoch_feats, y, test_feats, y_test, lr=lr, epochs=epochs, batch_size=batch_size,
+                       seed=a.seed, device=device, log=log)
+    speed = timer['images'] / max(timer['seconds'], 1e-9)
+
+    if rank == 0:
+        best = max((k for k in acc if k[0] is not None), key=acc.get)
+        classes = int(max(y.max(), y_test.max())) + 1
+        log(table(acc, ts, layers))
+        summary = f"best {acc[best]:.2f}% at t={fmt_t(best[0])} {best[1]}"
+        if a.raw_pixels:
+            summary += f"; raw pixels {acc[(None, 'pixels')]:.2f}%"
+        log(summary + f"; chance {100 / classes:.2f}%; feature extraction {speed:.1f} img/s (one image at one t)")
+        out = Path(a.out or Path(a.ckpt).parent / 'probe')
+        out.mkdir(parents=True, exist_ok=True)
+        result = {'ckpt': str(a.ckpt), 'script': script, 'kind': diffusion.kind, 'weights': 'online' if a.raw else 'ema',
+                  'dataset': args.dataset, 'train_images': len(y), 'test_images': len(y_test), 'classes': classes,
+                  'feature_mode': a.feature_mode, 'lr': lr, 'epochs': epochs, 'batch_size': batch_size, 'seed': a.seed,
+                  'ts': ts, 'layers': layers, 'extract_img_per_s': speed, 'chance': 100 / classes,
+                  'raw_pixels': acc.get((None, 'pixels')),
+                  'best': {'t': best[0], 'layer': best[1], 'acc': acc[best]},
+                  'results': [{'t': t, 'layer': l, 'acc': acc[(t, l)]} for t in ts for l in layers]}
+        (out / 'probe.json').write_text(json.dumps(result, indent=1))
+        if sum(l.rpartition('_')[2].isdigit() for l in layers) > 1:
+            chart(out / 'probe.png', acc, ts, layers, f"{script} {diffusion.kind} {args.dataset}", acc.get((None, 'pixels')))
+        log(f"wrote {out / 'probe.json'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return acc
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,372 @@
+"""
+Sample images from a DDAE++ checkpoint (train_unet.py, train_uvit.py or train_dit.py) with the paper's samplers.
+
+    python sample.py --ckpt runs/X/ckpt.pt --n 50000 --out runs/X/samples           # one process
+    torchrun --nproc_per_node=8 sample.py --ckpt runs/X/ckpt.pt --num-samples 50000   # same images, 8 GPUs
+
+Samplers (paper Table 8): DDPM -> DDIM (Euler, eta 0, 100 steps); EDM -> Heun (18 steps, 35 NFE);
+pixel RF -> adaptive RK45 (scipy); latent RF -> Euler 250 steps, timestep shift 3.3, CFG 1.5 on t <= 0.89.
+Image i's noise (and class label) depends only on (--seed, i), and every batch is one fixed shard of
+indices, so the output is the same for any number of ranks, and an interrupted run resumes at the first
+missing shard. Output: <out>/samples.npz (ADM evaluator format: arr_0 uint8 NHWC, arr_1 labels when
+class-conditional) and <out>/grid.png (first 64 images).
+"""
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from scipy.integrate import solve_ivp
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------
+# Samplers: pure functions of a prediction fn(x, t) with t a python scalar in native units.
+# Each takes unit Gaussian `noise` and returns the sample in model space; NFE = calls of fn.
+
+
+@torch.no_grad()
+def ddim(eps_fn, noise, alphas_cumprod, steps=100, clip=False):
+    """DDIM (eta 0) for an eps-prediction DDPM; alphas_cumprod is (T+1,) with index 0 == 1 (DDAE)."""
+    T = len(alphas_cumprod) - 1
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM needs 1 <= steps <= T={T}, got {steps}")
+    # DDAE's grid: t = 1 + i*T/steps (991, 981, ..., 1 for 100 steps), then a last step to t=0 (ab=1)
+    ts = [1 + i * T // steps for i in reversed(range(steps))] + [0]
+    ab = alphas_cumprod.double().tolist()
+    x = noise
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        eps = eps_fn(x, t)
+        x0 = (x - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
+        if clip:  # DDAE clips the pixel estimate and re-derives eps from it
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(ab[t]) * x0) / math.sqrt(1 - ab[t])
+        x = math.sqrt(ab[t_next]) * x0 + math.sqrt(1 - ab[t_next]) * eps
+    return x
+
+
+def edm_sigmas(steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM's rho-spaced noise levels, sigma_max -> sigma_min, plus a final 0."""
+    i = torch.arange(steps, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return s.tolist() + [0.0]
+
+
+@torch.no_grad()
+def heun(denoise_fn, noise, steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, clip=False):
+    """EDM Algorithm 1 (deterministic 2nd-order Heun) for an x0-prediction D(x; sigma): 2*steps-1 NFE."""
+    sigmas = edm_sigmas(steps, sigma_min, sigma_max, rho)
+    D = (lambda x, s: denoise_fn(x, s).clamp(-1, 1)) if clip else denoise_fn  # clip: as DDAE, pixels only
+    x = noise * sigmas[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - D(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:  # the last step to sigma=0 stays Euler: D at sigma=0 is undefined
+            d_next = (x_next - D(x_next, s_next)) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def rk45(v_fn, noise, rtol=1e-5, atol=1e-5, t_end=1e-3):
+    """Adaptive RK45 (scipy) of dx/dt = v(x, t) from t=1 (noise) to t_end, the whole batch as one system."""
+    shape, device, dtype = noise.shape, noise.device, noise.dtype
+
+    def f(t, y):
+        x = torch.from_numpy(y).reshape(shape).to(device, dtype)
+        return v_fn(x, float(t)).reshape(-1).double().cpu().numpy()
+
+    # t_end = 1e-3 as in the Rectified Flow code: the field is stiffest at t -> 0, and the step left out,
+    # t_end * v ~ 0.003, is below one 8-bit level (2/255)
+    sol = solve_ivp(f, (1.0, t_end), noise.reshape(-1).double().cpu().numpy(), method="RK45", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"RK45 failed: {sol.message}")
+    return torch.from_numpy(sol.y[:, -1]).reshape(shape).to(device, dtype)
+
+
+def shifted_times(steps=250, shift=3.3):
+    """Uniform grid 1 -> 0 warped by t' = s t / (1 + (s-1) t): s > 1 spends more steps at high noise."""
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).tolist()
+
+
+@torch.no_grad()
+def euler(v_fn, noise, steps=250, shift=3.3):
+    """Euler for a velocity (eps - x0) RF model on the shifted grid: `steps` NFE, ends exactly at t=0."""
+    ts = shifted_times(steps, shift)
+    x = noise
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * v_fn(x, t)
+    return x
+
+
+def cfg(pred_fn, y, null, scale=1.5, max_level=0.89, level=lambda t: t):
+    """Classifier-free guidance on all channels, only where level(t) <= max_level (paper: t=1 is noise)."""
+    def guided(x, t):
+        if scale == 1 or level(t) > max_level:
+            return pred_fn(x, t, y)  # guidance off: the plain conditional prediction, one forward
+        c, u = pred_fn(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, null)])).chunk(2)
+        return u + scale * (c - u)
+    return guided
+
+
+def noise_level(diffusion):
+    """Native t -> the RF noise level sigma/(1+sigma) of the same signal-to-noise ratio (= t for RF)."""
+    if diffusion.kind == "RF":
+        return lambda t: t
+    if diffusion.kind == "EDM":
+        return lambda s: s / (1 + s)
+    ab = diffusion.alphas_cumprod.tolist()
+    return lambda t: math.sqrt(1 - ab[t]) / (math.sqrt(ab[t]) + math.sqrt(1 - ab[t]))
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+SCRIPTS = ("train_unet.py", "train_uvit.py", "train_dit.py")
+
+
+def load_checkpoint(path, raw=False, device="cpu"):
+    """Rebuild (module, args, model in eval mode, diffusion, ckpt dict) from a train_*.py checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"checkpoint {path} not found: pass the ckpt.pt of a training run (runs/<name>/ckpt.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); use an intact copy")
+    script = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if script not in SCRIPTS:
+        raise SystemExit(f"checkpoint {path} names script {script!r}; expected one of {', '.join(SCRIPTS)}")
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # the train scripts live next to this file, wherever it is run from
+        sys.path.insert(0, here)
+    mod = importlib.import_module(Path(script).stem)
+    args = mod.get_args([])
+    vars(args).update(ckpt["args"])
+    model = mod.build_model(args)
+    model.load_state_dict(ckpt["model" if raw else "ema"])
+    return mod, args, model.to(device).eval().requires_grad_(False), mod.build_diffusion(args), ckpt
+
+# ----------------------------------------------------------------------------
+# Generation
+
+DEFAULT_SAMPLER = {"DDPM": "ddim", "EDM": "heun", "RF": "rk45"}  # latent RF: euler (Table 8)
+DEFAULT_STEPS = {"ddim": 100, "heun": 18, "euler": 250}
+VALID = {"ddim": "DDPM", "heun": "EDM", "rk45": "RF", "euler": "RF"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="ckpt.pt written by train_unet.py, train_uvit.py or train_dit.py")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/samples-<sampler>[-raw])")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=50_000,
+                   help="number of images, 50000 (spell it --num-samples under torchrun, whose parser claims --n)")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="images per forward and per shard, 250 (part of the result: RK45 steps a batch together)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use the online weights instead of the EMA")
+    p.add_argument("--sampler", choices=list(VALID), default=None,
+                   help="default: ddim (DDPM), heun (EDM), rk45 (pixel RF), euler (latent RF)")
+    p.add_argument("--steps", type=int, default=None, help="default: 100 ddim, 18 heun (35 NFE), 250 euler")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="ddim/heun: clip the denoised estimate to [-1, 1] at every step, as DDAE does (default: on)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="rk45 relative tolerance, 1e-5")
+    p.add_argument("--atol", type=float, default=1e-5, help="rk45 absolute tolerance, 1e-5")
+    p.add_argument("--shift", type=float, default=None, help="euler timestep shift (default: 3.3 latent, 1 pixel)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: 1.5 if class-conditional)")
+    p.add_argument("--cfg-interval", type=float, default=0.89, help="guide at noise level <= this, 0.89 (t=1: noise)")
+    p.add_argument("--class", dest="cls", type=int, default=None, help="only this class (default: image i gets i %% C)")
+    p.add_argument("--vae", default=None, help="VA-VAE weights for latent models (default: the training run's)")
+    p.add_argument("--fid", default=None, metavar="REF", help="then run fid.py on the samples vs REF (e.g. cifar10)")
+    return p.parse_args(argv)
+
+
+def resolve(a, args, model, diffusion):
+    """Fill the defaults that depend on the checkpoint; reject combinations that cannot work."""
+    latent = getattr(args, "latent", "none") != "none"
+    classes = getattr(model, "num_classes", 0)
+    a.sampler = a.sampler or ("euler" if latent else DEFAULT_SAMPLER[diffusion.kind])
+    if VALID[a.sampler] != diffusion.kind:
+        raise SystemExit(f"--sampler {a.sampler} needs a {VALID[a.sampler]} model; this checkpoint is {diffusion.kind}")
+    if a.sampler == "rk45" and a.steps is not None:
+        raise SystemExit("--steps does not apply to rk45 (adaptive): set --rtol/--atol, or use --sampler euler")
+    a.steps = a.steps or DEFAULT_STEPS.get(a.sampler)
+    a.shift = a.shift if a.shift is not None else (3.3 if latent else 1.0)
+    a.cfg_scale = a.cfg_scale if a.cfg_scale is not None else (1.5 if classes else 1.0)
+    if not classes and (a.cfg_scale != 1 or a.cls is not None):
+        raise SystemExit("this checkpoint is unconditional: drop --class and --cfg-scale")
+    if a.cls is not None and not 0 <= a.cls < classes:
+        raise SystemExit(f"--class {a.cls} is out of range: this checkpoint has {classes} classes (0..{classes - 1})")
+    a.out = a.out or str(Path(a.ckpt).parent / f"samples-{a.sampler}{'-raw' if a.raw else ''}")
+    return latent, classes
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is a world of one."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        # long timeout: ranks wait at barriers while others finish a slow shard or rank 0 merges 50k images
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=2))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # LOCAL_RANK: multi-node safe
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
+def initial_state(a, start, end, shape, classes):
+    """Noise and labels of images start..end-1: image i depends only on (seed, i), never on the rank layout."""
+    noise, labels = [], []
+    for i in range(start, end):
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + i)
+        noise.append(torch.randn(shape, generator=g))
+        # labels cycle through the classes (balanced, as FID protocols expect) unless --class fixes one
+        labels.append(a.cls if a.cls is not None else i % max(classes, 1))
+    return torch.stack(noise), torch.tensor(labels)
+
+
+def generate(a, model, diffusion, noise, labels, classes):
+    """One batch: model-space samples and the number of network evaluations used."""
+    def pred(x, t, y):
+        tt = torch.full((len(x),), t, device=x.device, dtype=torch.long if diffusion.kind == "DDPM" else torch.float32)
+        return diffusion.pred(model, x, tt, y if classes else None).float()
+
+    fn = cfg(pred, labels, classes, a.cfg_scale, a.cfg_interval, noise_level(diffusion))
+    nfe = 0
+
+    def counted(x, t):
+        nonlocal nfe
+        nfe += 1
+        return fn(x, t)
+    if a.sampler == "ddim":
+        x = ddim(counted, noise, diffusion.alphas_cumprod, a.steps, a.clip)
+    elif a.sampler == "heun":
+        x = heun(counted, noise, a.steps, clip=a.clip)
+    elif a.sampler == "rk45":
+        x = rk45(counted, noise, a.rtol, a.atol)
+    else:
+        x = euler(counted, noise, a.steps, a.shift)
+    return x, nfe
+
+
+def to_uint8(x):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_npz(path, **arrays):
+    """Atomic: a killed run never leaves a half-written file under the final name."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def save_grid(images, path, cols=8):
+    """(N, H, W, C) uint8 -> one PNG."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+def shard_done(shards, start, size):
+    """A shard counts when it holds `size` images: a changed --n regenerates the last one."""
+    try:
+        with np.load(shards / f"shard-{start:07d}.npz") as f:
+            return len(f["labels"]) == size
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing or unreadable
+        return False
+
+
+def input_shape(mod, args, model, latent):
+    """(C, H, W) the network denoises: RGB pixels, or the VA-VAE's f16 latents of train_dit.py's images."""
+    if latent:
+        return (model.in_ch, mod.IMAGE_SIZE // 16, mod.IMAGE_SIZE // 16)
+    return (3, args.resolution, args.resolution)
+
+
+def main(argv=None):
+    a = get_args(argv)
+    rank, world, device = setup_distributed()
+    mod, args, model, diffusion, ckpt = load_checkpoint(a.ckpt, a.raw, device)
+    latent, classes = resolve(a, args, model, diffusion)
+    if latent and a.vae:
+        args.vae = a.vae
+    vae = mod.load_vae(args, device) if latent else None
+    out, shards = Path(a.out), Path(a.out) / "shards"
+
+    # Shards from another checkpoint or sampler setting must not be mixed into this run.
+    config = {k: getattr(a, k) for k in ("raw", "sampler", "steps", "clip", "rtol", "atol", "shift", "cfg_scale",
+                                         "cfg_interval", "cls", "seed", "batch_size")}
+    config.update(ckpt=str(Path(a.ckpt).resolve()), ckpt_step=ckpt.get("step"))
+    if rank == 0:
+        shards.mkdir(parents=True, exist_ok=True)
+        if not (out / "config.json").exists():
+            (out / "config.json").write_text(json.dumps(config, indent=1))
+    barrier(world)
+    old = json.loads((out / "config.json").read_text())
+    if old != config:
+        diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in config.items() if old.get(k) != v)
+        raise SystemExit(f"{out} holds samples made with other settings ({diff}): use another --out or delete it")
+
+    # Shard k covers images [k*B, (k+1)*B). Missing shards are dealt round-robin over the ranks, so a
+    # resumed run spreads the remaining work evenly; the content of a shard never depends on who makes it.
+    starts = [s for s in range(0, a.n, a.batch_size) if not shard_done(shards, s, min(a.batch_size, a.n - s))]
+    barrier(world)  # every rank has listed the missing shards before any is written
+    mine = starts[rank::world]
+    shape = input_shape(mod, args, model, latent)
+    if rank == 0:
+        print(f"{a.n} images from {a.ckpt} ({'raw' if a.raw else 'EMA'}, {diffusion.kind}, {a.sampler}"
+              f"{'' if a.sampler == 'rk45' else f' {a.steps} steps'}, cfg {a.cfg_scale}): "
+              f"{len(starts)} of {math.ceil(a.n / a.batch_size)} shards to make on {world} x {device.type}")
+    for start in tqdm(mine, unit="shard", disable=rank != 0):
+        noise, labels = initial_state(a, start, min(start + a.batch_size, a.n), shape, classes)
+        x, nfe = generate(a, model, diffusion, noise.to(device), labels.to(device), classes)
+        if latent:  # the VA-VAE decoder runs 128 channels at 256x256: chunks bound its activation memory
+            images = np.concatenate([to_uint8(mod.decode(vae, z, ckpt["latent_stats"])) for z in x.split(32)])
+        else:
+            images = to_uint8(x)
+        save_npz(shards / f"shard-{start:07d}.npz", images=images, labels=labels.numpy(), nfe=np.array(nfe))
+    barrier(world)
+
+    if rank == 0:  # merge into the ADM evaluator's format, filling one array (50k 256x256 images are 9.8 GB)
+        images, labels, nfes = None, np.zeros(a.n, np.int64), []
+        for start in range(0, a.n, a.batch_size):
+            with np.load(shards / f"shard-{start:07d}.npz") as f:
+                x = f["images"]
+                images = np.empty((a.n, *x.shape[1:]), np.uint8) if images is None else images
+                images[start:start + len(x)], labels[start:start + len(x)] = x, f["labels"]
+                nfes.append(int(f["nfe"]))
+        save_npz(out / "samples.npz", **(dict(arr_0=images, arr_1=labels) if classes else dict(arr_0=images)))
+        save_grid(images[:64], out / "grid.png")
+        print(f"wrote {out / 'samples.npz'} {images.shape} and {out / 'grid.png'}; "
+              f"NFE per batch {np.mean(nfes):.1f} (min {min(nfes)}, max {max(nfes)})")
+    if a.fid:
+        barrier(world)
+        import fid  # lazily: only --fid needs the Inception network
+        data = ["--data-path", args.data_path] if getattr(args, "data_path", None) else []  # for a dataset-name REF
+        fid.main([str(out / "samples.npz"), a.fid, *data])
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
