@@ -3,21 +3,33 @@
     python -m pytest -q test_smoke.py
 """
 import json
+import math
 import os
 import pickle
 import subprocess
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count()))
 
+import fid  # noqa: E402
+import probe  # noqa: E402
+import sample  # noqa: E402
+import train_dit  # noqa: E402
 import train_unet  # noqa: E402
+import train_uvit  # noqa: E402
 
 
 def _run(script, *argv, timeout=600, env=None):
@@ -191,6 +203,80 @@ def test_unet_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     assert (out / "ckpt.pt").read_bytes() == before
 
 
+def _unet_proc(out, images, *extra):
+    """Start train_unet.py as a separate process (what a scheduler kills), same config as _unet."""
+    argv = UNET_FAST + ["--out", str(out), "--train-images", str(images), "--log-every", "32", "--warmup-images", "64",
+                        *map(str, extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float results as in-process
+    return subprocess.Popen([sys.executable, str(ROOT / "train_unet.py"), *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(out, step, proc):
+    """Block until the run has logged `step` (one log line per step here)."""
+    import time
+    while not (out / "metrics.jsonl").exists() or _metrics(out)[-1]["step"] < step:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+
+
+def _same_weights(out, model, ema):
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    return all(torch.equal(ckpt[k][n], v) for k, m in (("model", model), ("ema", ema)) for n, v in m.state_dict().items())
+
+
+def test_unet_sigkill_at_three_points_then_resume_is_exact(tmp_path):
+    """Killed with SIGKILL three times (checkpoint every step) and rerun: weights equal an uninterrupted run."""
+    _, (model, ema) = _unet(tmp_path / "ref", images=384, log=32)
+    out = tmp_path / "killed"
+    for step in sorted(np.random.default_rng(0).choice(np.arange(2, 12), 3, replace=False)):  # of 12 steps
+        proc = _unet_proc(out, 384, "--ckpt-every", 32)
+        _wait_for_step(out, int(step), proc)
+        proc.kill()
+        proc.wait()
+        torch.load(out / "ckpt.pt", weights_only=True)  # whatever instant it died at, the checkpoint loads
+    proc = _unet_proc(out, 384, "--ckpt-every", 32)
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    assert _same_weights(out, model, ema)
+
+
+def test_unet_sigterm_saves_and_resume_is_exact(tmp_path):
+    _, (model, ema) = _unet(tmp_path / "ref", images=384, log=32)
+    out = tmp_path / "term"
+    proc = _unet_proc(out, 384)
+    _wait_for_step(out, 3, proc)
+    proc.terminate()
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    assert "stopped by signal" in (out / "log.txt").read_text()
+    assert 3 <= torch.load(out / "ckpt.pt", weights_only=True)["step"] < 12
+    proc = _unet_proc(out, 384)
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    assert _same_weights(out, model, ema)
+
+
+def test_unet_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    out, _ = _unet(tmp_path, images=64)
+    before = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+
+    def dies_half_way(obj, path):  # a kill in the middle of writing: half a file, then nothing
+        Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        _unet(tmp_path, images=128)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == before
+
+
+def test_unet_truncated_checkpoint_is_a_clear_error(tmp_path):
+    out, _ = _unet(tmp_path, images=64)
+    data = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        _unet(tmp_path, images=128)
+    assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # left for the user to inspect
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
@@ -232,3 +318,1056 @@ def test_folder_dataset_and_corrupt_image(tmp_path):
     assert len(train_unet.load_dataset(args, "train")[0]) == 6
     with pytest.raises(SystemExit, match="no images found"):
         train_unet.load_dataset(train_unet.get_args(["--dataset", "x", "--data-path", str(tmp_path / "none")]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_unet.py: non-leaky augmentation, uncertainty, contrastive head
+
+torch.set_num_threads(1)
+_AUG_OPS = {'scale': [2], 'rotate': [3, 4], 'aniso': [5, 6], 'translate': [7, 8]}
+
+
+def _aug_images(n=6, size=32, smooth=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if not smooth:
+        return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    low = torch.rand(n, 3, size // 8, size // 8, generator=g) * 2 - 1  # band-limited: resampling is near-exact
+    return F.interpolate(low, size=size, mode='bicubic', align_corners=False)
+
+
+def _aug_only(op, p=1.0):
+    """Pipe with the flip off and only `op` on."""
+    kw = dict(xflip=False, yflip=0, scale=0, rotate=0, aniso=0, translate=0)
+    kw[op] = 1
+    return train_unet.AugmentPipe(p=p, **kw)
+
+
+def _aug_translation(tx, ty, n):
+    one = torch.ones(n)
+    return train_unet._affine(one, 0 * one, 0 * one, one, tx * one, ty * one)
+
+
+def test_augment_p0_is_identity_apart_from_flip():
+    x = _aug_images(8)
+    y, lab = train_unet.AugmentPipe(p=0)(x, generator=torch.Generator().manual_seed(1))
+    assert lab.shape == (8, 9) and lab.dtype == torch.float32
+    assert (lab[:, 1:] == 0).all()
+    flipped = lab[:, 0] == 1
+    assert 0 < flipped.sum() < 8 and ((lab[:, 0] == 0) | flipped).all()
+    ref = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
+    assert torch.allclose(y, ref, atol=1e-4)  # full sym6 resampling still runs: identity to float precision
+
+
+def test_augment_label_layout():
+    x = _aug_images(16)
+    g = lambda: torch.Generator().manual_seed(3)
+    for op, slots in _AUG_OPS.items():
+        _, lab = _aug_only(op)(x, generator=g())
+        nonzero = (lab != 0).any(0).nonzero().flatten().tolist()
+        assert nonzero == slots, (op, nonzero)
+    _, lab = _aug_only('yflip')(x, generator=g())
+    assert (lab != 0).any(0).nonzero().flatten().tolist() == [1]
+    assert set(lab[:, 1].tolist()) == {0.0, 1.0}
+    # p gates each op per image: at the CIFAR p=0.12 most images carry no geometric label
+    _, lab = train_unet.AugmentPipe()(_aug_images(400, size=8), generator=g())
+    frac = (lab[:, 2:] != 0).any(1).float().mean().item()
+    assert abs(frac - (1 - 0.88 ** 4)) < 0.08  # 4 geometric ops, each on with probability p
+
+
+def test_augment_labels_describe_the_transform():
+    # Rebuild each image's warp from its label alone (docstring formulas) and resample independently.
+    x, n = _aug_images(8, smooth=True), 8
+    one = torch.ones(n)
+    for op in _AUG_OPS:
+        y, lab = _aug_only(op)(x, generator=torch.Generator().manual_seed(5))
+        if op == 'scale':
+            s = 2 ** (-0.2 * lab[:, 2])
+            cands = [train_unet._scale(s, s)]
+        elif op == 'rotate':
+            cands = [train_unet._rotate(torch.atan2(lab[:, 4], lab[:, 3] + 1))]
+        elif op == 'translate':
+            cands = [train_unet._affine(one, 0 * one, 0 * one, one, -lab[:, 7] * 32 / 8, -lab[:, 8] * 32 / 8)]
+        else:  # (w cos r, w sin r) fixes (w, r) only up to (-w, r + pi): EDM's label, kept as is
+            w, r = lab[:, 5:7].norm(dim=1), torch.atan2(lab[:, 6], lab[:, 5])
+            cands = []
+            for sign, shift in ((1, 0), (-1, math.pi)):
+                sa = 2 ** (0.2 * sign * w)
+                cands.append(train_unet._rotate(-(r + shift)) @ train_unet._scale(1 / sa, sa) @ train_unet._rotate(r + shift))
+        err = torch.stack([(train_unet._apply_matrix(x, G) - y).abs().amax(dim=(1, 2, 3)) for G in cands]).amin(0)
+        assert err.max() < 1e-4, (op, err)
+        assert (lab[:, _AUG_OPS[op][0]] != 0).all()  # p=1: every image got the op
+
+
+def test_augment_integer_translation_matches_roll():
+    x = _aug_images(4)
+    y = train_unet._apply_matrix(x, _aug_translation(-3.0, 2.0, 4))  # output p reads input p + (-3, 2)
+    ref = torch.roll(x, shifts=(-2, 3), dims=(2, 3))
+    assert torch.allclose(y[..., 6:-6, 6:-6], ref[..., 6:-6, 6:-6], atol=1e-4)
+
+
+def test_augment_rot90_matches_torch_rot90():
+    x = _aug_images(4, smooth=True)
+    y = train_unet._apply_matrix(x, train_unet._rotate(torch.full((4,), math.pi / 2)))
+    err = (y - torch.rot90(x, 1, dims=(2, 3)))[..., 4:-4, 4:-4].abs()
+    # not bit-exact: sym6 is only nearly symmetric, so a 90-degree turn does not commute with the filters (as in EDM)
+    assert err.max() < 0.1 and err.mean() < 0.01
+    assert (y - torch.rot90(x, -1, dims=(2, 3))).abs().mean() > 0.1  # and the direction is pinned
+
+
+def test_augment_deterministic_given_generator():
+    x = _aug_images(8)
+    pipe = train_unet.AugmentPipe(p=1)
+    a = pipe(x, generator=torch.Generator().manual_seed(7))
+    b = pipe(x, generator=torch.Generator().manual_seed(7))
+    c = pipe(x, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+
+
+def test_augment_uncertainty_learns_log_loss():
+    # Closed form: d/du (L e^-u + u) = 1 - L e^-u vanishes at u = ln L, and pushes u towards it from both sides.
+    L = torch.tensor(0.3)
+    for u0 in (-2.0, 2.0):
+        u = torch.tensor(u0, requires_grad=True)
+        (L / u.exp() + u).backward()
+        assert (u.grad > 0) == (u0 > math.log(0.3))
+    unc = train_unet.Uncertainty()
+    sigma = torch.exp(torch.linspace(-4, 2, 64))
+    assert torch.equal(unc(sigma), torch.zeros(64))  # zero-init: training starts with the plain EDM loss
+    target = 0.5 * sigma ** 0.3 / (1 + sigma)  # some smooth per-sigma loss level
+    for _ in range(300):  # plain gradient descent (the problem is convex in the linear layer's weights)
+        u = unc(sigma)
+        unc.zero_grad()
+        (target / u.exp() + u).mean().backward()
+        with torch.no_grad():
+            for p in unc.parameters():
+                p -= 0.05 * p.grad
+    assert (unc(sigma) - target.log()).abs().max() < 0.1
+
+
+def test_augment_contrastive_loss_chance_and_perfect():
+    g = torch.Generator().manual_seed(0)
+    N, T = 64, 0.2
+    q, k = torch.randn(N, 128, generator=g), torch.randn(N, 128, generator=g)
+    chance = 2 * T * math.log(N)
+    assert abs(train_unet.contrastive_loss(q, k, T) - chance) < 0.1 * chance
+    assert train_unet.contrastive_loss(q, 3 * q, T) < 0.15 * chance  # only q.k scale-invariance and temperature left
+
+
+def test_augment_contrastive_loss_gathers_across_ranks(monkeypatch):
+    # Fake a 2-rank world: each rank's positives sit at rank * N_local in the gathered targets.
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    k[:4] = q[:4] + 0.1 * k[:4]
+    full = F.cross_entropy(F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / 0.2, torch.arange(8), reduction='none')
+    kn = F.normalize(k, dim=1)  # what each rank contributes
+    for rank in (0, 1):
+        monkeypatch.setattr(train_unet.dist, 'is_initialized', lambda: True)
+        monkeypatch.setattr(train_unet.dist, 'get_world_size', lambda: 2)
+        monkeypatch.setattr(train_unet.dist, 'get_rank', lambda: rank)
+        monkeypatch.setattr(train_unet.dist, 'all_gather', lambda out, t: [o.copy_(s) for o, s in zip(out, kn.chunk(2))])
+        sl = slice(4 * rank, 4 * rank + 4)
+        loss = train_unet.contrastive_loss(q[sl], k[sl])
+        assert torch.allclose(loss, full[sl].mean() * 0.4, atol=1e-5)
+
+
+def test_augment_proj_head_params_and_time_mode():
+    time, moco = train_unet.ProjHead(256, mode='time'), train_unet.ProjHead(256, mode='mocov3')
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(time) == 1_184_768 and count(moco) == 1_052_672  # ddpm: 256-ch feature, hidden 1024, out 256
+    moco.load_state_dict({k: v for k, v in time.state_dict().items() if not k.startswith('time.')})
+    f, level = torch.randn(16, 256), torch.rand(16)
+    assert torch.allclose(time(f, level), moco(f, level))  # zero-init gate: 'time' starts as MoCo v3
+    assert time(f, level).shape == (16, 256) and time.project(f, level).shape == (16, 256)
+    with pytest.raises(ValueError, match="mocov3"):
+        train_unet.ProjHead(256, mode='moco')
+
+
+def test_augment_contrastive_training_falls():
+    # Two noisy views of the same instances; online head trained, target = a frozen EMA copy of it.
+    torch.manual_seed(0)
+    N, C = 64, 32
+    z = torch.randn(N, C)
+    head = train_unet.ProjHead(C, hidden=64, out=32)
+    ema = train_unet.ProjHead(C, hidden=64, out=32)
+    ema.load_state_dict(head.state_dict())
+    losses = []
+    for _ in range(60):  # hand-written SGD: torch.optim's first use imports torch._dynamo (seconds)
+        v1, v2 = z + 0.5 * torch.randn(N, C), z + 0.5 * torch.randn(N, C)
+        t1, t2 = torch.rand(N), torch.full((N,), 0.01)
+        with torch.no_grad():
+            k = ema.project(v2, t2)
+        loss = train_unet.contrastive_loss(head(v1, t1), k)
+        head.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), head.parameters()):
+                p -= 0.3 * p.grad
+                pe.lerp_(p, 0.1)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_uvit.py
+
+# tiny runs: 16x16 shapes, 16 patch tokens; one thread is several times faster than two on a busy 2-core box
+_UVIT_RUN = ["--dataset", "shapes", "--net", "tiny", "--resolution", "16", "--batch-size", "32", "--warmup-images", "64"]
+
+
+@pytest.fixture
+def _uvit_fast():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _uvit_tiny(*flags):
+    args = train_uvit.get_args(["--dataset", "shapes", "--net", "tiny", *flags])
+    torch.manual_seed(0)
+    return args, train_uvit.build_model(args).eval()
+
+
+def _uvit_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_uvit_param_counts_match_official_uvit_s():
+    counts = {}
+    for flags in ([], ["--self-cond"]):
+        args = train_uvit.get_args(["--dataset", "cifar10", *flags])
+        with torch.device("meta"):  # no memory, no init cost
+            counts[bool(flags)] = sum(p.numel() for p in train_uvit.build_model(args).parameters())
+    assert counts[False] == 44_255_328  # official U-ViT CIFAR config
+    assert counts[True] - counts[False] == 1_024  # [CLS] token + its position-embedding row
+
+
+def test_uvit_dry_run_prints_counts_and_refuses_other_formulations():
+    r = subprocess.run([sys.executable, "train_uvit.py", "--self-cond", "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "parameters: 44,256,352 total, 1,024 self-conditioning" in r.stdout
+    for bad in (["--model", "EDM"], ["--model", "RF"], ["--cl"], ["--aug", "--cl"]):
+        with pytest.raises(SystemExit):
+            train_uvit.get_args(bad)
+
+
+def test_uvit_attention_mask_blocks_cls_and_augment_label_both_ways():
+    args, model = _uvit_tiny("--self-cond", "--aug")
+    blk, mask = model.in_blocks[0], model.attn_mask
+    time_i, aug_i, cls_i, img_i = 0, 1, 2, 3  # token order [time, aug, cls, patches]
+    h, kick = torch.randn(2, model.pos_embed.shape[1], model.dim), 3 * torch.randn(model.dim)
+
+    def delta(i, m):  # how far each token's block output moves when token i is perturbed: (S,)
+        h2 = h.clone()
+        h2[:, i] += kick  # not a constant: LayerNorm would remove that
+        with torch.no_grad():
+            return (blk(h2, mask=m) - blk(h, mask=m)).abs().amax(dim=(0, 2))
+
+    d = delta(aug_i, mask)
+    assert d[cls_i] == 0 and d[time_i] > 1e-5 and d[img_i] > 1e-5
+    d = delta(cls_i, mask)
+    assert d[aug_i] == 0 and d[time_i] > 1e-5 and d[img_i] > 1e-5
+    d = delta(img_i + 5, mask)  # both still read the image tokens
+    assert d[aug_i] > 1e-5 and d[cls_i] > 1e-5
+    assert delta(aug_i, None)[cls_i] > 1e-5  # without the mask the leak is visible: the test is sensitive
+    # with only one of the two tokens there is nothing to mask (flash-attention path)
+    assert _uvit_tiny("--self-cond")[1].attn_mask is None and _uvit_tiny("--aug")[1].attn_mask is None
+
+
+def test_uvit_output_depends_on_cls_token_and_features():
+    args, model = _uvit_tiny("--self-cond", "--aug")
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.011, 0.5])
+    with torch.no_grad():
+        eps = model(x, t)
+        assert torch.equal(eps, model(x, t, aug=torch.zeros(2, 9)))  # no label == the zero label
+        model.cls_token.add_(0.5)
+        assert (model(x, t) - eps).abs().max() > 1e-5
+    eps, f = model(x, t, feats=("out_1", "cls", "cls_1", args.sc_layer))
+    assert eps.shape == x.shape and set(f) == {"out_1", "cls", "cls_1", args.sc_layer}
+    assert f["cls"].shape == (2, model.dim) and f["cls"].dtype == torch.float32
+    assert args.sc_layer == "out_2" and torch.equal(f["cls"], model(x, t, feats=("cls_2",))[1]["cls_2"])
+    assert not torch.allclose(f["cls_1"], f["cls"])
+    with pytest.raises(ValueError, match="cls"):
+        _uvit_tiny()[1](x, t, feats=("cls",))
+
+
+def test_uvit_weight_decay_groups_by_name():
+    args, model = _uvit_tiny("--self-cond", "--aug", "--cl")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = train_uvit.param_groups(model, 0.03)
+    assert decay["weight_decay"] == 0.03 and no_decay["weight_decay"] == 0.0
+    no_decay = sorted(names[id(p)] for p in no_decay["params"])
+    decay = sorted(names[id(p)] for p in decay["params"])
+    assert no_decay == sorted(n for n in names.values() if n.endswith(".bias") or n == "pos_embed")
+    assert "pos_embed" in no_decay and "in_blocks.0.attn.proj.bias" in no_decay
+    # the [CLS] token, LayerNorm gains, the augment embedding and all weights are decayed
+    for n in ("cls_token", "norm.weight", "in_blocks.0.norm1.weight", "aug_embed.weight", "patch_embed.weight",
+              "out_blocks.0.skip_linear.weight", "in_blocks.0.attn.qkv.weight"):
+        assert n in decay
+    assert len(decay) + len(no_decay) == len(names)
+
+
+def test_uvit_tiny_run_loss_falls(tmp_path, _uvit_fast):
+    out = tmp_path / "run"
+    train_uvit.main(_UVIT_RUN + ["--self-cond", "--train-images", "1920", "--log-every", "480", "--out", str(out)])
+    loss = [r["loss"] for r in _uvit_metrics(out)]
+    assert len(loss) == 4 and loss[-1] < 0.9 * loss[0], loss  # typically 0.96 -> 0.81 in these 60 steps
+    assert (out / "ckpt.pt").exists() and list(out.glob("grid-*.png"))
+
+
+def test_uvit_resume_is_exact_and_checkpoint_reloads_strictly(tmp_path, _uvit_fast):
+    flags = _UVIT_RUN + ["--self-cond", "--aug", "--cl", "--log-every", "64"]
+    train_uvit.main(flags + ["--train-images", "256", "--out", str(tmp_path / "a")])  # 8 steps in one go
+    train_uvit.main(flags + ["--train-images", "128", "--out", str(tmp_path / "b")])  # 4 steps, then the CLI resumes
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "train_uvit.py", *flags, "--train-images", "256", "--out", str(tmp_path / "b")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", map_location="cpu", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 8 and a["images"] == b["images"] == 256
+    for key in ("model", "ema"):
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), (key, n)
+    assert [m["cl_loss"] for m in _uvit_metrics(tmp_path / "a")] == pytest.approx(
+        [m["cl_loss"] for m in _uvit_metrics(tmp_path / "b")])
+    # the contract's rebuild: defaults, then the saved args; strict load of both weight sets
+    args = train_uvit.get_args([])
+    vars(args).update(b["args"])
+    model = train_uvit.build_model(args)
+    model.load_state_dict(b["ema"])
+    model.load_state_dict(b["model"])
+    assert b["script"] == "train_uvit.py" and "cls_token" in b["model"] and "cl_head.fc1.weight" in b["model"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_dit.py
+
+def _dit_count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def _dit_args(*argv):
+    return train_dit.get_args(list(argv))
+
+
+def test_dit_param_counts_match_paper():
+    with torch.device("meta"):
+        base = train_dit.build_model(_dit_args("--no-class-cond"))
+        sc = train_dit.build_model(_dit_args("--no-class-cond", "--self-cond"))
+        add = train_dit.build_model(_dit_args("--no-class-cond", "--self-cond", "--sc-mode", "add"))
+        cond = train_dit.build_model(_dit_args("--dataset", "in1k"))
+    assert _dit_count(base) == 129_787_424  # SPEC section 3 / paper 129.8M
+    assert _dit_count(sc) - _dit_count(base) == 1_378_560  # paper "+1.38M"
+    assert _dit_count(add) - _dit_count(base) == 768 * 768 + 768  # direct addition: the projection only
+    assert _dit_count(cond) - _dit_count(base) == 1001 * 768  # 1000 classes + the null class
+    assert base.feature_layers == [f"block_{i}" for i in range(1, 13)]
+    assert tuple(base.rope.cos.shape) == (256, 64)  # one row per 16x16 patch token, head dim 64
+
+
+def test_dit_dry_run_prints_paper_counts(capsys):
+    train_dit.main(["--dry-run", "--no-class-cond", "--self-cond"])
+    assert "131,165,984 total, 1,378,560 self-conditioning" in capsys.readouterr().out  # 129,787,424 + 1,378,560
+
+
+def test_dit_table10_defaults_and_sc_layer_parsing():
+    assert _dit_args("--dataset", "in1k").sc_layer == "block_10"
+    assert _dit_args("--dataset", "in1k", "--no-class-cond").sc_layer == "block_9"
+    assert _dit_args("--dataset", "in100").sc_layer == "block_8"
+    assert _dit_args("--sc-layer", "7").sc_layer == _dit_args("--sc-layer", "block_7").sc_layer == "block_7"
+    assert _dit_args("--dataset", "in1k").class_cond and not _dit_args("--dataset", "mydata").class_cond
+    assert _dit_args().probe_t == 0.25
+    with pytest.raises(SystemExit):
+        _dit_args("--sc-layer", "13")
+
+
+def test_dit_rope_rotates_patch_tokens_only():
+    torch.manual_seed(0)
+    rope = train_dit.Rope2D(head_dim=16, grid=16)
+    assert rope.cos.shape == (256, 16)
+    patches = torch.randn(2, 3, 256, 16)
+    extra = torch.randn(2, 3, 2, 16)  # e.g. a [CLS] or register token prepended to the sequence
+    out = rope(torch.cat([extra, patches], dim=2))
+    assert torch.equal(out[:, :, :2], extra)  # extra tokens are not rotated
+    assert torch.allclose(out[:, :, 2:], rope(patches))  # patch k keeps position k of the table
+    assert torch.allclose(out[:, :, 2], patches[:, :, 0])  # position (0, 0) is the identity rotation
+    assert torch.allclose(rope(patches).norm(dim=-1), patches.norm(dim=-1), atol=1e-5)  # a rotation
+    # relative: the q.k score of two tokens depends only on their offset
+    q, k = torch.randn(16), torch.randn(16)
+    rq, rk = rope(q.expand(1, 1, 256, 16))[0, 0], rope(k.expand(1, 1, 256, 16))[0, 0]
+    assert torch.allclose(rq[0] @ rk[17], rq[18] @ rk[35], atol=1e-4)  # (0,0)-(1,1) vs (1,2)-(2,3)
+    with pytest.raises(ValueError):
+        rope(torch.randn(1, 1, 255, 16))
+
+
+def test_dit_self_cond_starts_as_noop_and_returns_features():
+    torch.manual_seed(0)
+    args = _dit_args("--net", "tiny", "--latent", "none", "--dataset", "shapes", "--class-cond")
+    base = train_dit.build_model(args)
+    args.self_cond = True
+    sc = train_dit.build_model(args)
+    assert sc.sc_layer == 3 and sc.sc.scale is not None
+    missing = sc.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("sc.") for k in missing)
+    for p in list(base.final.parameters()) + [b.ada[-1].weight for b in base.blocks]:  # leave AdaLN-zero
+        p.data.normal_(0, 0.1)
+    sc.load_state_dict(base.state_dict(), strict=False)
+    x, t, y = torch.randn(4, 3, 32, 32), torch.rand(4), torch.tensor([0, 3, 10, 9])
+    out, feats = sc(x, t, y, feats=("block_1", "block_3"))
+    assert torch.allclose(out, base(x, t, y), atol=1e-6)  # zero-init projection: exactly the baseline
+    assert feats["block_3"].shape == (4, 64) and feats["block_3"].dtype == torch.float32
+    diffusion = train_dit.build_diffusion(args)
+    v, f = diffusion.pred(sc, x, t, y, feats=("block_2",))
+    assert v.shape == x.shape and set(f) == {"block_2"}
+    with pytest.raises(ValueError):
+        sc(x, t, y, feats=("out_1",))
+
+
+def test_dit_label_dropout_rate_and_null_class():
+    torch.manual_seed(0)
+    rf = train_dit.RF(num_classes=1000, label_dropout=0.1)
+    y = torch.randint(0, 1000, (200_000,))
+    dropped = rf.drop_labels(y)
+    null = dropped == 1000
+    assert abs(null.float().mean().item() - 0.1) < 0.005  # 0.1 +- 7 sigma
+    assert torch.equal(dropped[~null], y[~null])
+
+    seen = []
+
+    def model(x, t, y, aug=None, feats=()):
+        seen.append(y)
+        return torch.zeros_like(x)
+
+    loss, level = rf.loss(model, torch.randn(4000, 2, 2, 2), torch.zeros(4000, dtype=torch.long))
+    assert loss.shape == level.shape == (4000,) and 0 < level.min() and level.max() < 1
+    assert abs((seen[0] == 1000).float().mean().item() - 0.1) < 0.03
+    assert torch.allclose(rf.add_noise(torch.zeros(2, 1, 1, 1), torch.tensor([0.0, 1.0]), torch.ones(2, 1, 1, 1)).flatten(),
+                          torch.tensor([0.0, 1.0]))  # t=1 is pure noise (paper convention)
+
+
+def test_dit_vae_official_layout_strict_load_and_round_trip(tmp_path):
+    with torch.device("meta"):
+        official = train_dit.build_vae(_dit_args()).state_dict()
+    assert official["encoder.conv_in.weight"].shape == (128, 3, 3, 3)
+    assert official["quant_conv.weight"].shape == (64, 64, 1, 1)
+    assert official["post_quant_conv.weight"].shape == (32, 32, 1, 1)
+    assert official["decoder.conv_out.weight"].shape == (3, 128, 3, 3)
+    assert official["encoder.down.4.attn.1.proj_out.weight"].shape == (512, 512, 1, 1)  # attention at 16x16
+    assert official["decoder.up.0.block.2.conv2.weight"].shape == (128, 128, 3, 3)  # 3 blocks per decoder level
+    assert len(official) == 342 and {k.split(".")[0] for k in official} == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+
+    torch.manual_seed(0)
+    args = _dit_args("--vae-config", "tiny", "--vae", str(tmp_path / "vavae.pt"))
+    sd = dict(train_dit.build_vae(args).state_dict())
+    sd.update({"loss.discriminator.main.0.weight": torch.zeros(2), "foundation_model.model.cls_token": torch.zeros(3),
+               "loss.logvar": torch.zeros(())})  # what the official file carries besides the autoencoder
+    torch.save({"state_dict": sd}, tmp_path / "vavae.pt")
+    vae = train_dit.load_vae(args, torch.device("cpu"))  # strict after dropping the 3 extra keys
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (1, 32, 16, 16)
+    stats = {"mean": torch.zeros(32), "std": torch.ones(32)}
+    img = train_dit.decode(vae, z, stats)
+    assert img.shape == (1, 3, 256, 256) and img.abs().max() <= 1
+
+
+class _DitCountingVAE:
+    """Wraps a VAE, counting encoded images; optionally fails on the n-th call (a killed extraction)."""
+
+    def __init__(self, vae, fail_on=None):
+        self.vae, self.fail_on, self.calls, self.images = vae, fail_on, 0, 0
+
+    def encode(self, x):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt
+        self.images += len(x)
+        return self.vae.encode(x)
+
+
+def _dit_cache_worker(rank, world, args, init_file, result_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    vae = train_dit.load_vae(args, torch.device("cpu"))
+    out = train_dit.cache_dir(args, "train")
+    encoded = train_dit.extract_latents(train_dit.image_files(args, "train"), out, vae, torch.device("cpu"), 2, 0, rank, world)
+    (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps(encoded))
+    dist.destroy_process_group()
+
+
+def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            size = [(300, 200), (64, 80), (256, 256)][i]
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    torch.save(train_dit.build_vae(_dit_args("--vae-config", "tiny")).state_dict(), tmp_path / "vae.pt")
+    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
+                     "--vae", str(tmp_path / "vae.pt"), "--vae-config", "tiny", "--net", "tiny", "--extract-batch", "2")
+    files = train_dit.image_files(args, "train")
+    out = train_dit.cache_dir(args, "train")
+    vae = train_dit.load_vae(args, torch.device("cpu"))
+
+    # 1) a single-process extraction killed during its second batch: images 0 and 1 are done
+    with pytest.raises(KeyboardInterrupt):
+        train_dit.extract_latents(files, out, _DitCountingVAE(vae, fail_on=2), torch.device("cpu"), batch=2)
+    assert np.load(out / "done.rank0.npy").tolist() == [True, True, False, False, False, False]
+
+    # 2) two gloo ranks finish the rest, each writing only its own rows
+    mp.spawn(_dit_cache_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert sorted(r0 + r1) == [2, 3, 4, 5] and not set(r0) & set(r1) and r0 and r1
+
+    # 3) the cache is complete: finishing it encodes nothing, a later run does not even load the VA-VAE
+    counter = _DitCountingVAE(vae)
+    monkeypatch.setattr(train_dit, "load_vae", lambda a, d: counter)
+    train_dit.latent_cache(args, "train")
+    assert counter.calls == 0 and (out / "complete").exists()
+    monkeypatch.setattr(train_dit, "load_vae", lambda a, d: pytest.fail("cache not reused"))
+    x, y = train_dit.load_dataset(args, "train")
+    assert x.shape == (6, 32, 16, 16) and x.dtype == torch.float32 and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert abs(x.mean().item()) < 0.2 and abs(torch.cat([x, train_dit.load_dataset(args, "train", flip=True)[0]]).std().item() - 1) < 0.05
+
+    # every row holds its own image (unflipped, flipped), whichever process wrote it
+    lat = np.load(out / "latents.npy", mmap_mode="r")
+    for i in (1, 4):
+        img = torch.from_numpy(np.array(train_dit.center_crop(Image.open(files[i][0]).convert("RGB"), 256))).permute(2, 0, 1)
+        img = img[None].float() / 127.5 - 1
+        ref = vae.encode(torch.cat([img, img.flip(3)])).numpy()
+        assert np.allclose(lat[i].astype(np.float32), ref, atol=2e-2, rtol=1e-2)
+    assert np.abs(lat.astype(np.float32)).sum(axis=(2, 3, 4)).min() > 0  # no row left empty
+
+    # 4) a latent-space training run reads the cache (both flips) and stores the normalisation in its checkpoint
+    cmd = [sys.executable, str(ROOT / "train_dit.py"), "--dataset", "toy", "--data-path", str(tmp_path / "data"),
+           "--cache-dir", str(tmp_path / "cache"), "--vae", str(tmp_path / "missing.pt"), "--vae-config", "tiny",
+           "--net", "tiny", "--self-cond", "--class-cond", "--batch-size", "4", "--train-images", "8",
+           "--sample-every", "0", "--out", str(tmp_path / "run")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu", weights_only=True)
+    stats = torch.load(out / "stats.pt", weights_only=True)
+    assert torch.equal(ckpt["latent_stats"]["mean"], stats["mean"]) and ckpt["latent_stats"]["std"].shape == (32,)
+    assert ckpt["args"]["num_classes"] == 2 and ckpt["model"]["y_embed.weight"].shape == (3, 64)
+
+
+def _dit_train(out, images, *extra):
+    cmd = [sys.executable, str(ROOT / "train_dit.py"), "--latent", "none", "--net", "tiny", "--dataset", "shapes",
+           "--resolution", "16", "--batch-size", "32", "--log-every", "160", "--ckpt-every", "320",
+           "--train-images", str(images), "--out", str(out), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_dit_tiny_pixel_run_trains_and_resumes_exactly(tmp_path):
+    _dit_train(tmp_path / "a", 320)
+    rec = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in rec] == [160, 320]
+    assert rec[-1]["loss"] < rec[0]["loss"]
+    assert (tmp_path / "a" / "grid-000000320.png").exists()
+    _dit_train(tmp_path / "a", 480, "--sample-every", "0")  # same command, longer: resumes at 320 images
+    assert "resumed from" in (tmp_path / "a" / "log.txt").read_text()
+    _dit_train(tmp_path / "b", 480, "--sample-every", "0")  # one uninterrupted run
+    a, b = (torch.load(p / "ckpt.pt", map_location="cpu", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
+    assert a["step"] == b["step"] == 15 and a["images"] == 480 and a["script"] == "train_dit.py"
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # randomness is a function of (seed, rank, step)
+    assert "latent_stats" not in a and a["args"]["sc_layer"] == "block_3"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fid.py
+
+torch.set_num_threads(2)
+
+
+def _fid_random_inception(seed=0):
+    """InceptionV3 with random weights scaled so activations neither vanish nor explode."""
+    torch.manual_seed(seed)
+    model = fid.InceptionV3()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def _fid_model():
+    return _fid_random_inception()
+
+
+@pytest.fixture(scope="module")
+def _fid_weights(tmp_path_factory, _fid_model):
+    """The random model saved in the official file's layout (with num_batches_tracked, as torchvision saves it)."""
+    sd = dict(_fid_model.state_dict())
+    for k in list(sd):
+        if k.endswith(".bn.running_var"):
+            sd[k.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+    path = tmp_path_factory.mktemp("weights") / fid.FID_WEIGHTS
+    torch.save(sd, path)
+    return path
+
+
+def _fid_images(n, size=32, shift=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 200, (n, 3, size, size), generator=g) + shift
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def test_fid_official_key_layout():
+    model = fid.InceptionV3()
+    sd = model.state_dict()
+    assert tuple(sd["Conv2d_1a_3x3.conv.weight"].shape) == (32, 3, 3, 3)
+    assert tuple(sd["Conv2d_1a_3x3.bn.running_var"].shape) == (32,)
+    assert tuple(sd["Mixed_5b.branch1x1.conv.weight"].shape) == (64, 192, 1, 1)
+    assert tuple(sd["Mixed_6e.branch7x7dbl_5.conv.weight"].shape) == (192, 192, 1, 7)
+    assert tuple(sd["Mixed_7c.branch_pool.conv.weight"].shape) == (192, 2048, 1, 1)
+    assert tuple(sd["fc.weight"].shape) == (1008, 2048) and tuple(sd["fc.bias"].shape) == (1008,)
+    assert not any(k.startswith("AuxLogits") for k in sd)
+    assert model.Mixed_5b.branch_pool.bn.eps == 0.001
+    # torchvision inception_v3 without aux (23,834,568 with 1000 classes) + 8 more classes of the TF graph
+    assert sum(p.numel() for p in model.parameters()) == 23_850_960
+
+
+def test_fid_strict_load(_fid_model, _fid_weights, tmp_path):
+    loaded = fid.load_inception(str(_fid_weights))
+    assert not loaded.training
+    got = loaded.state_dict()
+    for k, v in _fid_model.state_dict().items():
+        assert torch.equal(v, got[k]), k
+    # a file of another layout must not load silently
+    sd = torch.load(_fid_weights, weights_only=True)
+    sd["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="AuxLogits"):
+        fid.load_inception(str(tmp_path / "bad.pth"))
+    with pytest.raises(SystemExit, match="no such file"):
+        fid.load_inception(str(tmp_path / "missing.pth"))
+
+
+def test_fid_output_shapes(_fid_model):
+    with torch.inference_mode():
+        pool3, logits = _fid_model(torch.rand(1, 3, 75, 75))  # 32x32 inputs run in the CLI test
+    assert pool3.shape == (1, 2048) and logits.shape == (1, 1008)
+    assert torch.isfinite(pool3).all() and (pool3 >= 0).all()  # pool3 averages ReLU outputs
+
+
+def test_fid_matches_eigenvalues():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 200, 8))
+    b = b @ rng.normal(size=(8, 8)) + 0.5
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    # S1 S2 is similar to S1^1/2 S2 S1^1/2, so its eigenvalues are real and >= 0
+    tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
+    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-8)
+    assert fid.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-8)
+    assert fid.frechet_distance(mu1, s1, mu1 + 1, s1) == pytest.approx(8, rel=1e-8)
+
+
+def test_fid_self_zero_and_grows_with_shift():
+    # random features stand in for pool3 (a 2048-d sqrtm costs tens of seconds on 2 cores)
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 64)) @ rng.normal(size=(64, 64))
+    stats = [fid.statistics(f + s)[:2] for s in (0.0, 0.1, 0.3)] + [fid.statistics(1.5 * f)[:2]]
+    d = [fid.frechet_distance(*st, *stats[0]) for st in stats]
+    assert abs(d[0]) < 1e-6 * np.trace(stats[0][1])
+    assert 0 < d[1] < d[2] and d[1] == pytest.approx(64 * 0.1 ** 2, rel=1e-4)
+    assert d[3] > d[1]
+
+
+def test_fid_inception_score():
+    assert fid.inception_score(np.zeros((50, 1008))) == pytest.approx((1.0, 0.0))
+    onehot = 50.0 * np.eye(1008)[np.arange(200) % 10]  # each of the 10 splits holds 2 of each of 10 classes
+    mean, std = fid.inception_score(onehot)
+    assert mean == pytest.approx(10, rel=1e-6) and std == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 10"):
+        fid.inception_score(np.zeros((5, 1008)))
+
+
+def test_fid_too_few_images_and_warning(_fid_model):
+    with pytest.raises(ValueError, match="at least 3 images"):
+        fid.compute_statistics(_fid_images(2), _fid_model)
+    with pytest.warns(UserWarning, match="2049"):
+        fid.statistics(np.random.default_rng(0).normal(size=(10, 2048)))
+
+
+def test_fid_cli_npz_folder_stats(_fid_weights, tmp_path, capsys, monkeypatch):
+    # the plumbing is under test here, not the distance: a cheap stand-in that is 0 iff the statistics agree
+    monkeypatch.setattr(fid, "frechet_distance", lambda m1, s1, m2, s2: max(abs(m1 - m2).max(), abs(s1 - s2).max()))
+    warnings.simplefilter("ignore")  # 3 images: rank-deficient covariance (tested above)
+    x = _fid_images(3).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) as in ADM npz files
+    np.savez(tmp_path / "samples.npz", arr_0=x)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i, im in enumerate(x):  # png is lossless: the folder holds the same images
+        Image.fromarray(im).save(tmp_path / "imgs" / ("sub" if i % 2 else "") / f"{i}.png")
+    common = ["--inception", str(_fid_weights), "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
+    fid.main([str(tmp_path / "imgs"), "--stats-out", str(tmp_path / "s.npz")] + common)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and int(f["n"]) == 3
+    capsys.readouterr()
+    r = fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "s.npz")] + common)
+    out = capsys.readouterr().out
+    assert "FID" in out and "IS" in out and "(3 samples, 3 ref)" in out and "images/s" in out
+    assert r["fid"] < 1e-5 and r["n"] == 3 and r["n_ref"] == 3
+    # a reference folder is computed once, then read from the cache
+    model = fid.load_inception(str(_fid_weights))
+    seen = fid.THROUGHPUT["images"]
+    first = fid._stats_of(str(tmp_path / "imgs"), model, 2, 0, cache_dir=str(tmp_path / "cache"))
+    again = fid._stats_of(str(tmp_path / "imgs"), model, 2, 0, cache_dir=str(tmp_path / "cache"))
+    assert fid.THROUGHPUT["images"] == seen + 3 and len(list((tmp_path / "cache").glob("imgs-3-*.npz"))) == 1
+    assert np.array_equal(first[0], again[0]) and again[2] == 3
+    with pytest.raises(SystemExit, match="no such file"):
+        fid.main([str(tmp_path / "nope.npz"), "cifar10"] + common)
+
+
+def test_fid_dataset_input(monkeypatch):
+    # a stand-in for train_unet: the contract's get_args / load_dataset -> (uint8 (N, C, H, W), labels)
+    fake = types.SimpleNamespace(
+        get_args=lambda argv: types.SimpleNamespace(dataset=argv[1], data_path=argv[3] if len(argv) > 3 else None),
+        load_dataset=lambda args, split: (_fid_images(5, size=16), torch.zeros(5, dtype=torch.long)))
+    monkeypatch.setitem(sys.modules, "train_unet", fake)
+    x = fid.load_input("shapes")
+    assert x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16)
+    fake.load_dataset = lambda args, split: (torch.zeros(5, 4, 8, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(SystemExit, match="not made of pixels"):
+        fid.load_input("latent-in1k", data_path="/x")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample.py
+
+# ----------------------------------------------------------------------------
+# Exact predictors for data x0 ~ N(MU, S^2) per dimension: every marginal is Gaussian, so the posterior
+# means are linear in x and the probability-flow ODE maps N(0, I) exactly onto the data distribution.
+
+MU, S = 0.3, 0.5
+
+
+def _sample_noise(n=4000, d=4):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return (z - z.mean(0)) / z.std(0)  # standardised: the test then measures only the solver's error
+
+
+def _sample_ddpm_ab():
+    betas = torch.cat([torch.zeros(1), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)])
+    return torch.cumprod(1 - betas, 0)  # (T+1,), index 0 == 1
+
+
+def _sample_eps_ddpm(ab):
+    def eps_fn(x, t):  # x_t = a x0 + b eps
+        a, b = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+        return b * (x - a * MU) / (a * a * S * S + b * b)
+    return eps_fn
+
+
+def _sample_denoise_edm(x, sigma):  # x = x0 + sigma n
+    return MU + S * S / (S * S + sigma * sigma) * (x - MU)
+
+
+def _sample_v_rf(x, t):  # x_t = (1-t) x0 + t eps, v = eps - x0
+    var = (1 - t) ** 2 * S * S + t * t
+    r = x - (1 - t) * MU
+    return t * r / var - (MU + (1 - t) * S * S * r / var)
+
+
+def _sample_count(fn):
+    def counted(*a):
+        counted.nfe += 1
+        return fn(*a)
+    counted.nfe = 0
+    return counted
+
+
+def _sample_check(x, tol):
+    assert abs(x.mean().item() - MU) < 0.005, x.mean().item()
+    assert abs(x.std(0).mean().item() - S) < tol, x.std(0).mean().item()
+
+
+# At the paper's settings the solver error itself is a few percent of the std (this data is harder than
+# images for few-step solvers: the denoiser turns from "predict the mean" to "identity" within one
+# octave of sigma around S); refining the grid must shrink it (DDIM/Euler 1st order, Heun 2nd order).
+
+
+def test_sample_ddim_gaussian_and_nfe():
+    ab = _sample_ddpm_ab()
+    fn = _sample_count(_sample_eps_ddpm(ab))
+    _sample_check(sample.ddim(fn, _sample_noise(), ab, steps=100), 0.03)
+    assert fn.nfe == 100
+    _sample_check(sample.ddim(fn, _sample_noise(), ab, steps=1000), 0.003)
+
+
+def test_sample_heun_gaussian_and_nfe():
+    fn = _sample_count(_sample_denoise_edm)
+    _sample_check(sample.heun(fn, _sample_noise(), steps=18), 0.03)
+    assert fn.nfe == 35
+    _sample_check(sample.heun(fn, _sample_noise(), steps=72), 0.003)
+
+
+def test_sample_rk45_gaussian():
+    fn = _sample_count(_sample_v_rf)
+    _sample_check(sample.rk45(fn, _sample_noise()), 0.002)
+    assert 0 < fn.nfe < 400
+
+
+def test_sample_euler_shift_gaussian_and_nfe():
+    fn = _sample_count(_sample_v_rf)
+    _sample_check(sample.euler(fn, _sample_noise(), steps=250, shift=3.3), 0.01)
+    assert fn.nfe == 250
+    _sample_check(sample.euler(fn, _sample_noise(), steps=2500, shift=3.3), 0.002)
+    ts = sample.shifted_times(250, 3.3)
+    assert ts[0] == 1 and ts[-1] == 0 and ts[125] > 0.5  # shift > 1 keeps more steps at high noise
+
+
+def test_sample_cfg_scale_interval_and_batching():
+    calls = []
+
+    def pred(x, t, y):  # a label-dependent toy prediction over several channels
+        calls.append(len(x))
+        return x * (1 + y.view(-1, 1, 1, 1)) + t
+    x, y, null = torch.randn(3, 4, 2, 2), torch.tensor([0, 1, 2]), 5
+    assert torch.equal(sample.cfg(pred, y, null, scale=1.0)(x, 0.5), pred(x, 0.5, y))
+    calls.clear()
+    guided = sample.cfg(pred, y, null, scale=1.5, max_level=0.89)
+    assert torch.equal(guided(x, 0.9), pred(x, 0.9, y))  # above the interval: conditional only
+    assert calls == [3, 3]
+    calls.clear()
+    c, u = pred(x, 0.89, y), pred(x, 0.89, torch.full_like(y, null))
+    torch.testing.assert_close(guided(x, 0.89), u + 1.5 * (c - u))  # all 4 channels guided
+    assert calls == [3, 3, 6]  # one batched cond+uncond forward
+
+# ----------------------------------------------------------------------------
+# End to end on a tiny randomly initialised UNet checkpoint written through the contract
+
+
+def _sample_ckpt(tmp_path, *argv, script="train_unet.py", **extra):
+    """A checkpoint dict as the contract describes it, with random weights (sampling needs no training)."""
+    import importlib
+    mod = importlib.import_module(script[:-3])
+    args = mod.get_args(["--net", "tiny", *argv])
+    vars(args).update(extra)
+    model = mod.build_model(args)
+    ckpt = {"script": script, "args": vars(args), "model": model.state_dict(), "ema": model.state_dict(),
+            "step": 0, "images": 0}
+    if getattr(args, "latent", "none") != "none":
+        ckpt["latent_stats"] = {"mean": torch.zeros(32), "std": torch.ones(32)}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    return tmp_path / "ckpt.pt"
+
+
+def _sample_load(path):
+    import numpy as np
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture
+def _sample_one_thread():
+    # one thread, as each torchrun worker (OMP_NUM_THREADS=1): same float summation order, and no
+    # oversubscription of a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _sample_two_ranks(argv, cwd):
+    """What torchrun does, minus its launcher process: two workers rendezvous through env:// on gloo."""
+    import os
+    import socket
+    import subprocess
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *argv], cwd=cwd, env={
+        **os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+
+
+def test_sample_ranks_and_resume_identical(tmp_path, _sample_one_thread):
+    import numpy as np
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--model", "DDPM")
+    common = ["--ckpt", str(ckpt), "--num-samples", "10", "--batch-size", "4", "--steps", "4"]
+    sample.main(common + ["--out", str(tmp_path / "one")])
+    one = _sample_load(tmp_path / "one" / "samples.npz")
+    assert one["arr_0"].shape == (10, 32, 32, 3) and one["arr_0"].dtype == np.uint8 and "arr_1" not in one
+    assert (tmp_path / "one" / "grid.png").exists()
+    _sample_two_ranks(common + ["--out", str(tmp_path / "two")], tmp_path)
+    np.testing.assert_array_equal(_sample_load(tmp_path / "two" / "samples.npz")["arr_0"], one["arr_0"])
+    (tmp_path / "one" / "shards" / "shard-0000004.npz").unlink()  # an interrupted run: one shard missing
+    sample.main(common + ["--out", str(tmp_path / "one")])
+    np.testing.assert_array_equal(_sample_load(tmp_path / "one" / "samples.npz")["arr_0"], one["arr_0"])
+    sample.main(common[:2] + ["--num-samples", "12"] + common[4:] + ["--out", str(tmp_path / "one")])
+    more = _sample_load(tmp_path / "one" / "samples.npz")["arr_0"]  # the short last shard was regenerated
+    assert len(more) == 12 and np.abs(more[:10].astype(int) - one["arr_0"]).max() <= 1
+    with pytest.raises(SystemExit, match="other settings"):
+        sample.main(common[:-1] + ["5", "--out", str(tmp_path / "one")])
+
+
+def test_sample_load_checkpoint_errors(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        sample.load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        sample.load_checkpoint(tmp_path / "bad.pt")
+    torch.save({"script": "os.py", "args": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="expected one of train_unet.py"):
+        sample.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_sample_dit_labels_class_and_latent_decode(tmp_path, _sample_one_thread):
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--latent", "none", "--class-cond", script="train_dit.py")
+    common = ["--ckpt", str(ckpt), "--num-samples", "4", "--batch-size", "4", "--sampler", "euler", "--steps", "2"]
+    sample.main(common + ["--out", str(tmp_path / "all")])
+    assert _sample_load(tmp_path / "all" / "samples.npz")["arr_1"].tolist() == [0, 1, 2, 3]  # i % classes
+    sample.main(common + ["--class", "7", "--out", str(tmp_path / "seven")])
+    assert _sample_load(tmp_path / "seven" / "samples.npz")["arr_1"].tolist() == [7] * 4
+    with pytest.raises(SystemExit, match=r"10 classes \(0\.\.9\)"):
+        sample.main(common + ["--class", "10"])
+    with pytest.raises(SystemExit, match="needs a DDPM model"):
+        sample.main(common[:-4] + ["--sampler", "ddim"])
+
+    # latent: a tiny random VA-VAE stands in for the official weights (no download in tests)
+    import train_dit
+    vae_args = train_dit.get_args(["--vae-config", "tiny"])
+    torch.save(train_dit.build_vae(vae_args).state_dict(), tmp_path / "vae.pt")
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", script="train_dit.py",
+                        vae=str(tmp_path / "vae.pt"))
+    sample.main(["--ckpt", str(ckpt), "--num-samples", "2", "--steps", "2", "--out", str(tmp_path / "latent")])
+    out = _sample_load(tmp_path / "latent" / "samples.npz")
+    assert out["arr_0"].shape == (2, 256, 256, 3) and out["arr_1"].tolist() == [0, 1]
+
+
+def test_sample_clip_keeps_pixel_estimates_in_range():
+    ab, noise = _sample_ddpm_ab(), torch.randn(64, 3)
+    assert sample.ddim(lambda x, t: torch.zeros_like(x), noise, ab, 10, clip=True).abs().max() <= 1
+    assert sample.heun(lambda x, s: 5 * x, noise, 6, clip=True).abs().max() <= 1
+    assert sample.heun(lambda x, s: 5 * x, noise, 6).abs().max() > 1
+
+
+@pytest.mark.parametrize("script,argv,nfe", [
+    ("train_unet.py", ["--model", "EDM"], 2 * 3 - 1),  # heun, 3 steps
+    ("train_unet.py", ["--model", "RF"], None),        # rk45, adaptive
+    ("train_uvit.py", [], 3),                          # ddim, 3 steps
+])
+def test_sample_each_formulation_end_to_end(tmp_path, capsys, _sample_one_thread, script, argv, nfe):
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", *argv, script=script)
+    steps = [] if nfe is None else ["--steps", "3"]
+    sample.main(["--ckpt", str(ckpt), "--num-samples", "2", *steps, "--out", str(tmp_path / "s")])
+    assert _sample_load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+    if nfe is not None:
+        assert f"NFE per batch {nfe}.0" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# probe.py
+
+def _probe_blobs(n, dim=32, classes=10, noise=0.3, seed=0):
+    """Gaussian blobs around well separated class means: linearly separable up to rare outliers."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    y = torch.randint(classes, (n,), generator=g)
+    return means[y] + noise * torch.randn(n, dim, generator=g), y
+
+
+def _probe_train(feats, y, feats_test, y_test, **kw):
+    kw = dict(lr=4e-3, epochs=10, batch_size=128) | kw
+    return probe.train_probes(lambda e: feats, y, feats_test, y_test, **kw)
+
+
+def test_probe_separable_synthetic_reaches_100():
+    x, y = _probe_blobs(2000)
+    xt, yt = _probe_blobs(500, seed=1)
+    acc = _probe_train({"f": x}, y, {"f": xt}, yt)
+    assert acc["f"] >= 99.0, acc
+
+
+def test_probe_grid_heads_equal_single_runs():
+    # three feature sets of different quality (noise), one with a different scale and width
+    x, y = _probe_blobs(1000, noise=2.0)
+    xt, yt = _probe_blobs(400, noise=2.0, seed=1)
+    feats = {("a", 1): x, ("b", 2): x[:, :8] * 50, ("c", 3): x + torch.randn_like(x) * 3}
+    feats_t = {("a", 1): xt, ("b", 2): xt[:, :8] * 50, ("c", 3): xt + torch.randn_like(xt) * 3}
+    grid = _probe_train(feats, y, feats_t, yt, epochs=3)
+    for k in feats:
+        single = _probe_train({k: feats[k]}, y, {k: feats_t[k]}, yt, epochs=3)
+        assert abs(single[k] - grid[k]) <= 0.5, (k, single[k], grid[k])
+    assert len(set(grid.values())) > 1  # the heads really differ
+
+
+def test_probe_pixel_features_pool_large_images():
+    x = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
+    f = probe.pixel_features(x, torch.tensor([True, False, True, False]))
+    assert f.shape == (4, 3 * 64 * 64) and f.abs().max() <= 1
+    assert probe.pixel_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 3072)
+
+
+@pytest.fixture(scope="module")
+def _probe_ckpt(tmp_path_factory):
+    """A random-weight tiny UNet checkpoint in the contract format (no training needed)."""
+    import train_unet
+    args = train_unet.get_args(["--net", "tiny", "--dataset", "shapes", "--model", "DDPM", "--resolution", "16"])
+    torch.manual_seed(0)
+    model = train_unet.build_model(args)
+    sd = model.state_dict()
+    path = tmp_path_factory.mktemp("probe") / "ckpt.pt"
+    torch.save({"script": "train_unet.py", "args": vars(args), "model": sd, "ema": sd, "opt": {}, "step": 0,
+                "images": 0, "rng": []}, path)
+    return path, train_unet, args, model
+
+
+@pytest.fixture
+def _probe_small_shapes(_probe_ckpt, monkeypatch):
+    """Serve 300/150 shapes instead of 10k/2k: the CLI tests exercise plumbing, not accuracy."""
+    train_unet = _probe_ckpt[1]
+    monkeypatch.setattr(train_unet, "load_dataset", lambda args, split: train_unet.make_shapes(
+        300 if split == "train" else 150, seed=0 if split == "train" else 1, res=args.resolution))
+
+
+def test_probe_features_deterministic(_probe_ckpt):
+    _, train_unet, args, model = _probe_ckpt
+    model.eval()
+    diffusion = train_unet.build_diffusion(args)
+    x = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
+    layers = model.feature_layers[:2]
+    kw = dict(seed=7, batch_size=8, flip=torch.arange(20) % 2 == 0)
+    f1 = probe.extract(model, diffusion, x, [11, 66], layers, **kw)
+    f2 = probe.extract(model, diffusion, x, [66], layers[1:], **kw)  # a pair alone sees the features it sees in a grid
+    assert set(f1) == {(t, l) for t in (11, 66) for l in layers}
+    assert f1[(11, layers[0])].shape[0] == 20 and f1[(11, layers[0])].dtype == torch.float32
+    assert torch.equal(f1[(66, layers[1])], f2[(66, layers[1])])
+    assert not torch.equal(f1[(11, layers[1])], f1[(66, layers[1])])
+    f3 = probe.extract(model, diffusion, x, [11], layers[:1], **(kw | {"seed": 8}))
+    assert not torch.equal(f1[(11, layers[0])], f3[(11, layers[0])])  # the seed is really used
+
+
+def test_probe_cli_grid_matches_single_and_raw_pixels(_probe_ckpt, _probe_small_shapes, tmp_path):
+    path, *_ = _probe_ckpt
+    common = ["--ckpt", str(path), "--limit", "120", "--epochs", "3", "--extract-batch", "100"]
+    acc = probe.main(common + ["--grid", "--t", "11", "66", "--layer", "1", "out_3", "--raw-pixels", "--out", str(tmp_path / "g")])
+    res = json.loads((tmp_path / "g" / "probe.json").read_text())
+    assert len(res["results"]) == 4 and res["layers"] == ["out_1", "out_3"] and res["ts"] == [11, 66]
+    assert res["raw_pixels"] is not None and res["extract_img_per_s"] > 0
+    assert (tmp_path / "g" / "probe.png").stat().st_size > 1000
+    best = res["best"]
+    single = probe.main(common + ["--t", str(best["t"]), "--layer", best["layer"], "--out", str(tmp_path / "s")])
+    assert abs(single[(best["t"], best["layer"])] - acc[(best["t"], best["layer"])]) <= 0.5
+
+
+def test_probe_bad_layer_is_a_clear_error(_probe_ckpt):
+    path, *_ = _probe_ckpt
+    with pytest.raises(SystemExit, match="unknown layer 'out_99'"):
+        probe.main(["--ckpt", str(path), "--layer", "99", "--limit", "10"])
+
+
+def test_probe_cli_fresh_features_mode(_probe_ckpt, _probe_small_shapes, tmp_path):
+    path, *_ = _probe_ckpt
+    acc = probe.main(["--ckpt", str(path), "--limit", "60", "--epochs", "2", "--feature-mode", "fresh", "--out", str(tmp_path)])
+    assert len(acc) == 1 and 0 <= next(iter(acc.values())) <= 100
+    assert json.loads((tmp_path / "probe.json").read_text())["feature_mode"] == "fresh"

@@ -941,7 +941,7 @@ def load_checkpoint_for_resume(path, args, log):
                          f"use another --out")
     changed = [k for k in vars(args) if k not in ("dry_run",) and old.get(k, getattr(args, k)) != getattr(args, k)]
     if changed:
-        log(f"warning: resuming with changed settings: " + ", ".join(f"{k} {old.get(k)} -> {getattr(args, k)}" for k in changed))
+        log("warning: resuming with changed settings: " + ", ".join(f"{k} {old.get(k)} -> {getattr(args, k)}" for k in changed))
     return ckpt
 
 
