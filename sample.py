@@ -153,7 +153,13 @@ def load_checkpoint(path, raw=False, device="cpu"):
     args = mod.get_args([])
     vars(args).update(ckpt["args"])
     model = mod.build_model(args)
-    model.load_state_dict(ckpt["model" if raw else "ema"])
+    state = ckpt["model" if raw else "ema"]
+    want = model.state_dict()
+    bad = sorted(set(want) ^ set(state)) + [k for k in want if k in state and want[k].shape != state[k].shape]
+    if bad:  # one line naming the keys instead of torch's multi-line report
+        raise SystemExit(f"checkpoint {path} does not match the {script} model it names: keys {', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''} differ; was it edited or written by another version?")
+    model.load_state_dict(state)
     return mod, args, model.to(device).eval().requires_grad_(False), mod.build_diffusion(args), ckpt
 
 # ----------------------------------------------------------------------------

@@ -277,6 +277,52 @@ def test_unet_truncated_checkpoint_is_a_clear_error(tmp_path):
     assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # left for the user to inspect
 
 
+def test_unet_resume_warns_on_changed_settings_and_refuses_other_script(tmp_path):
+    out, _ = _unet(tmp_path, images=64)
+    _unet(tmp_path, "--grad-clip", "0.5", images=96)
+    assert "warning: resuming with changed settings: " in (out / "log.txt").read_text()
+    assert "grad_clip 1.0 -> 0.5" in (out / "log.txt").read_text()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["script"] = "train_dit.py"
+    torch.save(ckpt, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="was written by train_dit.py, not train_unet.py"):
+        _unet(tmp_path, images=128)
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_checkpoint_with_mismatched_shapes_is_one_line_error(tmp_path):
+    out, _ = _unet(tmp_path, images=32)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["ema"]["conv_out.weight"] = torch.zeros(3, 1, 3, 3)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(SystemExit, match=r"does not match the train_unet.py model .*conv_out.weight"):
+        sample.load_checkpoint(tmp_path / "edited.pt")
+
+
+@pytest.mark.parametrize("script,extra", [("train_uvit.py", []), ("train_dit.py", ["--latent", "none"])])
+def test_sigkill_then_resume_is_exact_uvit_dit(tmp_path, script, extra):
+    """Same guarantee as for the UNet: killed mid-run with SIGKILL, the rerun ends bitwise equal to an uninterrupted run."""
+    import time
+    argv = ["--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "32", "--train-images", "256",
+            "--log-every", "32", "--ckpt-every", "32", "--sample-every", "0" if script == "train_dit.py" else "10000000",
+            "--warmup-images", "64", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda out: subprocess.Popen([sys.executable, str(ROOT / script), *argv, "--out", str(out)], cwd=ROOT, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ref = run(tmp_path / "ref")
+    killed = run(tmp_path / "killed")
+    while not (tmp_path / "killed" / "metrics.jsonl").exists() or _metrics(tmp_path / "killed")[-1]["step"] < 3:
+        assert killed.poll() is None, killed.stderr.read()[-2000:]
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    assert run(tmp_path / "killed").wait() == 0 and ref.wait() == 0
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("ref", "killed"))
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
