@@ -323,6 +323,15 @@ def test_sigkill_then_resume_is_exact_uvit_dit(tmp_path, script, extra):
     assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
 
 
+@pytest.mark.parametrize("mod,extra", [("train_unet", []), ("train_uvit", []), ("train_dit", ["--latent", "none"])])
+def test_bench_reports_speed_flops_and_self_cond_overhead(mod, extra, capsys):
+    rec = sys.modules[mod].main(["--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "8",
+                                 "--self-cond", "--bench", "1", *extra])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rec  # the final line is the JSON record
+    assert rec["self_cond"] and rec["batch"] == 8 and rec["img_per_s"] > 0 and rec["gflop_per_img"] > 0
+    assert 0 < rec["mfu"] < 1.5 and rec["self_cond_overhead"] > 0 and rec["peak_mem_gib"] > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data
 

@@ -82,6 +82,8 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images in folder datasets")
     p.add_argument("--dry-run", action="store_true", help="print the config and parameter counts, then exit")
+    p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
+                   help="time STEPS training steps on synthetic data, with and without --self-cond, then exit")
     args = p.parse_args(argv)
 
     if args.model != "DDPM":
@@ -715,6 +717,92 @@ def count_params(m):
     return sum(p.numel() for p in m.parameters()) if m is not None else 0
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype):
+    """Measured dense matmul TFLOP/s in the training dtype on this machine: the denominator of MFU."""
+    n, reps = (8192, 50) if device.type == "cuda" else (1024, 10)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def bench_step(args, device, steps):
+    """Seconds per training step (loss, backward, clip, Adam, EMA) on a synthetic batch, FLOPs per image, peak memory."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.99, 0.999),
+                            fused=device.type == "cuda")
+    diffusion = build_diffusion(args)
+    net = torch.compile(model) if args.compile else model
+    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def step(i):
+        with autocast:
+            loss, _ = diffusion.loss(net, x)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        update_ema(ema, model, i, args.ema)
+
+    with FlopCounterMode(display=False) as counter:  # forward + backward of the model, counted once
+        with autocast:
+            diffusion.loss(model, x)[0].mean().backward()
+    for i in range(3):  # warm-up (and compilation)
+        step(i)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    _sync(device)
+    sec = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+    return sec, counter.get_total_flops() / args.batch_size, peak
+
+
+def benchmark(args):
+    """--bench: img/s, ms/step, peak memory, model FLOPs, MFU, and the step-time cost of self-conditioning."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak_tflops = matmul_peak(device, dtype)
+    sec, flops, mem = bench_step(args, device, args.bench)
+    other = argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})
+    sec_other = bench_step(other, device, args.bench)[0]
+    sec_sc, sec_base = (sec, sec_other) if args.self_cond else (sec_other, sec)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    rec = {"script": Path(__file__).name, "net": args.net, "model": args.model, "self_cond": args.self_cond,
+           "batch": args.batch_size, "device": name, "dtype": str(dtype).split(".")[1], "img_per_s": args.batch_size / sec,
+           "ms_per_step": 1e3 * sec, "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
+           "tflops": flops * args.batch_size / sec / 1e12, "matmul_peak_tflops": peak_tflops,
+           "self_cond_overhead": sec_sc / sec_base}
+    rec["mfu"] = rec["tflops"] / peak_tflops
+    print(f"{args.net} {args.model} batch {args.batch_size} on {name} ({rec['dtype']}): {rec['img_per_s']:.1f} img/s, "
+          f"{rec['ms_per_step']:.1f} ms/step, peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
+          f"{rec['tflops']:.3f} TFLOP/s = {100 * rec['mfu']:.1f}% of the measured matmul peak {peak_tflops:.2f} TFLOP/s")
+    print(f"self-conditioning step time x{rec['self_cond_overhead']:.4f} ({1e3 * sec_sc:.1f} vs {1e3 * sec_base:.1f} ms)")
+    print(json.dumps(rec))
+    return rec
+
+
 def param_report(model):
     """One line of parameter counts: total and what each option adds."""
     n_sc = 2 * model.cls_token.numel() if model.cls_token is not None else 0  # token + its position-embedding row
@@ -731,6 +819,8 @@ def main(argv=None):
         print(json.dumps(vars(args), indent=2))
         print(param_report(model))
         return
+    if args.bench:
+        return benchmark(args)
 
     rank, world, device = setup_distributed()
     if args.batch_size % world:
