@@ -576,10 +576,10 @@ def build_vae(args):
 def vae_state_dict(path):
     """Autoencoder weights from an official VA-VAE file: keep encoder/decoder/quant convs, drop the rest."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning checkpoints pickle callbacks/hparams too; only for a file the user chose
-        print(f"{path}: not loadable with weights_only=True, loading it as a trusted pickle")
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a downloaded file
+    except Exception as e:
+        raise SystemExit(f"VA-VAE file {path} cannot be loaded as plain weights ({type(e).__name__}): it is truncated, "
+                         f"or a pickle with code in it; re-save its state_dict with torch.save and pass that to --vae")
     sd = sd.get("state_dict", sd)
     keep = {k: v for k, v in sd.items() if k.startswith(AutoencoderKL.VAE_KEYS)}
     # the official file also holds the training loss (LPIPS, discriminator) and the DINOv2 foundation model
