@@ -2,12 +2,14 @@
 
     python -m pytest -q test_smoke.py
 """
+import importlib
 import json
 import math
 import os
 import pickle
 import subprocess
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -43,6 +45,15 @@ def _run(script, *argv, timeout=600, env=None):
 
 def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def _one_thread():
+    """One torch thread: the float summation order of a torchrun worker, and no oversubscribed 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,7 +225,6 @@ def _unet_proc(out, images, *extra):
 
 def _wait_for_step(out, step, proc):
     """Block until the run has logged `step` (one log line per step here)."""
-    import time
     while not (out / "metrics.jsonl").exists() or _metrics(out)[-1]["step"] < step:
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
@@ -303,7 +313,6 @@ def test_checkpoint_with_mismatched_shapes_is_one_line_error(tmp_path):
 @pytest.mark.parametrize("script,extra", [("train_uvit.py", []), ("train_dit.py", ["--latent", "none"])])
 def test_sigkill_then_resume_is_exact_uvit_dit(tmp_path, script, extra):
     """Same guarantee as for the UNet: killed mid-run with SIGKILL, the rerun ends bitwise equal to an uninterrupted run."""
-    import time
     argv = ["--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "32", "--train-images", "256",
             "--log-every", "32", "--ckpt-every", "32", "--sample-every", "0" if script == "train_dit.py" else "10000000",
             "--warmup-images", "64", *extra]
@@ -570,22 +579,10 @@ def test_augment_contrastive_training_falls():
 _UVIT_RUN = ["--dataset", "shapes", "--net", "tiny", "--resolution", "16", "--batch-size", "32", "--warmup-images", "64"]
 
 
-@pytest.fixture
-def _uvit_fast():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _uvit_tiny(*flags):
     args = train_uvit.get_args(["--dataset", "shapes", "--net", "tiny", *flags])
     torch.manual_seed(0)
     return args, train_uvit.build_model(args).eval()
-
-
-def _uvit_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_uvit_param_counts_match_official_uvit_s():
@@ -664,15 +661,15 @@ def test_uvit_weight_decay_groups_by_name():
     assert len(decay) + len(no_decay) == len(names)
 
 
-def test_uvit_tiny_run_loss_falls(tmp_path, _uvit_fast):
+def test_uvit_tiny_run_loss_falls(tmp_path, _one_thread):
     out = tmp_path / "run"
     train_uvit.main(_UVIT_RUN + ["--self-cond", "--train-images", "1920", "--log-every", "480", "--out", str(out)])
-    loss = [r["loss"] for r in _uvit_metrics(out)]
+    loss = [r["loss"] for r in _metrics(out)]
     assert len(loss) == 4 and loss[-1] < 0.9 * loss[0], loss  # typically 0.96 -> 0.81 in these 60 steps
     assert (out / "ckpt.pt").exists() and list(out.glob("grid-*.png"))
 
 
-def test_uvit_resume_is_exact_and_checkpoint_reloads_strictly(tmp_path, _uvit_fast):
+def test_uvit_resume_is_exact_and_checkpoint_reloads_strictly(tmp_path, _one_thread):
     flags = _UVIT_RUN + ["--self-cond", "--aug", "--cl", "--log-every", "64"]
     train_uvit.main(flags + ["--train-images", "256", "--out", str(tmp_path / "a")])  # 8 steps in one go
     train_uvit.main(flags + ["--train-images", "128", "--out", str(tmp_path / "b")])  # 4 steps, then the CLI resumes
@@ -686,8 +683,8 @@ def test_uvit_resume_is_exact_and_checkpoint_reloads_strictly(tmp_path, _uvit_fa
     for key in ("model", "ema"):
         for n in a[key]:
             assert torch.equal(a[key][n], b[key][n]), (key, n)
-    assert [m["cl_loss"] for m in _uvit_metrics(tmp_path / "a")] == pytest.approx(
-        [m["cl_loss"] for m in _uvit_metrics(tmp_path / "b")])
+    assert [m["cl_loss"] for m in _metrics(tmp_path / "a")] == pytest.approx(
+        [m["cl_loss"] for m in _metrics(tmp_path / "b")])
     # the contract's rebuild: defaults, then the saved args; strict load of both weight sets
     args = train_uvit.get_args([])
     vars(args).update(b["args"])
@@ -920,7 +917,7 @@ def _dit_train(out, images, *extra):
 
 def test_dit_tiny_pixel_run_trains_and_resumes_exactly(tmp_path):
     _dit_train(tmp_path / "a", 320)
-    rec = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rec = _metrics(tmp_path / "a")
     assert [r["images"] for r in rec] == [160, 320]
     assert rec[-1]["loss"] < rec[0]["loss"]
     assert (tmp_path / "a" / "grid-000000320.png").exists()
@@ -1202,7 +1199,6 @@ def test_sample_cfg_scale_interval_and_batching():
 
 def _sample_ckpt(tmp_path, *argv, script="train_unet.py", **extra):
     """A checkpoint dict as the contract describes it, with random weights (sampling needs no training)."""
-    import importlib
     mod = importlib.import_module(script[:-3])
     args = mod.get_args(["--net", "tiny", *argv])
     vars(args).update(extra)
@@ -1216,26 +1212,13 @@ def _sample_ckpt(tmp_path, *argv, script="train_unet.py", **extra):
 
 
 def _sample_load(path):
-    import numpy as np
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
 
 
-@pytest.fixture
-def _sample_one_thread():
-    # one thread, as each torchrun worker (OMP_NUM_THREADS=1): same float summation order, and no
-    # oversubscription of a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sample_two_ranks(argv, cwd):
     """What torchrun does, minus its launcher process: two workers rendezvous through env:// on gloo."""
-    import os
     import socket
-    import subprocess
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -1245,8 +1228,7 @@ def _sample_two_ranks(argv, cwd):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
 
 
-def test_sample_ranks_and_resume_identical(tmp_path, _sample_one_thread):
-    import numpy as np
+def test_sample_ranks_and_resume_identical(tmp_path, _one_thread):
     ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--model", "DDPM")
     common = ["--ckpt", str(ckpt), "--num-samples", "10", "--batch-size", "4", "--steps", "4"]
     sample.main(common + ["--out", str(tmp_path / "one")])
@@ -1276,7 +1258,7 @@ def test_sample_load_checkpoint_errors(tmp_path):
         sample.load_checkpoint(tmp_path / "other.pt")
 
 
-def test_sample_dit_labels_class_and_latent_decode(tmp_path, _sample_one_thread):
+def test_sample_dit_labels_class_and_latent_decode(tmp_path, _one_thread):
     ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--latent", "none", "--class-cond", script="train_dit.py")
     common = ["--ckpt", str(ckpt), "--num-samples", "4", "--batch-size", "4", "--sampler", "euler", "--steps", "2"]
     sample.main(common + ["--out", str(tmp_path / "all")])
@@ -1289,7 +1271,6 @@ def test_sample_dit_labels_class_and_latent_decode(tmp_path, _sample_one_thread)
         sample.main(common[:-4] + ["--sampler", "ddim"])
 
     # latent: a tiny random VA-VAE stands in for the official weights (no download in tests)
-    import train_dit
     vae_args = train_dit.get_args(["--vae-config", "tiny"])
     torch.save(train_dit.build_vae(vae_args).state_dict(), tmp_path / "vae.pt")
     ckpt = _sample_ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", script="train_dit.py",
@@ -1311,7 +1292,7 @@ def test_sample_clip_keeps_pixel_estimates_in_range():
     ("train_unet.py", ["--model", "RF"], None),        # rk45, adaptive
     ("train_uvit.py", [], 3),                          # ddim, 3 steps
 ])
-def test_sample_each_formulation_end_to_end(tmp_path, capsys, _sample_one_thread, script, argv, nfe):
+def test_sample_each_formulation_end_to_end(tmp_path, capsys, _one_thread, script, argv, nfe):
     ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", *argv, script=script)
     steps = [] if nfe is None else ["--steps", "3"]
     sample.main(["--ckpt", str(ckpt), "--num-samples", "2", *steps, "--out", str(tmp_path / "s")])
@@ -1366,7 +1347,6 @@ def test_probe_pixel_features_pool_large_images():
 @pytest.fixture(scope="module")
 def _probe_ckpt(tmp_path_factory):
     """A random-weight tiny UNet checkpoint in the contract format (no training needed)."""
-    import train_unet
     args = train_unet.get_args(["--net", "tiny", "--dataset", "shapes", "--model", "DDPM", "--resolution", "16"])
     torch.manual_seed(0)
     model = train_unet.build_model(args)
