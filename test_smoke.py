@@ -341,6 +341,14 @@ def test_bench_reports_speed_flops_and_self_cond_overhead(mod, extra, capsys):
     assert 0 < rec["mfu"] < 1.5 and rec["self_cond_overhead"] > 0 and rec["peak_mem_gib"] > 0
 
 
+def test_bench_times_the_real_training_step_with_aug_and_cl(capsys):
+    """--bench runs train_step itself: --aug --cl adds the EMA forward of the second view to the counted FLOPs."""
+    argv = ["--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "8", "--model", "EDM", "--bench", "1"]
+    base, cl = train_unet.main(argv), train_unet.main([*argv, "--aug", "--cl"])
+    # forward+backward (3F) plus the EMA forward (F) is 4/3; the heads add a little more (1.43 measured)
+    assert 1.3 < cl["gflop_per_img"] / base["gflop_per_img"] < 1.6
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data
 

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import tarfile
 import time
@@ -951,6 +952,19 @@ def count_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
+def train_step(net, model, ema, opt, diffusion, x, y, step, args):
+    """One optimisation step on a (flipped) batch: loss, backward, clip, Adam, EMA. Training and --bench both run it,
+    so the benchmark times what training does. Returns loss (N,) and level (N,)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext():
+        loss, level = diffusion.loss(net, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # the frozen sin-cos table has no grad: skipped
+    opt.step()
+    update_ema(ema, model, step, args.ema)
+    return loss.detach(), level
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -970,71 +984,69 @@ def matmul_peak(device, dtype):
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def bench_step(args, device, steps):
-    """Seconds per training step (loss, backward, clip, Adam, EMA) on a synthetic batch, FLOPs per image, peak memory."""
-    import resource
-    from torch.utils.flop_counter import FlopCounterMode
+def bench_setup(args, device):
+    """Model, EMA and optimizer as training builds them, on a synthetic batch: (model, step(i, net))."""
     torch.manual_seed(args.seed)
     model = build_model(argparse.Namespace(**{**vars(args), "num_classes": args.num_classes or 1000})).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]  # not the frozen sin-cos table
     opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
     diffusion = build_diffusion(args)
-    net = torch.compile(model) if args.compile else model
     shape = (32, 16, 16) if args.latent != "none" else (3, args.resolution, args.resolution)  # latents or pixels
     x = torch.randn(args.batch_size, *shape, device=device)
     y = torch.randint(0, model.num_classes, (args.batch_size,), device=device) if model.num_classes else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    def step(i):
-        with autocast:
-            loss, _ = diffusion.loss(net, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, model, i, args.ema)
-
-    with FlopCounterMode(display=False) as counter:  # forward + backward of the model, counted once
-        with autocast:
-            diffusion.loss(model, x, y)[0].mean().backward()
-    for i in range(3):  # warm-up (and compilation)
-        step(i)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    _sync(device)
-    sec = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
-    return sec, counter.get_total_flops() / args.batch_size, peak
+    return model, lambda i, net: train_step(net, model, ema, opt, diffusion, x, y, i, args)
 
 
-def benchmark(args):
+def benchmark(args, rounds=5):
     """--bench: img/s, ms/step, peak memory, model FLOPs, MFU, and the step-time cost of self-conditioning."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak_tflops = matmul_peak(device, dtype)
-    sec, flops, mem = bench_step(args, device, args.bench)
-    other = argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})
-    sec_other = bench_step(other, device, args.bench)[0]
-    sec_sc, sec_base = (sec, sec_other) if args.self_cond else (sec_other, sec)
+
+    def timed(step, net, n):
+        _sync(device)
+        t = time.perf_counter()
+        for i in range(n):
+            step(i, net)
+        _sync(device)
+        return (time.perf_counter() - t) / n
+
+    runs = []  # the configuration asked for, then the same with self-conditioning toggled
+    for a in (args, argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})):
+        model, step = bench_setup(a, device)
+        if not runs:
+            with FlopCounterMode(display=False) as counter:  # one whole training step, counted uncompiled
+                step(0, model)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        net = torch.compile(model) if args.compile else model
+        timed(step, net, 3)  # warm-up (and compilation)
+        if not runs:  # peak memory of the asked-for configuration alone; CPU: the process's peak RSS
+            mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        runs.append((step, net))
+    # Interleaved rounds, medians: a drifting clock or a neighbour's load hits both configurations alike.
+    rounds = min(rounds, args.bench)
+    times = [[timed(step, net, args.bench // rounds) for step, net in runs] for _ in range(rounds)]
+    sec = statistics.median(t[0] for t in times)
+    overhead = statistics.median(t[0] / t[1] if args.self_cond else t[1] / t[0] for t in times)
+    flops = counter.get_total_flops() / args.batch_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     rec = {"script": Path(__file__).name, "net": args.net, "model": "RF", "self_cond": args.self_cond,
            "batch": args.batch_size, "device": name, "dtype": str(dtype).split(".")[1], "img_per_s": args.batch_size / sec,
            "ms_per_step": 1e3 * sec, "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
            "tflops": flops * args.batch_size / sec / 1e12, "matmul_peak_tflops": peak_tflops,
-           "self_cond_overhead": sec_sc / sec_base}
+           "self_cond_overhead": overhead}
     rec["mfu"] = rec["tflops"] / peak_tflops
     print(f"DiT-{args.net} batch {args.batch_size} on {name} ({rec['dtype']}): {rec['img_per_s']:.1f} img/s, "
           f"{rec['ms_per_step']:.1f} ms/step, peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
           f"{rec['tflops']:.3f} TFLOP/s = {100 * rec['mfu']:.1f}% of the measured matmul peak {peak_tflops:.2f} TFLOP/s")
-    print(f"self-conditioning step time x{rec['self_cond_overhead']:.4f} ({1e3 * sec_sc:.1f} vs {1e3 * sec_base:.1f} ms)")
+    print(f"self-conditioning step time x{overhead:.4f} (median of {rounds} interleaved rounds of {args.bench // rounds} steps)")
     print(json.dumps(rec))
     return rec
 
@@ -1163,19 +1175,13 @@ def main(argv=None):
         y = labels[idx.to(device)] if args.class_cond else None
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (images_seen + 1) / max(args.warmup_images, 1))
-        with autocast:
-            loss, level = diffusion.loss(net, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        update_ema(ema, model, step, args.ema)
+        loss, level = train_step(net, model, ema, opt, diffusion, x, y, step, args)
         step += 1
         images_seen += args.batch_size
         bar.update(args.batch_size)
         b = (level * nbins).long().clamp(max=nbins - 1)
-        acc += torch.cat([torch.bincount(b, loss.detach(), nbins), torch.bincount(b, minlength=nbins).float(),
-                          loss.detach().sum()[None], acc.new_tensor([len(loss)])])
+        acc += torch.cat([torch.bincount(b, loss, nbins), torch.bincount(b, minlength=nbins).float(),
+                          loss.sum()[None], acc.new_tensor([len(loss)])])
 
         crossed = lambda every: images_seen // every != (images_seen - args.batch_size) // every
         done = images_seen >= args.train_images

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import tarfile
 import time
@@ -863,13 +864,37 @@ def count_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-def contrastive_step(model, ema, diffusion, pipe, x_clean, f, level, cl_t, layer):
+def contrastive_step(model, ema, diffusion, pipe, x_clean, f, level, args):
     """InfoNCE of the online feature (training view, its own t) against the EMA's feature of a second view."""
+    t_min = {"DDPM": 1, "EDM": 0.002, "RF": 0.0}[args.model]  # Table 10's probe level, or the smallest (Table 7c)
+    t = torch.full((len(x_clean),), args.probe_t if args.cl_target_t == "probe" else t_min, device=x_clean.device)
+    t = t.long() if args.model == "DDPM" else t
     with torch.no_grad():  # the only extra cost of --cl: one EMA forward, in the training precision
         x2, aug2 = pipe(x_clean)
-        _, f2 = diffusion.pred(ema, diffusion.add_noise(x2, cl_t, torch.randn_like(x2)), cl_t, aug=aug2, feats=(layer,))
-        k = ema.cl_head.project(f2[layer], diffusion.level(cl_t))  # the EMA head is the teacher's projector
+        _, f2 = diffusion.pred(ema, diffusion.add_noise(x2, t, torch.randn_like(x2)), t, aug=aug2, feats=(args.sc_layer,))
+        k = ema.cl_head.project(f2[args.sc_layer], diffusion.level(t))  # the EMA head is the teacher's projector
     return contrastive_loss(model.cl_head(f, level), k)
+
+
+def train_step(net, model, ema, opt, diffusion, pipe, x, step, args):
+    """One optimisation step from a clean batch in [-1, 1]: flip or augment, loss, backward, clip, Adam, EMA.
+    Training and --bench both run it, so the benchmark times what training does. Returns loss (N,), level (N,), cl."""
+    if pipe is None:
+        x_clean, x, aug = x, torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x), None
+    else:
+        x_clean, (x, aug) = x, pipe(x)  # the pipe flips too, and says so in the label
+    with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext():
+        if args.cl:
+            loss, level, f = diffusion.loss(net, x, aug=aug, feats=(args.sc_layer,))
+            cl = contrastive_step(model, ema, diffusion, pipe, x_clean, f[args.sc_layer], level, args)
+        else:
+            (loss, level), cl = diffusion.loss(net, x, aug=aug), x.new_zeros(())
+    opt.zero_grad(set_to_none=True)
+    (loss.mean() + args.cl_weight * cl).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    update_ema(ema, model, step, args.ema)
+    return loss.detach(), level, cl.detach()
 
 
 def _sync(device):
@@ -891,69 +916,69 @@ def matmul_peak(device, dtype):
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def bench_step(args, device, steps):
-    """Seconds per training step (loss, backward, clip, Adam, EMA) on a synthetic batch, FLOPs per image, peak memory."""
-    import resource
-    from torch.utils.flop_counter import FlopCounterMode
+def bench_setup(args, device):
+    """Model, EMA, optimizer and augment pipe as training builds them, on a synthetic batch: (model, step(i, net))."""
     torch.manual_seed(args.seed)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = build_model(args).to(device, memory_format=layout)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     diffusion = build_diffusion(args)
-    net = torch.compile(model) if args.compile else model
-    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=device).contiguous(memory_format=layout)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    def step(i):
-        with autocast:
-            loss, _ = diffusion.loss(net, x)
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, model, i, args.ema)
-
-    with FlopCounterMode(display=False) as counter:  # forward + backward of the model, counted once
-        with autocast:
-            diffusion.loss(model, x)[0].mean().backward()
-    for i in range(3):  # warm-up (and compilation)
-        step(i)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    _sync(device)
-    sec = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
-    return sec, counter.get_total_flops() / args.batch_size, peak
+    diffusion.uncertainty = getattr(model, "uncertainty", None)
+    pipe = AugmentPipe() if args.aug else None
+    x = (torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1).contiguous(memory_format=layout)
+    return model, lambda i, net: train_step(net, model, ema, opt, diffusion, pipe, x, i, args)
 
 
-def benchmark(args):
+def benchmark(args, rounds=5):
     """--bench: img/s, ms/step, peak memory, model FLOPs, MFU, and the step-time cost of self-conditioning."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak_tflops = matmul_peak(device, dtype)
-    sec, flops, mem = bench_step(args, device, args.bench)
-    other = argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})
-    sec_other = bench_step(other, device, args.bench)[0]
-    sec_sc, sec_base = (sec, sec_other) if args.self_cond else (sec_other, sec)
+
+    def timed(step, net, n):
+        _sync(device)
+        t = time.perf_counter()
+        for i in range(n):
+            step(i, net)
+        _sync(device)
+        return (time.perf_counter() - t) / n
+
+    runs = []  # the configuration asked for, then the same with self-conditioning toggled
+    for a in (args, argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})):
+        model, step = bench_setup(a, device)
+        if not runs:
+            with FlopCounterMode(display=False) as counter:  # one whole training step, counted uncompiled
+                step(0, model)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        net = torch.compile(model) if args.compile else model
+        timed(step, net, 3)  # warm-up (and compilation)
+        if not runs:  # peak memory of the asked-for configuration alone; CPU: the process's peak RSS
+            mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        runs.append((step, net))
+    # Interleaved rounds, medians: a drifting clock or a neighbour's load hits both configurations alike.
+    rounds = min(rounds, args.bench)
+    times = [[timed(step, net, args.bench // rounds) for step, net in runs] for _ in range(rounds)]
+    sec = statistics.median(t[0] for t in times)
+    overhead = statistics.median(t[0] / t[1] if args.self_cond else t[1] / t[0] for t in times)
+    flops = counter.get_total_flops() / args.batch_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     rec = {"script": Path(__file__).name, "net": args.net, "model": args.model, "self_cond": args.self_cond,
            "batch": args.batch_size, "device": name, "dtype": str(dtype).split(".")[1], "img_per_s": args.batch_size / sec,
            "ms_per_step": 1e3 * sec, "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
            "tflops": flops * args.batch_size / sec / 1e12, "matmul_peak_tflops": peak_tflops,
-           "self_cond_overhead": sec_sc / sec_base}
+           "self_cond_overhead": overhead}
     rec["mfu"] = rec["tflops"] / peak_tflops
     print(f"{args.net} {args.model} batch {args.batch_size} on {name} ({rec['dtype']}): {rec['img_per_s']:.1f} img/s, "
           f"{rec['ms_per_step']:.1f} ms/step, peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
           f"{rec['tflops']:.3f} TFLOP/s = {100 * rec['mfu']:.1f}% of the measured matmul peak {peak_tflops:.2f} TFLOP/s")
-    print(f"self-conditioning step time x{rec['self_cond_overhead']:.4f} ({1e3 * sec_sc:.1f} vs {1e3 * sec_base:.1f} ms)")
+    print(f"self-conditioning step time x{overhead:.4f} (median of {rounds} interleaved rounds of {args.bench // rounds} steps)")
     print(json.dumps(rec))
     return rec
 
@@ -1009,10 +1034,6 @@ def main(argv=None):
     diffusion = build_diffusion(args)
     diffusion.uncertainty = getattr(model, "uncertainty", None)
     pipe = AugmentPipe() if args.aug else None
-    if args.cl:  # the target's noise level: Table 10's probe level, or the smallest one (SD-DiT; Table 7c)
-        t_min = {"DDPM": 1, "EDM": 0.002, "RF": 0.0}[args.model]
-        cl_t = torch.full((args.batch_size // world,), args.probe_t if args.cl_target_t == "probe" else t_min, device=device)
-        cl_t = cl_t.long() if args.model == "DDPM" else cl_t
     step = images_seen = 0
     if (out / "ckpt.pt").exists():
         ckpt = load_checkpoint_for_resume(out / "ckpt.pt", args, log)
@@ -1066,31 +1087,15 @@ def main(argv=None):
         torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
         idx = batch_indices(images_seen + rank * local_bs, local_bs, n_data, args.seed).to(device)
         x = (images[idx].float() / 127.5 - 1).contiguous(memory_format=layout)  # (B, 3, H, W) in [-1, 1]
-        if pipe is None:
-            x, aug = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), None  # h-flip
-        else:
-            x_clean, (x, aug) = x, pipe(x)  # the pipe flips too, and says so in the label
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (images_seen + 1) / max(args.warmup_images, 1))
-        with autocast:
-            if args.cl:
-                loss, level, f = diffusion.loss(net, x, aug=aug, feats=(args.sc_layer,))
-                cl = contrastive_step(model, ema, diffusion, pipe, x_clean, f[args.sc_layer], level, cl_t, args.sc_layer)
-                total = loss.mean() + args.cl_weight * cl
-            else:
-                loss, level = diffusion.loss(net, x, aug=aug)
-                cl, total = loss.new_zeros(()), loss.mean()
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, model, step, args.ema)
+        loss, level, cl = train_step(net, model, ema, opt, diffusion, pipe, x, step, args)
         step += 1
         images_seen += args.batch_size
         bar.update(args.batch_size)
         b = (level * nbins).long().clamp(max=nbins - 1)
-        acc += torch.cat([torch.bincount(b, loss.detach(), nbins), torch.bincount(b, minlength=nbins).float(),
-                          cl.detach()[None] * len(loss), loss.detach().sum()[None], acc.new_tensor([len(loss)])])
+        acc += torch.cat([torch.bincount(b, loss, nbins), torch.bincount(b, minlength=nbins).float(),
+                          cl[None] * len(loss), loss.sum()[None], acc.new_tensor([len(loss)])])
 
         crossed = lambda every: images_seen // every != (images_seen - args.batch_size) // every
         done = images_seen >= args.train_images

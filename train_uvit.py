@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import tarfile
 import time
@@ -717,6 +718,39 @@ def count_params(m):
     return sum(p.numel() for p in m.parameters()) if m is not None else 0
 
 
+def contrastive_step(model, ema, diffusion, pipe, x, f, level, args):
+    """Contrastive self-distillation: online feature f of the training view vs the EMA model's feature of a second
+    view noised at the target step, both through their own copy of the head (EMA head: projector only)."""
+    feat = "cls" if args.cl_feature == "cls" else args.sc_layer
+    x2, aug2 = pipe(x)  # a second, independent view of the clean batch
+    t2 = torch.full((len(x2),), args.probe_t if args.cl_target_t == "probe" else 1, device=x.device)  # Table 7c
+    with torch.no_grad():
+        _, f2 = diffusion.pred(ema, diffusion.add_noise(x2, t2, torch.randn_like(x2)), t2, aug=aug2, feats=(feat,))
+        k = ema.cl_head.project(f2[feat], t2.float() / diffusion.T)
+    return contrastive_loss(model.cl_head(f, level), k)
+
+
+def train_step(net, model, ema, opt, diffusion, pipe, x, step, args):
+    """One optimisation step from a clean batch in [-1, 1]: flip or augment, loss, backward, clip, AdamW, EMA.
+    Training and --bench both run it, so the benchmark times what training does. Returns loss (N,), level (N,), cl."""
+    if pipe is None:
+        xa, aug = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x), None
+    else:
+        xa, aug = pipe(x)  # the pipe does the 50% horizontal flip itself and reports it in the label (as EDM)
+    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read at the designated
+    # out-block (Table 10, where the probe reads too), so the two options differ only in which token carries it
+    feat = "cls" if args.cl_feature == "cls" else args.sc_layer
+    with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext():
+        loss, level, *f = diffusion.loss(net, xa, aug=aug, feats=(feat,) if args.cl else ())
+        cl = contrastive_step(model, ema, diffusion, pipe, x, f[0][feat], level, args) if args.cl else x.new_zeros(())
+    opt.zero_grad(set_to_none=True)
+    (loss.mean() + args.cl_weight * cl).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    update_ema(ema, model, step, args.ema)
+    return loss.detach(), level, cl.detach()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -736,69 +770,68 @@ def matmul_peak(device, dtype):
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def bench_step(args, device, steps):
-    """Seconds per training step (loss, backward, clip, Adam, EMA) on a synthetic batch, FLOPs per image, peak memory."""
-    import resource
-    from torch.utils.flop_counter import FlopCounterMode
+def bench_setup(args, device):
+    """Model, EMA, optimizer and augment pipe as training builds them, on a synthetic batch: (model, step(i, net))."""
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.99, 0.999),
                             fused=device.type == "cuda")
     diffusion = build_diffusion(args)
-    net = torch.compile(model) if args.compile else model
-    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    def step(i):
-        with autocast:
-            loss, _ = diffusion.loss(net, x)
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, model, i, args.ema)
-
-    with FlopCounterMode(display=False) as counter:  # forward + backward of the model, counted once
-        with autocast:
-            diffusion.loss(model, x)[0].mean().backward()
-    for i in range(3):  # warm-up (and compilation)
-        step(i)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    _sync(device)
-    sec = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
-    return sec, counter.get_total_flops() / args.batch_size, peak
+    pipe = AugmentPipe() if args.aug else None
+    x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
+    return model, lambda i, net: train_step(net, model, ema, opt, diffusion, pipe, x, i, args)
 
 
-def benchmark(args):
+def benchmark(args, rounds=5):
     """--bench: img/s, ms/step, peak memory, model FLOPs, MFU, and the step-time cost of self-conditioning."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak_tflops = matmul_peak(device, dtype)
-    sec, flops, mem = bench_step(args, device, args.bench)
-    other = argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})
-    sec_other = bench_step(other, device, args.bench)[0]
-    sec_sc, sec_base = (sec, sec_other) if args.self_cond else (sec_other, sec)
+
+    def timed(step, net, n):
+        _sync(device)
+        t = time.perf_counter()
+        for i in range(n):
+            step(i, net)
+        _sync(device)
+        return (time.perf_counter() - t) / n
+
+    runs = []  # the configuration asked for, then the same with self-conditioning toggled
+    for a in (args, argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})):
+        model, step = bench_setup(a, device)
+        if not runs:
+            with FlopCounterMode(display=False) as counter:  # one whole training step, counted uncompiled
+                step(0, model)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        net = torch.compile(model) if args.compile else model
+        timed(step, net, 3)  # warm-up (and compilation)
+        if not runs:  # peak memory of the asked-for configuration alone; CPU: the process's peak RSS
+            mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        runs.append((step, net))
+    # Interleaved rounds, medians: a drifting clock or a neighbour's load hits both configurations alike.
+    rounds = min(rounds, args.bench)
+    times = [[timed(step, net, args.bench // rounds) for step, net in runs] for _ in range(rounds)]
+    sec = statistics.median(t[0] for t in times)
+    overhead = statistics.median(t[0] / t[1] if args.self_cond else t[1] / t[0] for t in times)
+    flops = counter.get_total_flops() / args.batch_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     rec = {"script": Path(__file__).name, "net": args.net, "model": args.model, "self_cond": args.self_cond,
            "batch": args.batch_size, "device": name, "dtype": str(dtype).split(".")[1], "img_per_s": args.batch_size / sec,
            "ms_per_step": 1e3 * sec, "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
            "tflops": flops * args.batch_size / sec / 1e12, "matmul_peak_tflops": peak_tflops,
-           "self_cond_overhead": sec_sc / sec_base}
+           "self_cond_overhead": overhead}
     rec["mfu"] = rec["tflops"] / peak_tflops
     print(f"{args.net} {args.model} batch {args.batch_size} on {name} ({rec['dtype']}): {rec['img_per_s']:.1f} img/s, "
           f"{rec['ms_per_step']:.1f} ms/step, peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
           f"{rec['tflops']:.3f} TFLOP/s = {100 * rec['mfu']:.1f}% of the measured matmul peak {peak_tflops:.2f} TFLOP/s")
-    print(f"self-conditioning step time x{rec['self_cond_overhead']:.4f} ({1e3 * sec_sc:.1f} vs {1e3 * sec_base:.1f} ms)")
+    print(f"self-conditioning step time x{overhead:.4f} (median of {rounds} interleaved rounds of {args.bench // rounds} steps)")
     print(json.dumps(rec))
     return rec
 
@@ -897,24 +930,6 @@ def main(argv=None):
                 save_grid(diffusion.sample(ema, noise), out / f"grid-{images_seen:09d}.png")
 
     pipe = AugmentPipe() if args.aug else None
-    # Table 7e: the [CLS] token or the pooled image tokens, both read at the designated out-block (Table 10,
-    # where the probe reads too), so the two options differ only in which token carries the feature
-    cl_feat = "cls" if args.cl_feature == "cls" else args.sc_layer
-    cl_t = args.probe_t if args.cl_target_t == "probe" else 1  # Table 7c: probe-optimal step, or the smallest
-
-    def distill(x, f, level):
-        """Contrastive self-distillation: online feature f of the training view vs the EMA model's feature of a
-        second view noised at cl_t, both through their own copy of the head (EMA head: projector only)."""
-        x2, aug2 = pipe(x)  # a second, independent view of the clean batch
-        t2 = torch.full((len(x2),), cl_t, device=device)
-        with torch.no_grad(), autocast:
-            x2t = diffusion.add_noise(x2, t2, torch.randn_like(x2))
-            _, f2 = diffusion.pred(ema, x2t, t2, aug=aug2, feats=(cl_feat,))
-            k = ema.cl_head.project(f2[cl_feat], t2.float() / diffusion.T)
-        with autocast:
-            q = model.cl_head(f, level)
-        return contrastive_loss(q, k)
-
     nbins = 5
     acc = torch.zeros(2 * nbins + 3, device=device)  # per-bin loss sums and counts, contrastive sum, total sum, count
     t_log, last_log = time.time(), images_seen
@@ -925,26 +940,15 @@ def main(argv=None):
         torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
         idx = batch_indices(images_seen + rank * local_bs, local_bs, n_data, args.seed).to(device)
         x = images[idx].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        if args.aug:  # the pipe does the 50% horizontal flip itself and reports it in the label (as EDM)
-            xa, aug = pipe(x)
-        else:
-            xa, aug = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), None
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (images_seen + 1) / max(args.warmup_images, 1))
-        with autocast:
-            loss, level, *f = diffusion.loss(net, xa, aug=aug, feats=(cl_feat,) if args.cl else ())
-        cl = distill(x, f[0][cl_feat], level) if args.cl else torch.zeros((), device=device)
-        opt.zero_grad(set_to_none=True)
-        (loss.mean() + args.cl_weight * cl).backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, model, step, args.ema)
+        loss, level, cl = train_step(net, model, ema, opt, diffusion, pipe, x, step, args)
         step += 1
         images_seen += args.batch_size
         bar.update(args.batch_size)
         b = (level * nbins).long().clamp(max=nbins - 1)
-        acc += torch.cat([torch.bincount(b, loss.detach(), nbins), torch.bincount(b, minlength=nbins).float(),
-                          cl.detach()[None] * len(loss), loss.detach().sum()[None], acc.new_tensor([len(loss)])])
+        acc += torch.cat([torch.bincount(b, loss, nbins), torch.bincount(b, minlength=nbins).float(),
+                          cl[None] * len(loss), loss.sum()[None], acc.new_tensor([len(loss)])])
 
         crossed = lambda every: images_seen // every != (images_seen - args.batch_size) // every
         done = images_seen >= args.train_images
