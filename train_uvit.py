@@ -908,8 +908,8 @@ def main(argv=None):
     local_bs = args.batch_size // world
 
     stop = {"signal": None}  # SIGTERM/SIGINT: finish the step, checkpoint, exit cleanly
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
 
     def save():
         rngs = [None] * world
@@ -987,6 +987,8 @@ def main(argv=None):
             log(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same command to resume")
             break
     bar.close()
+    for s, h in handlers.items():
+        signal.signal(s, h)
     if world > 1:
         dist.destroy_process_group()
 
