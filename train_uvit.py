@@ -718,10 +718,9 @@ def count_params(m):
     return sum(p.numel() for p in m.parameters()) if m is not None else 0
 
 
-def contrastive_step(model, ema, diffusion, pipe, x, f, level, args):
-    """Contrastive self-distillation: online feature f of the training view vs the EMA model's feature of a second
-    view noised at the target step, both through their own copy of the head (EMA head: projector only)."""
-    feat = "cls" if args.cl_feature == "cls" else args.sc_layer
+def contrastive_step(model, ema, diffusion, pipe, x, f, level, feat, args):
+    """Contrastive self-distillation: online feature f of the training view vs the EMA model's feature `feat` of a
+    second view noised at the target step, both through their own copy of the head (EMA head: projector only)."""
     x2, aug2 = pipe(x)  # a second, independent view of the clean batch
     t2 = torch.full((len(x2),), args.probe_t if args.cl_target_t == "probe" else 1, device=x.device)  # Table 7c
     with torch.no_grad():
@@ -742,7 +741,7 @@ def train_step(net, model, ema, opt, diffusion, pipe, x, step, args):
     feat = "cls" if args.cl_feature == "cls" else args.sc_layer
     with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext():
         loss, level, *f = diffusion.loss(net, xa, aug=aug, feats=(feat,) if args.cl else ())
-        cl = contrastive_step(model, ema, diffusion, pipe, x, f[0][feat], level, args) if args.cl else x.new_zeros(())
+        cl = contrastive_step(model, ema, diffusion, pipe, x, f[0][feat], level, feat, args) if args.cl else x.new_zeros(())
     opt.zero_grad(set_to_none=True)
     (loss.mean() + args.cl_weight * cl).backward()
     nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
