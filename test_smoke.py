@@ -96,6 +96,9 @@ def test_unet_table10_defaults():
     assert (a.sc_layer, a.probe_t, a.resolution) == ("out_5", 0.2964, 64)
     assert get("--sc-layer", "3").sc_layer == "out_3"
     assert (get("--model", "EDM").dropout, get("--model", "EDM").ema) == (0.13, 0.9993)
+    tiny = get("--net", "tiny", "--model", "RF")  # not in the paper: the CPU quickstart's settings, overridable
+    assert (tiny.dropout, tiny.ema, tiny.batch_size, tiny.lr, tiny.sc_layer) == (0.0, 0.9999, 16, 2e-3, "out_3")
+    assert get("--net", "tiny", "--dropout", "0.1").dropout == 0.1
     with pytest.raises(SystemExit):
         get("--sc-layer", "out_13")
 
@@ -186,8 +189,8 @@ def test_unet_two_ranks_hold_identical_weights(tmp_path):
 def test_unet_quickstart_loss_falls_grid_and_resume(tmp_path):
     """The README quickstart, shortened: loss falls, a preview grid is written, rerunning resumes."""
     out = tmp_path / "qs"
-    argv = ["--net", "tiny", "--dataset", "shapes", "--out", out, "--batch-size", "64", "--log-every", "640",
-            "--sample-every", "1280", "--ckpt-every", "1280", "--warmup-images", "128"]
+    argv = ["--net", "tiny", "--dataset", "shapes", "--model", "RF", "--self-cond", "--out", out, "--batch-size", "64",
+            "--log-every", "640", "--sample-every", "1280", "--ckpt-every", "1280", "--warmup-images", "128"]
     _run("train_unet.py", *argv, "--train-images", "1280")
     assert (out / "grid-000001280.png").exists()
     p = _run("train_unet.py", *argv, "--train-images", "1920")

@@ -84,7 +84,7 @@ def get_args(argv=None):
     p.add_argument("--ema", type=float, default=0.9999)
     p.add_argument("--train-images", type=int, default=None, help="training length (default: paper epochs x dataset)")
     p.add_argument("--warmup-images", type=int, default=0, help="linear lr warm-up (the latent recipe has none)")
-    p.add_argument("--log-every", type=int, default=100_000, help="images between log lines")
+    p.add_argument("--log-every", type=int, default=None, help="images between log lines (default 100k; ten lines in shorter runs)")
     p.add_argument("--ckpt-every", type=int, default=2_000_000, help="images between checkpoints")
     p.add_argument("--sample-every", type=int, default=10_000_000, help="images between preview grids (0: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -1098,6 +1098,7 @@ def main(argv=None):
     epochs = EPOCHS.get((args.dataset, args.class_cond), 40 if args.dataset == "shapes" else
                         2000 if not latent else EPOCHS[("in100", args.class_cond)])
     args.train_images = args.train_images or epochs * n_data
+    args.log_every = args.log_every or min(100_000, max(args.train_images // 10, 1))
 
     torch.manual_seed(args.seed)  # the same initial weights for a given seed (and on every rank)
     model = build_model(args).to(device)

@@ -69,7 +69,7 @@ def get_args(argv=None):
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (Table 8)")
     p.add_argument("--train-images", type=int, default=None, help="training length (default: paper epochs x dataset)")
     p.add_argument("--warmup-images", type=int, default=None, help="lr warm-up (default: Table 11 epochs x dataset)")
-    p.add_argument("--log-every", type=int, default=50_000, help="images between log lines")
+    p.add_argument("--log-every", type=int, default=None, help="images between log lines (default 50k; ten lines in shorter runs)")
     p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
     p.add_argument("--sample-every", type=int, default=5_000_000, help="images between preview grids")
     p.add_argument("--seed", type=int, default=0)
@@ -874,6 +874,7 @@ def main(argv=None):
     n_data = len(images)
     epochs = DATASETS.get(args.dataset, (0, 0, 2000))[2]
     args.train_images = args.train_images or epochs * n_data
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
     # Table 11 warm-up in epochs, capped at 10% of the run so short runs still train (inactive at 2000 epochs).
     args.warmup_images = args.warmup_images if args.warmup_images is not None else min(
         WARMUP_EPOCHS * n_data, args.train_images // 10)
