@@ -12,6 +12,7 @@ Inputs: a samples .npz (ADM format: arr_0 uint8 NHWC), a folder of images (searc
 --data-path). Statistics of a reference input are cached in --cache-dir.
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -47,7 +48,16 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return self.bn(self.conv(x)).relu_()  # in place: no second activation-sized tensor
+
+    def fold(self):
+        """Fold the eval-mode BatchNorm into the conv (in float64, then rounded once to float32)."""
+        bn, w = self.bn, self.conv.weight.double()
+        scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+        bias = bn.bias.double() - bn.running_mean.double() * scale
+        self.conv.weight = nn.Parameter((w * scale[:, None, None, None]).float(), requires_grad=False)
+        self.conv.bias = nn.Parameter(bias.float(), requires_grad=False)
+        self.bn = nn.Identity()
 
 
 def _chain(x, *layers):
@@ -189,8 +199,11 @@ class InceptionV3(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, 1008)
 
     def forward(self, x):
+        # channels_last throughout (weights too, see load_inception): ~1.5x faster on CPU; the resize is 4x
+        # faster and bit-identical; in-place 2x - 1 rounds exactly as pytorch-fid's out-of-place one
+        x = x.contiguous(memory_format=torch.channels_last)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        x = x.mul_(2).sub_(1)
         x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
         x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = _chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
@@ -204,25 +217,52 @@ class InceptionV3(nn.Module):
 
 
 def load_inception(path=None, device="cpu"):
-    """The FID Inception with the official weights (downloaded once to the torch hub cache), in eval mode."""
-    if path is None:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS)
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            print(f"downloading {FID_WEIGHTS_URL} to {path}")
-            try:  # writes a temp file next to path, checks the sha256 prefix, then moves it into place
-                torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS.split("-")[-1][:8])
-            except (OSError, RuntimeError) as e:
-                raise SystemExit(f"could not download the FID Inception weights ({e}); get {FID_WEIGHTS} from "
-                                 f"{FID_WEIGHTS_URL} and pass --inception PATH (or put it at {path})")
-    elif not os.path.exists(path):
-        raise SystemExit(f"--inception {path}: no such file; it should be {FID_WEIGHTS} from {FID_WEIGHTS_URL}")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    """The FID Inception with the official weights, ready for inference (BatchNorm folded, channels_last).
+
+    Without `path` the weights come from the torch hub cache, downloaded once per node when missing;
+    under torch.distributed every rank must call it.
+    """
+    sd = torch.load(_weights_file(path), map_location="cpu", weights_only=True)
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     with torch.device("meta"):  # skip the random init of 24M weights that the file replaces
         model = InceptionV3()
     model.load_state_dict(sd, assign=True)  # strict: any other Inception (e.g. torchvision's) must not load
-    return model.eval().requires_grad_(False).to(device)
+    # eval only, so each BatchNorm is an affine map that folds into its conv: 94 fewer passes over the
+    # activations, 10-20% faster on CPU; features stay within ~1e-6 relative of the unfolded net
+    for m in model.modules():
+        if isinstance(m, BasicConv2d):
+            m.fold()
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+def _weights_file(path):
+    """`path`, or the hub cache copy fetched by local rank 0 as the others wait; all fail with one line."""
+    error = None
+    if path is None:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS)
+        fetcher = not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if fetcher and not os.path.exists(path):
+            error = _download(path)
+    elif not os.path.exists(path):
+        error = f"--inception {path}: no such file; it should be {FID_WEIGHTS} from {FID_WEIGHTS_URL}"
+    if dist.is_initialized():  # also the wait for the download; every rank exits with the first error
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+    return path
+
+
+def _download(path):
+    """Fetch the official weights to `path`; None, or what went wrong."""
+    print(f"downloading {FID_WEIGHTS_URL} to {path}")
+    try:  # writes a uniquely named temp file next to path, checks the sha256 prefix, then moves it into place
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS.split("-")[-1][:8])
+    except Exception as e:  # network, proxy, disk or hash: a message for every rank, not a traceback on one
+        return (f"could not download the FID Inception weights ({e}); get {FID_WEIGHTS} from "
+                f"{FID_WEIGHTS_URL} and pass --inception PATH (or put it at {path})")
 
 # ----------------------------------------------------------------------------
 # Statistics
@@ -244,6 +284,21 @@ def _dist():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+@contextlib.contextmanager
+def _fp32():
+    """Plain fp32 on GPU, TF32 off (sample.py turns it on), cuDNN autotuned; the flags are restored after.
+
+    bf16 or TF32 would be faster, but their features could not be checked against pytorch-fid's here.
+    """
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 @torch.inference_mode()
 def compute_features(images, model, batch_size=200, num_workers=0):
     """pool3 features (N, 2048) float64 and logits (N, 1008) float32 of uint8 images.
@@ -253,24 +308,28 @@ def compute_features(images, model, batch_size=200, num_workers=0):
     """
     rank, world = _dist()
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     t0 = time.time()
-    if isinstance(images, (list, tuple)):
+    if isinstance(images, (list, tuple)):  # worker processes decode the next batches while the network runs
         shard = torch.utils.data.Subset(_ImageFiles(images), range(rank, len(images), world))
-        batches = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers)
+        batches = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=cuda)
     elif isinstance(images, (torch.Tensor, np.ndarray)):
         shard = torch.as_tensor(images)[rank::world]
-        batches = (shard[i:i + batch_size] for i in range(0, len(shard), batch_size))
+        batches = (shard[i:i + batch_size].contiguous() for i in range(0, len(shard), batch_size))
     else:
         assert world == 1, "iterables of batches cannot be sharded across ranks; pass a tensor or a file list"
         batches = images
     feats, logits = [], []
-    for x in tqdm(batches, desc="inception", disable=rank != 0, leave=False):
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        x = x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1)
-        f, l = model(x)
-        feats.append(f.float())
-        logits.append(l.float())
+    with _fp32():
+        for x in tqdm(batches, desc="inception", disable=rank != 0, leave=False):
+            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+                raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            if cuda and x.device.type == "cpu":  # from pinned memory the copy does not wait for the GPU
+                x = x.pin_memory()
+            x = x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1)
+            f, l = model(x)
+            feats.append(f.float())
+            logits.append(l.float())
     f = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=device)
     l = torch.cat(logits) if logits else torch.zeros(0, 1008, device=device)
     if world > 1:  # shards differ by at most one image: pad, gather, interleave back to the input order
@@ -376,16 +435,46 @@ def load_input(spec, data_path=None):
         sys.path.insert(0, here)
     import train_unet  # the training scripts own the dataset loaders; imported lazily, only for dataset names
     args = train_unet.get_args(["--dataset", spec] + (["--data-path", data_path] if data_path else []))
-    x = train_unet.load_dataset(args, "train")
-    x = x[0] if isinstance(x, tuple) else x  # (x, y)
+    x, _ = train_unet.load_pixels(args, "train")  # (uint8 (N, 3, H, W), labels)
     if x.dtype != torch.uint8:
         raise SystemExit(f"dataset {spec} is not made of pixels ({x.dtype}); FID needs decoded images")
     return x
 
 
-def _stats_of(spec, model, batch_size, num_workers, data_path=None, cache_dir=None):
-    """(mu, sigma, n, logits or None) of an input; statistics of non-stats inputs are cached when cache_dir is set."""
+def _check_writable(path):
+    """Fail before any work when `path` cannot be written (a folder, a parent that is a file, no rights)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # save_statistics creates the missing folders
+        parent = os.path.dirname(parent)
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "a folder" if os.path.isdir(path) else f"{parent} is not a writable folder"
+        raise SystemExit(f"--stats-out {path}: cannot write a file there ({why})")
+
+
+def _load(spec, data_path=None):
+    """load_input for a spec string, then a check that images (not statistics) number at least 3."""
     x = load_input(spec, data_path) if isinstance(spec, str) else spec
+    if not isinstance(x, tuple) and len(x) < 3:
+        name = spec if isinstance(spec, str) else "the input"
+        raise SystemExit(f"FID needs at least 3 images, {name} has {len(x)} (the covariance would be degenerate)")
+    return x
+
+
+def _rank0(value):
+    """Rank 0's value on every rank, so that all ranks take the same branch (and the same collectives)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _stats_of(spec, model, batch_size, num_workers, data_path=None, cache_dir=None, x=None):
+    """(mu, sigma, n, logits or None) of an input (`x`: it already loaded); cached when cache_dir is set.
+
+    Only rank 0 reads or writes the cache (other nodes may not share its folder); the others get None stats.
+    """
+    x = _load(spec, data_path) if x is None else x
     if isinstance(x, tuple):
         return (*x, None)
     cache = None
@@ -393,21 +482,32 @@ def _stats_of(spec, model, batch_size, num_workers, data_path=None, cache_dir=No
         key = os.path.abspath(spec) if os.path.exists(spec) else f"{spec}:{data_path}"
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         cache = os.path.join(cache_dir, f"{Path(spec).stem}-{len(x)}-{digest}.npz")
-        if os.path.exists(cache):
+        if _rank0(os.path.exists(cache)):
+            if _dist()[0] != 0:
+                return None, None, len(x), None
             with np.load(cache) as f:
                 return f["mu"], f["sigma"], int(f["n"]), None
     mu, sigma, logits = compute_statistics(x, model, batch_size, num_workers)
     if cache and _dist()[0] == 0:
-        save_statistics(cache, mu, sigma, len(logits))
+        try:
+            save_statistics(cache, mu, sigma, len(logits))
+        except SystemExit as e:  # the FID can still be reported
+            print(f"fid: {e}; the reference statistics are not cached")
     return mu, sigma, len(logits), logits
 
 
 def save_statistics(path, mu, sigma, n):
-    """Write mu, sigma (pytorch-fid's keys) and the image count n (when known) atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"  # np.savez appends .npz to names without it
-    np.savez(tmp, mu=mu, sigma=sigma, **({} if n is None else dict(n=n)))
-    os.replace(tmp, path)
+    """Write mu, sigma (pytorch-fid's keys) and the count n (when known) atomically, or exit with one line."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique: two jobs may write the same cache entry
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, mu=mu, sigma=sigma, **({} if n is None else dict(n=n)))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise SystemExit(f"could not write the statistics to {path}: {e}")
 
 
 def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_path=None,
@@ -416,11 +516,13 @@ def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_pa
 
     Under torch.distributed every rank must call it (features are sharded); only rank 0 gets the numbers.
     """
-    mu1, sigma1, n, logits = _stats_of(samples, model, batch_size, num_workers, data_path)
+    x = _load(samples, data_path)
+    r = None if isinstance(ref, tuple) else _load(ref, data_path)  # both checked before the network runs
+    mu1, sigma1, n, logits = _stats_of(samples, model, batch_size, num_workers, x=x)
     if isinstance(ref, tuple):
         mu2, sigma2, n_ref = *ref[:2], None
     else:
-        mu2, sigma2, n_ref, _ = _stats_of(ref, model, batch_size, num_workers, data_path, cache_dir)
+        mu2, sigma2, n_ref, _ = _stats_of(ref, model, batch_size, num_workers, data_path, cache_dir, x=r)
     if _dist()[0] != 0:
         return None
     fid = frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -446,20 +548,25 @@ def main(argv=None):
         p.error("give REF to compute FID, or --stats-out PATH to save the statistics of SAMPLES")
     for spec in (args.samples, args.ref or ""):
         _check_exists(spec)  # before loading (or downloading) the network
-
+    if args.stats_out:
+        _check_writable(args.stats_out)
     own_pg = "RANK" in os.environ and not dist.is_initialized()
     if own_pg:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _run(args)
+    finally:  # also on SystemExit: no leaked process group warnings after the one-line error
+        if own_pg:
+            dist.destroy_process_group()
+
+
+def _run(args):
+    """main() once the process group (if any) is up."""
     rank, world = _dist()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if rank != 0:
-        dist.barrier()  # rank 0 downloads the weights first
     model = load_inception(args.inception, device)
-    if rank == 0 and world > 1:
-        dist.barrier()
-
     if args.stats_out:
         mu, sigma, n, _ = _stats_of(args.samples, model, args.batch_size, args.num_workers, args.data_path)
         result = dict(n=n) if rank == 0 else None
@@ -475,8 +582,6 @@ def main(argv=None):
     if rank == 0 and THROUGHPUT["seconds"] > 0:
         print(f"inception: {THROUGHPUT['images'] / THROUGHPUT['seconds']:.1f} images/s "
               f"on {world} x {device.type} ({THROUGHPUT['images']} images)")
-    if own_pg:
-        dist.destroy_process_group()
     return result
 
 

@@ -12,6 +12,7 @@ Output: a table on stdout, <out>/probe.json and (several layers) <out>/probe.png
 memory: train images x 2 flips x (sum of the probed layers' widths) x noise levels float32, plus the test set.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -49,6 +50,10 @@ def get_args(argv=None):
     p.add_argument('--layer', nargs='+', help="layer(s): out_6, 6, block_9, cls (UViT [CLS]) or all (default: sc_layer)")
     p.add_argument('--grid', action='store_true', help='default --t to the formulation\'s grid and --layer to all')
     p.add_argument('--raw-pixels', action='store_true', help='also probe flattened raw pixels (the baseline)')
+    p.add_argument('--init', action='store_true',
+                   help='also probe the same network at its initial weights (the run\'s seed)')
+    p.add_argument('--precision', choices=['auto', 'bf16', 'fp32'], default='auto',
+                   help='bf16 autocast (auto: on CUDA) or fp32')
     # Measured once (shapes, tiny DDPM UNet after 32k images, --limit 2000 --epochs 15, out_2): t=11 32.20% cached
     # vs 32.20% fresh, t=101 27.40% vs 27.60%. Small-t noise barely moves the features (2% of their spread at t=11)
     # and random flips of two cached views are the same augmentation, while fresh costs epochs+1 extractions, not 3.
@@ -109,33 +114,35 @@ def _seed(*ints):
 
 
 @torch.no_grad()
-def extract(model, diffusion, x, ts, layers, *, seed, flip=None, batch_size=256, desc=None):
-    """Pooled features {(t, layer): (N, C) float32 CPU} of x (N, C, H, W) for every t and layer: one forward per t.
-
-    The noise of image i depends only on (seed, i // batch_size), not on t, the layer set or the number of ranks,
-    so a pair probed alone sees exactly the features it sees inside a grid."""
+def extract(model, diffusion, x, ts, layers, *, seed, flip=None, batch_size=256, desc=None,
+            autocast=contextlib.nullcontext()):
+    """Pooled features {(t, layer): (N, C) float32 CPU} of x (N, C, H, W) at every t and layer:
+    one forward per t. The noise of image i depends on (seed, i // batch_size) alone, not on t,
+    the layer set or the number of ranks: a pair probed alone sees the features of a grid."""
     rank, size = world()
     device = next(model.parameters()).device
     starts = list(range(0, len(x), batch_size))
     feats = []
-    for r in tqdm(range(math.ceil(len(starts) / size)), desc=desc, disable=rank > 0 or desc is None, leave=False):
+    rounds = range(math.ceil(len(starts) / size))
+    for r in tqdm(rounds, desc=desc, disable=rank > 0 or desc is None, leave=False):
         part = None
         if r * size + rank < len(starts):
             b = starts[r * size + rank]
-            xb = to_model_space(flipped(x[b:b + batch_size], None if flip is None else flip[b:b + batch_size]))
-            noise = torch.randn(xb.shape, generator=torch.Generator().manual_seed(_seed(seed, b))).to(device)
+            fb = None if flip is None else flip[b:b + batch_size]
+            xb = to_model_space(flipped(x[b:b + batch_size], fb))
+            g = torch.Generator().manual_seed(_seed(seed, b))
+            noise = torch.randn(xb.shape, generator=g).to(device)
             xb = xb.to(device)
             part = {}
             for t in ts:
-                tt = torch.full((len(xb),), t, device=device)  # int64 for DDPM, float32 otherwise
+                tt = torch.full((len(xb),), t, device=device)  # int64 for DDPM, float otherwise
                 xt = diffusion.add_noise(xb, tt, noise)
-                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == 'cuda'):
-                    # y=None: unconditional, or the null class of a class-conditional DiT; aug=None: the zero augment label
-                    _, f = diffusion.pred(model, xt, tt, y=None, aug=None, feats=tuple(layers))
+                with autocast:  # unconditional (a conditional DiT: the null class), no augment label
+                    f = diffusion.pred(model, xt, tt, feats=tuple(layers))[1]
                 part.update({(t, l): f[l].float().cpu() for l in layers})
         if size == 1:
             feats.append(part)
-        else:  # one small all_gather per round keeps memory flat; ranks' batches interleave in index order
+        else:  # a small all_gather per round keeps memory flat; batches interleave in order
             parts = [None] * size
             dist.all_gather_object(parts, part)
             feats += [p for p in parts if p is not None]
@@ -273,8 +280,12 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     log = print if rank == 0 else (lambda *_: None)
     mod, args, model, diffusion, ckpt = load_checkpoint(a.ckpt, raw=a.raw, device=device)
-    model.eval().requires_grad_(False)
     script = ckpt['script']
+    models = {'trained': model}
+    if a.init:  # what training starts from: the trainer seeds with --seed, then builds
+        torch.manual_seed(args.seed)
+        init = mod.build_model(args).to(device, memory_format=mod.memory_format(device))
+        models['init'] = init.eval().requires_grad_(False)
 
     # pairs to probe
     integer = diffusion.kind == 'DDPM'
@@ -282,80 +293,102 @@ def main(argv=None):
     ts = sorted({int(round(t)) if integer else float(t) for t in ts})
     hi = diffusion.T if integer else 1 if diffusion.kind == 'RF' else math.inf
     if not all(0 < t <= hi for t in ts):
-        raise SystemExit(f"--t {ts} out of range for {diffusion.kind}: use native units in (0, {hi}] "
-                         "(DDPM step of T, EDM sigma, RF t with 1 = noise)")
+        raise SystemExit(f"--t {ts} out of range for {diffusion.kind}: use native units in "
+                         f"(0, {hi}] (DDPM step of T, EDM sigma, RF t with 1 = noise)")
     layers = resolve_layers(a.layer or (['all'] if a.grid else [args.sc_layer]), model)
 
     # data (labels required), optional fixed subset
-    (x, y), (x_test, y_test) = mod.load_dataset(args, 'train'), mod.load_dataset(args, 'test')
-    if (y < 0).any() or (y_test < 0).any():
-        raise SystemExit(f"dataset {args.dataset!r} has unlabelled images: linear probing needs class labels")
+    latent = getattr(args, 'latent', 'none') != 'none'
+    load = mod.load_latents if latent else mod.load_pixels
+    (x, y), (x_test, y_test) = load(args, 'train'), load(args, 'test')
     if a.limit:
         pick = lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))[:a.limit]
         (i, j) = pick(len(y)), pick(len(y_test))
         x, y, x_test, y_test = x[i], y[i], x_test[j], y_test[j]
-    latent = x.dtype != torch.uint8
     lr = a.lr or (2e-3 if latent else 4e-3)
     epochs = a.epochs or (15 if args.dataset in ('cifar10', 'cifar100') else 30)
     batch_size = a.batch_size or (1440 if latent else 128)
 
-    log(f"probing {a.ckpt} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
-        f"{len(y)} train / {len(y_test)} test, t {ts}, layers {layers}, {a.feature_mode} features, "
-        f"lr {lr:g} epochs {epochs} batch {batch_size}")
+    log(f"probing {a.ckpt} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on "
+        f"{args.dataset}: {len(y)} train / {len(y_test)} test, t {ts}, layers {layers}, "
+        f"{a.feature_mode} features, lr {lr:g} epochs {epochs} batch {batch_size}")
 
-    # features. Flips only for pixels: a flipped latent grid is not the latent of the flipped image.
-    # Noise streams: 0 = test, 1 = cached train (same noise for both flips), 2 + epoch = fresh train.
+    # features. Flips only for pixels: a flipped latent grid is not the latent of the flipped
+    # image. Noise streams: 0 test, 1 cached train (both flips alike), 2 + epoch fresh train.
     timer = {'images': 0, 'seconds': 0.0}
+    autocast = mod.autocast(device, a.precision)
 
-    def run(x_, stream, flip=None, desc=None):
+    def run(x_, stream, flip=None, desc=None):  # {(t, layer) or ('init', t, layer): (N, C)}
         if device.type == 'cuda':
             torch.cuda.synchronize()
-        t0 = time.time()
-        f = extract(model, diffusion, x_, ts, layers, seed=_seed(a.seed, stream), flip=flip,
-                    batch_size=a.extract_batch, desc=desc)
-        timer['images'] += len(x_) * len(ts)
+        t0, f = time.time(), {}
+        for name, m in models.items():
+            fm = extract(m, diffusion, x_, ts, layers, seed=_seed(a.seed, stream), flip=flip,
+                         batch_size=a.extract_batch, desc=desc, autocast=autocast)
+            f.update({k if name == 'trained' else (name, *k): v for k, v in fm.items()})
+        timer['images'] += len(x_) * len(ts) * len(models)
         timer['seconds'] += time.time() - t0
         if a.raw_pixels:
             f[(None, 'pixels')] = pixel_features(x_, flip)
         return f
 
     def flips(stream):
-        return None if latent else torch.rand(len(y), generator=torch.Generator().manual_seed(_seed(a.seed, stream))) < 0.5
+        g = torch.Generator().manual_seed(_seed(a.seed, stream))
+        return None if latent else torch.rand(len(y), generator=g) < 0.5
 
     test_feats = run(x_test, 0, desc='test features')
     if a.feature_mode == 'cached':
-        views = [run(x, 1, None if latent else torch.full((len(y),), v == 1), desc=f'train features (flip {v})')
-                 for v in range(1 if latent else 2)]
+        views = [run(x, 1, None if latent else torch.full((len(y),), v == 1),
+                     desc=f'train features (flip {v})') for v in range(1 if latent else 2)]
 
-        def epoch_feats(e):  # every image takes one of its cached views at random: flips without new forwards
+        def epoch_feats(e):  # each image takes one of its cached views at random: no new forwards
+            if latent:
+                return views[0]
             pick = flips(2 + e)
-            return views[0] if latent else {k: torch.where(pick[:, None], views[1][k], f) for k, f in views[0].items()}
-    else:  # the paper's protocol: every epoch new noise and new flips (one full extraction per epoch)
+            return {k: torch.where(pick[:, None], views[1][k], f) for k, f in views[0].items()}
+    else:  # the paper's protocol: new noise and flips every epoch (an extraction per epoch)
         epoch_feats = lambda e: run(x, 2 + e, flips(2 + e), desc=f'epoch {e + 1} features')
-    acc = train_probes(epoch_feats, y, test_feats, y_test, lr=lr, epochs=epochs, batch_size=batch_size,
-                       seed=a.seed, device=device, log=log)
+    acc = train_probes(epoch_feats, y, test_feats, y_test, lr=lr, epochs=epochs,
+                       batch_size=batch_size, seed=a.seed, device=device, log=log)
+    at_init = {k[1:]: acc.pop(k) for k in list(acc) if k[0] == 'init'}
     speed = timer['images'] / max(timer['seconds'], 1e-9)
 
     if rank == 0:
         best = max((k for k in acc if k[0] is not None), key=acc.get)
         classes = int(max(y.max(), y_test.max())) + 1
         log(table(acc, ts, layers))
-        summary = f"best {acc[best]:.2f}% at t={fmt_t(best[0])} {best[1]}"
-        if a.raw_pixels:
-            summary += f"; raw pixels {acc[(None, 'pixels')]:.2f}%"
-        log(summary + f"; chance {100 / classes:.2f}%; feature extraction {speed:.1f} img/s (one image at one t)")
+        if at_init:
+            log('at init\n' + table(at_init, ts, layers))
+        cell = (args.probe_t, args.sc_layer) if (args.probe_t, args.sc_layer) in acc else best
+        report = [f"trained {acc[cell]:.2f}%"]
+        report += [f"at init {at_init[cell]:.2f}%"] if at_init else []
+        report += [f"raw pixels {acc[(None, 'pixels')]:.2f}%"] if a.raw_pixels else []
+        report += [f"chance {100 / classes:.2f}%"]
+        log(f"t={fmt_t(cell[0])} {cell[1]}: {', '.join(report)}")
+        log(f"best {acc[best]:.2f}% at t={fmt_t(best[0])} {best[1]}; feature extraction "
+            f"{speed:.1f} img/s (one image at one t)")
+        flags = f"--sc-layer {best[1].replace('cls_', 'out_')} --probe-t {fmt_t(best[0])}"
+        if a.grid:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer
+            log(f"the paper's rule for a new setting: on a baseline checkpoint, the best cell is "
+                f"where self-conditioning reads; train with the baseline's command plus\n"
+                f"    --self-cond {flags}")
         out = Path(a.out or Path(a.ckpt).parent / 'probe')
         out.mkdir(parents=True, exist_ok=True)
-        result = {'ckpt': str(a.ckpt), 'script': script, 'kind': diffusion.kind, 'weights': 'online' if a.raw else 'ema',
-                  'dataset': args.dataset, 'train_images': len(y), 'test_images': len(y_test), 'classes': classes,
-                  'feature_mode': a.feature_mode, 'lr': lr, 'epochs': epochs, 'batch_size': batch_size, 'seed': a.seed,
-                  'ts': ts, 'layers': layers, 'extract_img_per_s': speed, 'chance': 100 / classes,
+        result = {'ckpt': str(a.ckpt), 'script': script, 'kind': diffusion.kind,
+                  'weights': 'online' if a.raw else 'ema', 'dataset': args.dataset,
+                  'train_images': len(y), 'test_images': len(y_test), 'classes': classes,
+                  'feature_mode': a.feature_mode, 'lr': lr, 'epochs': epochs,
+                  'batch_size': batch_size, 'seed': a.seed, 'ts': ts, 'layers': layers,
+                  'extract_img_per_s': speed, 'chance': 100 / classes,
                   'raw_pixels': acc.get((None, 'pixels')),
-                  'best': {'t': best[0], 'layer': best[1], 'acc': acc[best]},
-                  'results': [{'t': t, 'layer': l, 'acc': acc[(t, l)]} for t in ts for l in layers]}
+                  'best': {'t': best[0], 'layer': best[1], 'acc': acc[best], 'flags': flags},
+                  'results': [{'t': t, 'layer': l, 'acc': acc[(t, l)],
+                               **({'init': at_init[(t, l)]} if at_init else {})}
+                              for t in ts for l in layers]}
         (out / 'probe.json').write_text(json.dumps(result, indent=1))
         if sum(l.rpartition('_')[2].isdigit() for l in layers) > 1:
-            chart(out / 'probe.png', acc, ts, layers, f"{script} {diffusion.kind} {args.dataset}", acc.get((None, 'pixels')))
+            chart(out / 'probe.png', acc, ts, layers, f"{script} {diffusion.kind} {args.dataset}",
+                  acc.get((None, 'pixels')))
         log(f"wrote {out / 'probe.json'}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -128,41 +128,55 @@ def noise_level(diffusion):
     ab = diffusion.alphas_cumprod.tolist()
     return lambda t: math.sqrt(1 - ab[t]) / (math.sqrt(ab[t]) + math.sqrt(1 - ab[t]))
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Checkpoints
 
 SCRIPTS = ("train_unet.py", "train_uvit.py", "train_dit.py")
 
 
 def load_checkpoint(path, raw=False, device="cpu"):
-    """Rebuild (module, args, model in eval mode, diffusion, ckpt dict) from a train_*.py checkpoint."""
+    """Rebuild (module, args, model in eval mode, diffusion, ckpt) from a train_*.py checkpoint:
+    the script it names builds the model; `raw` takes the online weights instead of the EMA."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"checkpoint {path} not found: pass the ckpt.pt of a training run (runs/<name>/ckpt.pt)")
+        raise SystemExit(f"checkpoint {path} not found: pass the ckpt.pt of a training run "
+                         f"(runs/<name>/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); use an intact copy")
+        raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
+                         f"use an intact copy")
     script = ckpt.get("script") if isinstance(ckpt, dict) else None
     if script not in SCRIPTS:
-        raise SystemExit(f"checkpoint {path} names script {script!r}; expected one of {', '.join(SCRIPTS)}")
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:  # the train scripts live next to this file, wherever it is run from
-        sys.path.insert(0, here)
-    mod = importlib.import_module(Path(script).stem)
+        raise SystemExit(f"checkpoint {path} names script {script!r}; "
+                         f"expected one of {', '.join(SCRIPTS)}")
+    mod = import_trainer(script)
     args = mod.get_args([])
     vars(args).update(ckpt["args"])
     model = mod.build_model(args)
     state = ckpt["model" if raw else "ema"]
     want = model.state_dict()
-    bad = sorted(set(want) ^ set(state)) + [k for k in want if k in state and want[k].shape != state[k].shape]
+    bad = sorted(set(want) ^ set(state))
+    bad += [k for k in want if k in state and want[k].shape != state[k].shape]
     if bad:  # one line naming the keys instead of torch's multi-line report
-        raise SystemExit(f"checkpoint {path} does not match the {script} model it names: keys {', '.join(bad[:5])}"
-                         f"{' ...' if len(bad) > 5 else ''} differ; was it edited or written by another version?")
+        raise SystemExit(f"checkpoint {path} does not match the {script} model it names: keys "
+                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} differ; "
+                         f"was it edited or written by another version?")
     model.load_state_dict(state)
-    return mod, args, model.to(device).eval().requires_grad_(False), mod.build_diffusion(args), ckpt
+    layout = mod.memory_format(torch.device(device))  # channels_last on CUDA, as training
+    model = model.to(device, memory_format=layout).eval().requires_grad_(False)
+    return mod, args, model, mod.build_diffusion(args), ckpt
 
-# ----------------------------------------------------------------------------
+
+def import_trainer(script):
+    """The training script (train_unet.py ...) as a module; they live next to this file."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(Path(script).stem)
+
+
+# ------------------------------------------------------------------------------------------------
 # Generation
 
 DEFAULT_SAMPLER = {"DDPM": "ddim", "EDM": "heun", "RF": "rk45"}  # latent RF: euler (Table 8)
@@ -172,28 +186,39 @@ VALID = {"ddim": "DDPM", "heun": "EDM", "rk45": "RF", "euler": "RF"}
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="ckpt.pt written by train_unet.py, train_uvit.py or train_dit.py")
-    p.add_argument("--out", default=None, help="output folder (default: <ckpt dir>/samples-<sampler>[-raw])")
+    p.add_argument("--ckpt", required=True,
+                   help="ckpt.pt written by train_unet.py, train_uvit.py or train_dit.py")
+    p.add_argument("--out", help="output folder (default: <ckpt dir>/samples-<sampler>[-raw])")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=50_000,
-                   help="number of images, 50000 (spell it --num-samples under torchrun, whose parser claims --n)")
+                   help="number of images (under torchrun spell it --num-samples: torchrun's "
+                        "own parser claims --n)")
     p.add_argument("--batch-size", type=int, default=250,
-                   help="images per forward and per shard, 250 (part of the result: RK45 steps a batch together)")
+                   help="images per forward and per shard (part of the result: RK45 steps a "
+                        "batch together)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="use the online weights instead of the EMA")
-    p.add_argument("--sampler", choices=list(VALID), default=None,
+    p.add_argument("--raw", action="store_true", help="use the online weights, not the EMA")
+    p.add_argument("--sampler", choices=list(VALID),
                    help="default: ddim (DDPM), heun (EDM), rk45 (pixel RF), euler (latent RF)")
-    p.add_argument("--steps", type=int, default=None, help="default: 100 ddim, 18 heun (35 NFE), 250 euler")
+    p.add_argument("--steps", type=int, help="default: 100 ddim, 18 heun (35 NFE), 250 euler")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="ddim/heun: clip the denoised estimate to [-1, 1] at every step, as DDAE does (default: on)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="rk45 relative tolerance, 1e-5")
-    p.add_argument("--atol", type=float, default=1e-5, help="rk45 absolute tolerance, 1e-5")
-    p.add_argument("--shift", type=float, default=None, help="euler timestep shift (default: 3.3 latent, 1 pixel)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: 1.5 if class-conditional)")
-    p.add_argument("--cfg-interval", type=float, default=0.89, help="guide at noise level <= this, 0.89 (t=1: noise)")
-    p.add_argument("--class", dest="cls", type=int, default=None, help="only this class (default: image i gets i %% C)")
-    p.add_argument("--vae", default=None, help="VA-VAE weights for latent models (default: the training run's)")
-    p.add_argument("--fid", default=None, metavar="REF", help="then run fid.py on the samples vs REF (e.g. cifar10)")
-    return p.parse_args(argv)
+                   help="ddim/heun: clip the denoised estimate to [-1, 1] at every step, as DDAE")
+    p.add_argument("--rtol", type=float, default=1e-5, help="rk45 relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-5, help="rk45 absolute tolerance")
+    p.add_argument("--shift", type=float, help="euler timestep shift (default: 3.3 latent, 1 pixel)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale (default 1.5 if class-conditional)")
+    p.add_argument("--cfg-interval", type=float, default=0.89,
+                   help="guide at noise levels <= this (t=1: noise)")
+    p.add_argument("--class", dest="cls", type=int,
+                   help="only this class (default: image i gets class i %% C)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast (auto: on CUDA) or fp32")
+    p.add_argument("--vae", help="VA-VAE weights for latent models (default: the training run's)")
+    p.add_argument("--fid", metavar="REF", help="then run fid.py on the samples vs REF (cifar10 ...)")
+    a = p.parse_args(argv)
+    for name, value in (("--n", a.n), ("--batch-size", a.batch_size), ("--steps", a.steps)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{name} {value}: give a positive number")
+    return a
 
 
 def resolve(a, args, model, diffusion):
@@ -202,50 +227,57 @@ def resolve(a, args, model, diffusion):
     classes = getattr(model, "num_classes", 0)
     a.sampler = a.sampler or ("euler" if latent else DEFAULT_SAMPLER[diffusion.kind])
     if VALID[a.sampler] != diffusion.kind:
-        raise SystemExit(f"--sampler {a.sampler} needs a {VALID[a.sampler]} model; this checkpoint is {diffusion.kind}")
+        raise SystemExit(f"--sampler {a.sampler} needs a {VALID[a.sampler]} model; "
+                         f"this checkpoint is {diffusion.kind}")
     if a.sampler == "rk45" and a.steps is not None:
-        raise SystemExit("--steps does not apply to rk45 (adaptive): set --rtol/--atol, or use --sampler euler")
+        raise SystemExit("--steps does not apply to rk45 (adaptive): set --rtol/--atol, "
+                         "or use --sampler euler")
     a.steps = a.steps or DEFAULT_STEPS.get(a.sampler)
     a.shift = a.shift if a.shift is not None else (3.3 if latent else 1.0)
     a.cfg_scale = a.cfg_scale if a.cfg_scale is not None else (1.5 if classes else 1.0)
     if not classes and (a.cfg_scale != 1 or a.cls is not None):
         raise SystemExit("this checkpoint is unconditional: drop --class and --cfg-scale")
     if a.cls is not None and not 0 <= a.cls < classes:
-        raise SystemExit(f"--class {a.cls} is out of range: this checkpoint has {classes} classes (0..{classes - 1})")
+        raise SystemExit(f"--class {a.cls} is out of range: this checkpoint has {classes} "
+                         f"classes (0..{classes - 1})")
     a.out = a.out or str(Path(a.ckpt).parent / f"samples-{a.sampler}{'-raw' if a.raw else ''}")
     return latent, classes
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is a world of one."""
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one."""
     if "RANK" in os.environ and not dist.is_initialized():
-        # long timeout: ranks wait at barriers while others finish a slow shard or rank 0 merges 50k images
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=2))
+        # a long timeout: ranks wait at barriers while others finish a slow shard or rank 0
+        # merges 50k images
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device("cpu")
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # LOCAL_RANK: multi-node safe
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # multi-node safe
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
 
 
 def initial_state(a, start, end, shape, classes):
-    """Noise and labels of images start..end-1: image i depends only on (seed, i), never on the rank layout."""
+    """Noise and labels of images start..end-1: image i depends on (seed, i) alone, never on
+    the rank layout."""
     noise, labels = [], []
     for i in range(start, end):
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + i)
         noise.append(torch.randn(shape, generator=g))
-        # labels cycle through the classes (balanced, as FID protocols expect) unless --class fixes one
+        # labels cycle through the classes (balanced, as FID protocols expect) unless --class
         labels.append(a.cls if a.cls is not None else i % max(classes, 1))
     return torch.stack(noise), torch.tensor(labels)
 
 
-def generate(a, model, diffusion, noise, labels, classes):
+def generate(a, model, diffusion, noise, labels, classes, autocast):
     """One batch: model-space samples and the number of network evaluations used."""
     def pred(x, t, y):
-        tt = torch.full((len(x),), t, device=x.device, dtype=torch.long if diffusion.kind == "DDPM" else torch.float32)
-        return diffusion.pred(model, x, tt, y if classes else None).float()
+        tt = torch.full((len(x),), t, device=x.device)  # int64 DDPM steps, float otherwise
+        with autocast:
+            return diffusion.pred(model, x, tt, **({"y": y} if classes else {}))[0].float()
 
     fn = cfg(pred, labels, classes, a.cfg_scale, a.cfg_interval, noise_level(diffusion))
     nfe = 0
@@ -267,24 +299,16 @@ def generate(a, model, diffusion, noise, labels, classes):
 
 def to_uint8(x):
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_npz(path, **arrays):
-    """Atomic: a killed run never leaves a half-written file under the final name."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images, path, cols=8):
     """(N, H, W, C) uint8 -> one PNG."""
     n, h, w, c = images.shape
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    grid = np.zeros((math.ceil(n / cols) * h, cols * w, c), np.uint8)
     for i, im in enumerate(images):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+        grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
@@ -298,7 +322,7 @@ def shard_done(shards, start, size):
 
 
 def input_shape(mod, args, model, latent):
-    """(C, H, W) the network denoises: RGB pixels, or the VA-VAE's f16 latents of train_dit.py's images."""
+    """(C, H, W) the network denoises: RGB pixels, or the VA-VAE's f16 latents of train_dit.py."""
     if latent:
         return (model.in_ch, mod.IMAGE_SIZE // 16, mod.IMAGE_SIZE // 16)
     return (3, args.resolution, args.resolution)
@@ -309,14 +333,18 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     mod, args, model, diffusion, ckpt = load_checkpoint(a.ckpt, a.raw, device)
     latent, classes = resolve(a, args, model, diffusion)
+    out, shards = Path(a.out), Path(a.out) / "shards"
+    mod.raise_on_any(mod.check_out_dir(out) if rank == 0 else None)  # before anything is written
     if latent and a.vae:
         args.vae = a.vae
     vae = mod.load_vae(args, device) if latent else None
-    out, shards = Path(a.out), Path(a.out) / "shards"
+    autocast = mod.autocast(device, a.precision)
+    savez = lambda arrays, f: np.savez(f, **arrays)
 
     # Shards from another checkpoint or sampler setting must not be mixed into this run.
-    config = {k: getattr(a, k) for k in ("raw", "sampler", "steps", "clip", "rtol", "atol", "shift", "cfg_scale",
-                                         "cfg_interval", "cls", "seed", "batch_size")}
+    config = {k: getattr(a, k) for k in ("raw", "sampler", "steps", "clip", "rtol", "atol",
+                                         "shift", "cfg_scale", "cfg_interval", "cls", "seed",
+                                         "batch_size")}
     config.update(ckpt=str(Path(a.ckpt).resolve()), ckpt_step=ckpt.get("step"))
     if rank == 0:
         shards.mkdir(parents=True, exist_ok=True)
@@ -326,44 +354,51 @@ def main(argv=None):
     old = json.loads((out / "config.json").read_text())
     if old != config:
         diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in config.items() if old.get(k) != v)
-        raise SystemExit(f"{out} holds samples made with other settings ({diff}): use another --out or delete it")
+        raise SystemExit(f"{out} holds samples made with other settings ({diff}): "
+                         f"use another --out or delete it")
 
-    # Shard k covers images [k*B, (k+1)*B). Missing shards are dealt round-robin over the ranks, so a
-    # resumed run spreads the remaining work evenly; the content of a shard never depends on who makes it.
-    starts = [s for s in range(0, a.n, a.batch_size) if not shard_done(shards, s, min(a.batch_size, a.n - s))]
+    # Shard k holds images [k B, (k+1) B). The missing ones are dealt round-robin over the
+    # ranks, so a resumed run spreads the work; a shard's content never depends on its maker.
+    starts = [s for s in range(0, a.n, a.batch_size)
+              if not shard_done(shards, s, min(a.batch_size, a.n - s))]
     barrier(world)  # every rank has listed the missing shards before any is written
-    mine = starts[rank::world]
     shape = input_shape(mod, args, model, latent)
     if rank == 0:
-        print(f"{a.n} images from {a.ckpt} ({'raw' if a.raw else 'EMA'}, {diffusion.kind}, {a.sampler}"
-              f"{'' if a.sampler == 'rk45' else f' {a.steps} steps'}, cfg {a.cfg_scale}): "
-              f"{len(starts)} of {math.ceil(a.n / a.batch_size)} shards to make on {world} x {device.type}")
-    for start in tqdm(mine, unit="shard", disable=rank != 0):
+        steps = "" if a.sampler == "rk45" else f" {a.steps} steps"
+        print(f"{a.n} images from {a.ckpt} ({'raw' if a.raw else 'EMA'}, {diffusion.kind}, "
+              f"{a.sampler}{steps}, cfg {a.cfg_scale}): {len(starts)} of "
+              f"{math.ceil(a.n / a.batch_size)} shards to make on {world} x {device.type}")
+    for start in tqdm(starts[rank::world], unit="shard", disable=rank != 0):
         noise, labels = initial_state(a, start, min(start + a.batch_size, a.n), shape, classes)
-        x, nfe = generate(a, model, diffusion, noise.to(device), labels.to(device), classes)
-        if latent:  # the VA-VAE decoder runs 128 channels at 256x256: chunks bound its activation memory
-            images = np.concatenate([to_uint8(mod.decode(vae, z, ckpt["latent_stats"])) for z in x.split(32)])
+        x, nfe = generate(a, model, diffusion, noise.to(device), labels.to(device), classes,
+                          autocast)
+        if latent:  # the VA-VAE decoder runs 128 channels at 256x256: chunks bound its memory
+            stats = ckpt["latent_stats"]
+            images = np.concatenate([to_uint8(mod.decode(vae, z, stats)) for z in x.split(32)])
         else:
             images = to_uint8(x)
-        save_npz(shards / f"shard-{start:07d}.npz", images=images, labels=labels.numpy(), nfe=np.array(nfe))
+        arrays = dict(images=images, labels=labels.numpy(), nfe=np.array(nfe))
+        mod.atomic_save(arrays, shards / f"shard-{start:07d}.npz", savez)
     barrier(world)
 
-    if rank == 0:  # merge into the ADM evaluator's format, filling one array (50k 256x256 images are 9.8 GB)
+    if rank == 0:  # merge into the ADM evaluator's format (50k 256x256 images are 9.8 GB)
         images, labels, nfes = None, np.zeros(a.n, np.int64), []
         for start in range(0, a.n, a.batch_size):
             with np.load(shards / f"shard-{start:07d}.npz") as f:
                 x = f["images"]
-                images = np.empty((a.n, *x.shape[1:]), np.uint8) if images is None else images
+                if images is None:
+                    images = np.empty((a.n, *x.shape[1:]), np.uint8)
                 images[start:start + len(x)], labels[start:start + len(x)] = x, f["labels"]
                 nfes.append(int(f["nfe"]))
-        save_npz(out / "samples.npz", **(dict(arr_0=images, arr_1=labels) if classes else dict(arr_0=images)))
+        merged = dict(arr_0=images, arr_1=labels) if classes else dict(arr_0=images)
+        mod.atomic_save(merged, out / "samples.npz", savez)
         save_grid(images[:64], out / "grid.png")
         print(f"wrote {out / 'samples.npz'} {images.shape} and {out / 'grid.png'}; "
               f"NFE per batch {np.mean(nfes):.1f} (min {min(nfes)}, max {max(nfes)})")
     if a.fid:
         barrier(world)
         import fid  # lazily: only --fid needs the Inception network
-        data = ["--data-path", args.data_path] if getattr(args, "data_path", None) else []  # for a dataset-name REF
+        data = ["--data-path", args.data_path] if getattr(args, "data_path", None) else []
         fid.main([str(out / "samples.npz"), a.fid, *data])
     if world > 1:
         dist.destroy_process_group()

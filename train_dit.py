@@ -1,12 +1,16 @@
 """
-Train a latent-space DiT-B/1 (LightningDiT style) with rectified flow on VA-VAE latents, optionally with
-DDAE++ self-conditioning (paper Tables 5, 6). One file, read top to bottom.
+DDAE++ latent-space DiT: a DiT-B/1 in LightningDiT style trained with rectified flow on VA-VAE
+latents, class-conditional or not, optionally with self-conditioning (paper Tables 5, 6).
 
-    torchrun --nproc_per_node=4 train_dit.py --dataset in1k --data-path /data/imagenet --self-cond
-    python train_dit.py --dataset shapes --latent none --net tiny        # pixel space, CPU, no VAE
+    torchrun --nproc_per_node=4 train_dit.py --dataset in1k --data-path <imagenet> --self-cond
+    python train_dit.py --dataset shapes --latent none --net tiny     # pixel space, CPU, no VAE
+    python train_dit.py --no-class-cond --self-cond --dry-run     # config + parameter counts
 
-Latent mode encodes every training image (ADM center crop to 256) and its horizontal flip once with the
-VA-VAE f16d32 into a memory-mapped cache (resumable, sharded over ranks), then trains on the cache.
+Latent mode encodes every training image (ADM centre crop to 256) and its horizontal flip once
+with the VA-VAE f16d32 into a memory-mapped cache (resumable, sharded over ranks), then trains
+on it. One file, read top to bottom: config, model, self-conditioning, diffusion, autoencoder,
+data, training infrastructure, benchmark, main. The blocks it shares with train_unet.py and
+train_uvit.py are the same there, character for character.
 """
 import argparse
 import copy
@@ -15,15 +19,16 @@ import hashlib
 import json
 import math
 import os
-import random
+import pickle
+import shutil
 import signal
 import statistics
 import sys
 import tarfile
+import tempfile
 import time
-import urllib.request
-from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,100 +38,110 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+# ------------------------------------------------------------------------------------------------
+# Config: DiT and VA-VAE presets (Table 9), training length (App. A), designated blocks (Table 10)
 
-# ----------------------------------------------------------------------------------------------------------
-# Config: presets, paper defaults (Tables 9-11), command line
-
-NETS = {  # DiT widths; 'B' is DiT-B (paper Table 9), 'tiny' is for CPU tests
+NETS = {  # width, blocks, heads: 'B' is DiT-B (Table 9), 'tiny' is for the CPU tests
     "B": dict(width=768, depth=12, heads=12),
     "tiny": dict(width=64, depth=4, heads=4),
 }
-VAES = {  # LDM AutoencoderKL configs; 'f16d32' is the official VA-VAE, 'tiny' has its layout with few channels
-    "f16d32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=32),
-    "tiny": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(16,), z_channels=32),
+VAES = {  # LDM AutoencoderKL configs: 'f16d32' is the official VA-VAE, 'tiny' its layout, narrow
+    "f16d32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,)),
+    "tiny": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(16,)),
 }
-VAVAE_URL = "https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/vavae-imagenet256-f16d32-dinov2.pt"
+VAVAE_URL = ("https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/"
+             "vavae-imagenet256-f16d32-dinov2.pt")
 IMAGE_SIZE = 256  # latent datasets are 256x256 images -> 16x16x32 latents
-EPOCHS = {  # paper Appendix A; IN1k: 90 as in Tables 5, 6 and 11 (the text says 100)
+IMAGENET = {"in1k": 1000, "in100": 100}  # classes of the latent datasets known by name
+EPOCHS = {  # App. A; IN1k: 90 as in Tables 5, 6 and 11 (the text says 100)
     ("in100", False): 1400, ("in100", True): 1000, ("in1k", False): 90, ("in1k", True): 90,
 }
-SC_LAYER = {  # Table 10: the best linear-probe block of the baseline, also where self-conditioning taps
+SC_LAYER = {  # Table 10: the baseline's best probe block, where self-conditioning reads
     ("in100", False): 8, ("in100", True): 8, ("in1k", False): 9, ("in1k", True): 10,
 }
-
-ARCH_KEYS = ("net", "latent", "dataset", "resolution", "class_cond", "self_cond", "sc_mode", "sc_layer")  # resume refuses changes
+ARCH_KEYS = ("net", "latent", "resolution", "class_cond", "self_cond", "sc_mode",
+             "sc_layer")  # what a resumed run may not change
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--net", choices=list(NETS), default="B")
-    p.add_argument("--dataset", default="in1k", help="in1k, in100 or any class-folder name; shapes/cifar10/cifar100 with --latent none")
-    p.add_argument("--data-path", default="data", help="dataset root (class folders, or train/ and val/ of class folders)")
-    p.add_argument("--latent", choices=["vavae", "none"], default="vavae", help="'none': pixel space, patch 2 on 32x32")
-    p.add_argument("--vae", default=None, help="VA-VAE checkpoint (default: downloaded once to ~/.cache/ddae)")
-    p.add_argument("--vae-config", choices=list(VAES), default="f16d32", help="'tiny' only for tests")
-    p.add_argument("--cache-dir", default=None, help="latent cache of this dataset (default runs/cache/<dataset>)")
-    p.add_argument("--extract-batch", type=int, default=64, help="images per VA-VAE encode call while caching")
-    p.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 0, help="image decoding processes")
+    p.add_argument("--dataset", default="in1k",
+                   help="in1k, in100 or a class-folder name; with --latent none also shapes, "
+                        "cifar10, cifar100, tiny-imagenet")
+    p.add_argument("--latent", choices=["vavae", "none"], default="vavae",
+                   help="'none': pixel space, patch 2")
+    p.add_argument("--vae", help="VA-VAE weights (default: downloaded once to ~/.cache/ddae)")
+    p.add_argument("--vae-config", choices=list(VAES), default="f16d32", help="'tiny': tests")
+    p.add_argument("--cache-dir", help="latent cache of the dataset (default runs/cache/<dataset>)")
+    p.add_argument("--extract-batch", type=int, default=64, help="images per VA-VAE encode call")
     p.add_argument("--resolution", type=int, default=32, help="pixel mode image size")
-    p.add_argument("--out", default=None, help="run directory (default runs/dit-<dataset>-<net>-RF[-pixel][-cond][-sc])")
-    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=None,
-                   help="label-conditional with a null class for CFG (default: on for in1k/in100, off otherwise)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="fraction of labels replaced by the null class")
-    p.add_argument("--self-cond", action="store_true", help="condition later blocks on a pooled block feature")
-    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive", help="Table 7a: time-scaled or direct add")
-    p.add_argument("--sc-layer", default=None, help="block read by self-conditioning, 'block_9' or '9' (default: Table 10)")
-    p.add_argument("--cos-loss", action=argparse.BooleanOptionalAction, default=True, help="LightningDiT's cosine term")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 1024; tiny 128)")
+    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction,
+                   help="labels, with a null class for CFG (default: on for in1k/in100)")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="fraction of labels replaced by the null class")
+    p.add_argument("--self-cond", action="store_true",
+                   help="condition later blocks on a pooled block feature (Sec. 4.1)")
+    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
+                   help="time-scaled or direct addition (Table 7a)")
+    p.add_argument("--sc-layer", help="block read by self-conditioning, 9 or block_9 (Table 10)")
+    p.add_argument("--probe-t", type=float, help="noise level of the probe (Table 10)")
+    p.add_argument("--cos-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="LightningDiT's cosine term")
+    p.add_argument("--batch-size", type=int, help="global batch: 1024 (Table 11), tiny 128")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (LightningDiT's recipe)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--train-images", type=int, default=None, help="training length (default: paper epochs x dataset)")
-    p.add_argument("--warmup-images", type=int, default=0, help="linear lr warm-up (the latent recipe has none)")
-    p.add_argument("--log-every", type=int, default=None, help="images between log lines (default 100k; ten lines in shorter runs)")
-    p.add_argument("--ckpt-every", type=int, default=2_000_000, help="images between checkpoints")
-    p.add_argument("--sample-every", type=int, default=10_000_000, help="images between preview grids (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--dry-run", action="store_true", help="print the config and parameter counts, then exit")
-    p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
-                   help="time STEPS training steps on synthetic data, with and without --self-cond, then exit")
+    p.add_argument("--warmup-images", type=int, default=0,
+                   help="linear lr warm-up (the latent recipe has none)")
+    add_training_args(p)
     args = p.parse_args(argv)
 
-    imagenet = args.dataset in ("in1k", "in100")
-    args.class_cond = imagenet if args.class_cond is None else args.class_cond  # the paper reports both; cond by default
-    args.num_classes = {"in1k": 1000, "in100": 100, "cifar10": 10, "cifar100": 100, "shapes": 10}.get(args.dataset)
-    args.batch_size = args.batch_size or (128 if args.net == "tiny" else 1024)
+    imagenet = args.dataset in IMAGENET
+    args.class_cond = imagenet if args.class_cond is None else args.class_cond  # Tables 5, 6
+    pixel_classes = DATASETS.get(args.dataset, (None,))[0] if args.latent == "none" else None
+    args.num_classes = IMAGENET.get(args.dataset, pixel_classes)  # folders: from the data
+    if args.batch_size is None:
+        args.batch_size = 128 if args.net == "tiny" else 1024
+    shapes = args.dataset == "shapes"
+    args.epochs = EPOCHS.get((args.dataset, args.class_cond), 40 if shapes else
+                             2000 if args.latent == "none" else EPOCHS[("in100", args.class_cond)])
     depth = NETS[args.net]["depth"]
-    # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the IN100 choice, the smaller-data setting), scaled
-    # to the net's depth
-    default_layer = round(SC_LAYER.get((args.dataset, args.class_cond), 8) * depth / 12)
-    layer = args.sc_layer or str(default_layer)
+    # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
+    # scaled to the net's depth
+    default = round(SC_LAYER.get((args.dataset, args.class_cond), 8) * depth / 12)
+    layer = args.sc_layer or str(default)
     args.sc_layer = f"block_{layer}" if layer.isdigit() else layer
     if args.sc_layer not in [f"block_{i}" for i in range(1, depth + 1)]:
         p.error(f"--sc-layer {layer}: DiT-{args.net} has block_1 .. block_{depth}")
-    args.probe_t = 0.25 if args.latent != "none" else 0.06  # Table 10 (DiT-B latent; pixel RF on CIFAR)
+    # Table 10: DiT-B; pixel space: RF on CIFAR
+    args.probe_t = args.probe_t or (0.25 if args.latent != "none" else 0.06)
     if args.latent == "none" and args.resolution % 2:
         p.error("--resolution must be even (patch 2)")
-    args.out = args.out or (f"runs/dit-{args.dataset}-{args.net}-RF{'-pixel' if args.latent == 'none' else ''}"
-                            f"{'-cond' if args.class_cond else ''}{'-sc' if args.self_cond else ''}")
+    kind = ("-pixel" if args.latent == "none" else "") + ("-cond" if args.class_cond else "")
+    sc = "-sc" if args.self_cond else ""
+    args.out = args.out or f"runs/dit-{args.dataset}-{args.net}-RF{kind}{sc}"
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
-# DiT building blocks (LightningDiT layout: RMSNorm, SwiGLU, qkv bias, 2D RoPE, AdaLN-zero)
+# ------------------------------------------------------------------------------------------------
+# Model: DiT in LightningDiT's layout (RMSNorm, SwiGLU, qkv bias, 2D RoPE, AdaLN-zero)
 
-def sinusoid(t, dim=256, max_period=10000):
-    """Sinusoidal embedding of a float tensor t (N,) -> (N, dim), cos half first (DiT convention)."""
+def timestep_embedding(t, dim, max_period=10_000):
+    """Sinusoid of a float tensor (N,): (N, dim), cos half first (DiT's and U-ViT's layout)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs  # (N, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def time_mlp(freq_dim, dim):
+    """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning vector `emb` (N, dim)."""
+    return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2D sin-cos position embedding (grid*grid, dim): first half encodes the row, second the column."""
+    """Fixed 2D sin-cos position embedding (grid^2, dim): first half the row, second the column."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     pos = torch.arange(grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
@@ -138,7 +153,7 @@ def sincos_pos_embed(dim, grid):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in float32."""
+    """Root-mean-square norm with a learned gain, computed in fp32."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -147,11 +162,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * \
+            self.weight
 
 
 class Rope2D(nn.Module):
-    """2D rotary embedding: the first half of each head rotates with the token's row, the second with its column."""
+    """2D rotary embedding of the patch tokens: the first half of each head turns with the
+    token's row, the second with its column."""
 
     def __init__(self, head_dim, grid, theta=10000.0):
         super().__init__()
@@ -159,26 +176,20 @@ class Rope2D(nn.Module):
         freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
         pos = torch.arange(grid, dtype=torch.float32)
         rows, cols = torch.meshgrid(pos, pos, indexing="ij")
-        angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (T, head_dim/2)
-        # derived from the grid, never trained: kept out of the state dict so checkpoints stay size-agnostic
-        self.register_buffer("cos", angles.cos().repeat_interleave(2, dim=1), persistent=False)  # (T, head_dim)
-        self.register_buffer("sin", angles.sin().repeat_interleave(2, dim=1), persistent=False)
+        angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)
+        # derived from the grid, never trained: kept out of the state dict
+        cos, sin = (f(angles).repeat_interleave(2, dim=1) for f in (torch.cos, torch.sin))
+        self.register_buffer("cos", cos, persistent=False)  # (T, head_dim)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x):  # x (N, H, L, head_dim)
-        # Rotate only the trailing grid tokens: any leading extra tokens (none in this DiT) stay
-        # position-free, and a table built for T patches can never be misaligned by them.
-        n_extra = x.shape[-2] - self.cos.shape[0]
-        if n_extra < 0:
-            raise ValueError(f"RoPE table has {self.cos.shape[0]} positions but got {x.shape[-2]} tokens")
-        extra, x = x[..., :n_extra, :], x[..., n_extra:, :]
+    def forward(self, x):  # (N, H, T, head_dim)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)  # pairs (a, b) -> (-b, a)
-        x = x * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
-        return torch.cat([extra, x], dim=-2)
+        return x * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias, RoPE on q and k, SDPA kernel."""
+class DiTAttention(nn.Module):
+    """Multi-head self-attention with qkv bias and RoPE on q and k, through SDPA."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -188,13 +199,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rope):
         N, L, D = x.shape
-        q, k, v = self.qkv(x).reshape(N, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (N, H, L, d)
+        qkv = self.qkv(x).reshape(N, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, L, d) each
         x = F.scaled_dot_product_attention(rope(q), rope(k), v)
         return self.proj(x.transpose(1, 2).reshape(N, L, D))
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP, hidden int(2/3 * 4 * dim); w12 holds the gate and value projections side by side."""
+    """SwiGLU MLP, hidden int(2/3 * 4 * dim); w12 holds the gate and value projections."""
 
     def __init__(self, dim):
         super().__init__()
@@ -211,13 +223,13 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class Block(nn.Module):
-    """DiT block: AdaLN-zero modulated attention and SwiGLU, both pre-normed with RMSNorm."""
+class DiTBlock(nn.Module):
+    """AdaLN-zero modulated attention and SwiGLU, both pre-normed with RMSNorm."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = DiTAttention(dim, heads)
         self.mlp = SwiGLU(dim)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -241,55 +253,28 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-def time_mlp(dim, freq_dim=256):
-    return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Self-conditioning (DDAE++ section 4.1, SPEC section 2)
-
-class SelfCond(nn.Module):
-    """emb' = emb + TimeMLP_sc(t) * Linear(f): the pooled block-k feature f, time-adaptively scaled."""
-
-    def __init__(self, dim, mode="adaptive"):
-        super().__init__()
-        # 'adaptive' (paper default) learns a per-channel, time-dependent scale with a second copy of the
-        # time MLP; 'add' is the direct-addition ablation of Table 7a
-        self.scale = time_mlp(dim) if mode == "adaptive" else None
-        self.proj = nn.Linear(dim, dim)
-        # zero-init the projection: the model starts exactly as the baseline DiT and learns how much
-        # of its own semantics to feed back (the paper does not state an init)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, emb, feat, t_freq):  # emb (N, D), feat (N, D) pooled block-k output, t_freq (N, 256)
-        f = self.proj(feat)
-        return emb + (f if self.scale is None else self.scale(t_freq) * f)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# DiT
-
 class DiT(nn.Module):
-    """LightningDiT-style DiT on a (C, S, S) input with patch p; optional label table and self-conditioning."""
+    """LightningDiT-style DiT of a (C, S, S) input with patch p; an optional label table and
+    self-conditioning; blocks are named block_1 .. block_depth."""
 
-    def __init__(self, in_ch, size, patch, width, depth, heads, num_classes=0, sc_layer=0, sc_mode="adaptive"):
+    def __init__(self, in_ch, size, patch, width, depth, heads, num_classes=0, sc_layer=0,
+                 sc_mode="adaptive"):
         super().__init__()
         self.in_ch, self.patch, self.num_classes = in_ch, patch, num_classes
         grid = size // patch
         self.patch_embed = nn.Conv2d(in_ch, width, patch, stride=patch)
-        # the fixed sin-cos table is a frozen Parameter as in LightningDiT, so the parameter count
-        # (129,787,424 for DiT-B) matches the paper's 129.8M, which includes its 196,608 entries
-        self.pos_embed = nn.Parameter(sincos_pos_embed(width, grid)[None], requires_grad=False)  # (1, T, D)
+        # The fixed sin-cos table is a frozen Parameter, as in LightningDiT: the parameter count
+        # (129,787,424 for DiT-B) then matches the paper's 129.8M, which counts it.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(width, grid)[None], requires_grad=False)
         self.rope = Rope2D(width // heads, grid)
-        self.t_embed = time_mlp(width)
-        # num_classes + 1 rows: the last row is the null class used by label dropout and CFG
+        self.t_embed = time_mlp(256, width)
+        # num_classes + 1 rows: the last is the null class of label dropout and CFG
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
         self.final = FinalLayer(width, patch * patch * in_ch)
         self.feature_layers = [f"block_{i}" for i in range(1, depth + 1)]
         self.sc_layer = sc_layer  # 1-based block index, 0 = no self-conditioning
-        self.sc = SelfCond(width, sc_mode) if sc_layer else None
+        self.sc = SelfCond(width, width, 256, sc_mode) if sc_layer else None
         self._init_weights()
 
     def _init_weights(self):
@@ -297,60 +282,82 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear) and not (self.sc is not None and m is self.sc.proj):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        mlps = [self.t_embed] + ([self.sc.scale] if self.sc is not None and self.sc.scale is not None else [])
-        for mlp in mlps:
+        for mlp in [m for m in (self.t_embed, getattr(self.sc, "scale", None)) if m is not None]:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
         if self.y_embed is not None:
             nn.init.normal_(self.y_embed.weight, std=0.02)
-        for ada in [b.ada for b in self.blocks] + [self.final.ada]:  # AdaLN-zero: every block starts as identity
+        for ada in [b.ada for b in self.blocks] + [self.final.ada]:  # AdaLN-zero: identity blocks
             nn.init.zeros_(ada[-1].weight)
             nn.init.zeros_(ada[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
-    def forward(self, x, t, y=None, aug=None, feats=()):
-        """x (N, C, S, S), t (N,) in [0, 1] with t=1 noise; y (N,) labels, num_classes = null, None = all null."""
-        if aug is not None:
-            raise ValueError("train_dit.py has no augmentation conditioning: pass aug=None")
+    def forward(self, x, t, y=None, feats=()):
+        """x (N, C, S, S), t (N,) in [0, 1] with 1 = noise, y (N,) labels (num_classes = null;
+        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of the blocks in feats."""
         unknown = set(feats) - set(self.feature_layers)
         if unknown:
-            raise ValueError(f"unknown feature layers {sorted(unknown)}; choose from block_1..block_{len(self.blocks)}")
+            raise ValueError(f"unknown feature layers {sorted(unknown)}; "
+                             f"choose from block_1 .. block_{len(self.blocks)}")
         N, C, S, _ = x.shape
         p, g = self.patch, S // self.patch
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
-        t_freq = sinusoid(t)  # (N, 256)
+        t_freq = timestep_embedding(t, 256)  # (N, 256)
         emb = self.t_embed(t_freq)  # (N, D)
         if self.y_embed is not None:
-            y = torch.full((N,), self.num_classes, device=x.device, dtype=torch.long) if y is None else y
-            emb = emb + self.y_embed(y)
-        out = {}
+            null = torch.full((N,), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.y_embed(null if y is None else y)
+        pooled = {}
         for i, block in enumerate(self.blocks, 1):
             h = block(h, emb, self.rope)
-            if f"block_{i}" in feats:
-                out[f"block_{i}"] = h.float().mean(1)  # (N, D) global average pool over tokens
-            if i == self.sc_layer:  # later blocks and the final layer see emb'
-                emb = self.sc(emb, h.mean(1), t_freq)
+            if f"block_{i}" in feats or i == self.sc_layer:
+                pooled[f"block_{i}"] = h.float().mean(1)  # (N, D): GAP over tokens, in fp32
+            if i == self.sc_layer:  # later blocks and the final layer read emb'
+                emb = self.sc(emb, pooled[f"block_{i}"], t_freq)
         h = self.final(h, emb)  # (N, T, p*p*C)
         x = h.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, S, S)
-        return (x, out) if feats else x
+        return x, {k: v for k, v in pooled.items() if k in feats}
 
 
 def build_model(args):
-    """DiT from the resolved args: latent 16x16x32 with patch 1, or pixel 32x32x3 with patch 2."""
+    """DiT of the resolved args: 16x16x32 latents with patch 1, or pixels with patch 2."""
     latent = args.latent != "none"
-    sc_layer = int(args.sc_layer.split("_")[1]) if args.self_cond else 0
-    return DiT(32 if latent else 3, 16 if latent else args.resolution, 1 if latent else 2, **NETS[args.net],
-               num_classes=args.num_classes if args.class_cond else 0, sc_layer=sc_layer, sc_mode=args.sc_mode)
+    classes = (args.num_classes or 0) if args.class_cond else 0  # folders: known from the data
+    return DiT(32 if latent else 3, 16 if latent else args.resolution, 1 if latent else 2,
+               **NETS[args.net], num_classes=classes, sc_mode=args.sc_mode,
+               sc_layer=int(args.sc_layer.split("_")[1]) if args.self_cond else 0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Rectified flow, latent recipe (paper Table 8). Paper convention: t=0 data, t=1 noise,
-# x_t = (1 - t) x0 + t eps, the net predicts the velocity v = dx_t/dt = eps - x0.
+# ------------------------------------------------------------------------------------------------
+# Self-conditioning (Sec. 4.1, Fig. 1): pool the designated block, add it back into `emb`
 
-class RF:
+class SelfCond(nn.Module):
+    """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)); "add" drops the time-dependent scale
+    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b)."""
+
+    def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
+        super().__init__()
+        self.scale = time_mlp(freq_dim, emb_dim) if mode == "adaptive" else None
+        self.proj = nn.Linear(feat_dim, emb_dim)
+        # The paper states no init. Zero: a self-conditioned net starts as exactly its baseline
+        # and learns how much of its own feature to use.
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, emb, feat, t_freq):  # (N, D), GAP(h_k) (N, C_k) fp32, sinusoid (N, F)
+        f = self.proj(feat)  # (N, D)
+        return emb + (f if self.scale is None else self.scale(t_freq) * f)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rectified flow, latent recipe (Table 8). Paper convention: t=0 data, t=1 noise,
+# x_t = (1 - t) x0 + t eps; the net predicts the velocity v = dx_t/dt = eps - x0.
+
+class LatentRF:
     """Logit-normal t, velocity MSE (+ LightningDiT's cosine term), label dropout for CFG."""
 
     kind = "RF"
@@ -359,58 +366,63 @@ class RF:
         self.num_classes, self.label_dropout, self.cos_loss = num_classes, label_dropout, cos_loss
 
     def add_noise(self, x0, t, noise):
-        t = t.view(-1, *[1] * (x0.dim() - 1))
+        t = t.view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
         return (1 - t) * x0 + t * noise
 
+    def level(self, t):
+        return t.float()
+
     def drop_labels(self, y):
-        """Replace a label_dropout fraction of labels by the null class (num_classes) for CFG."""
+        """Replace a label_dropout fraction of the labels by the null class (num_classes)."""
         drop = torch.rand(y.shape, device=y.device) < self.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def pred(self, model, x_t, t, y=None, aug=None, feats=()):
-        # The net sees the paper's t in [0, 1] directly (LightningDiT feeds its own t in [0, 1], where 0 is
-        # noise, into the same 256-d sinusoid without a x1000 scale): the same embedding up to relabelling.
-        return model(x_t, t, y, aug, feats)
+    def pred(self, model, x_t, t, y=None, feats=()):
+        """The velocity and the pooled features in feats. The net sees the paper's t in [0, 1]
+        (LightningDiT feeds its own t, 0 = noise, to the same sinusoid: a relabelling)."""
+        return model(x_t, t, y, feats)
 
-    def loss(self, model, x0, y=None, aug=None):
-        N = x0.shape[0]
-        t = torch.sigmoid(torch.randn(N, device=x0.device))  # logit-normal, mean 0 std 1 (LightningDiT)
+    def loss(self, model, x0, y=None):
+        """Per-sample loss (N,) and noise level (N,)."""
+        t = torch.sigmoid(torch.randn(len(x0), device=x0.device))  # logit-normal(0, 1)
         noise = torch.randn_like(x0)
         if self.num_classes:
             y = self.drop_labels(y)
-        v = self.pred(model, self.add_noise(x0, t, noise), t, y, aug).float()
+        v = self.pred(model, self.add_noise(x0, t, noise), t, y)[0].float()
         target = noise - x0
-        loss = (v - target).pow(2).mean(dim=(1, 2, 3))
-        if self.cos_loss:
-            # LightningDiT's released recipe (use_cosine_loss: true), which the paper adopts for its latent
-            # models: 1 - cosine similarity over channels, averaged over positions, added to the MSE
+        loss = (v - target).square().mean(dim=(1, 2, 3))
+        if self.cos_loss:  # LightningDiT's released recipe (use_cosine_loss), as the paper uses:
+            # 1 - cosine similarity over channels, averaged over positions, added to the MSE
             loss = loss + (1 - F.cosine_similarity(v, target, dim=1)).mean(dim=(1, 2))
-        return loss, t
+        return loss, self.level(t)
 
     @torch.no_grad()
     def sample(self, model, noise, y=None, steps=50, shift=3.3):
-        """Euler on the shifted grid t' = s t / (1 + (s-1) t), t: 1 -> 0, for preview grids (see sample.py)."""
+        """Euler on the shifted grid t' = s t / (1 + (s-1) t), t: 1 -> 0 (previews; sample.py)."""
         ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
         ts = (shift * ts / (1 + (shift - 1) * ts)).tolist()
         x = noise
         for t, t_next in zip(ts[:-1], ts[1:]):
-            x = x + (t_next - t) * self.pred(model, x, torch.full((x.shape[0],), t, device=x.device), y).float()
+            tt = torch.full((len(x),), t, device=x.device)
+            x = x + (t_next - t) * self.pred(model, x, tt, y)[0].float()
         return x
 
 
-def build_diffusion(args):
-    return RF(args.num_classes if args.class_cond else 0, args.label_dropout, args.cos_loss)
+def build_diffusion(args, model=None):
+    classes = args.num_classes if args.class_cond else 0
+    return LatentRF(classes, args.label_dropout, args.cos_loss)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# VA-VAE tokenizer (LDM AutoencoderKL layout; module names follow the official checkpoint's keys)
+
+# ------------------------------------------------------------------------------------------------
+# Autoencoder: the VA-VAE tokenizer (LDM AutoencoderKL; module names follow the official keys)
 
 def group_norm(ch):
     return nn.GroupNorm(32, ch, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, 1x1 shortcut when the width changes."""
+    """GroupNorm-SiLU-conv twice; a 1x1 shortcut when the width changes."""
 
     def __init__(self, cin, cout):
         super().__init__()
@@ -435,7 +447,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         N, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (m(h).reshape(N, 1, C, H * W).transpose(-1, -2) for m in (self.q, self.k, self.v))  # (N, 1, HW, C)
+        q, k, v = (m(h).reshape(N, 1, C, H * W).transpose(-1, -2)
+                   for m in (self.q, self.k, self.v))  # (N, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(N, C, H, W)
         return x + self.proj_out(h)
 
@@ -446,7 +459,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right and bottom only
 
 
 class Upsample(nn.Module):
@@ -481,9 +494,10 @@ def _run_level(level, h):
 
 
 class Encoder(nn.Module):
-    """Image (3, R, R) -> posterior moments (2z, R/16, R/16) for ch_mult of length 5."""
+    """Image (3, R, R) -> posterior moments (2z, R/16, R/16), for a ch_mult of length 5."""
 
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution=IMAGE_SIZE):
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
+                 resolution=IMAGE_SIZE):
         super().__init__()
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down, cin, res = nn.ModuleList(), ch, resolution
@@ -499,7 +513,7 @@ class Encoder(nn.Module):
             res = res if last else res // 2
         self.mid = _mid(cin)
         self.norm_out = group_norm(cin)
-        self.conv_out = nn.Conv2d(cin, 2 * z_channels, 3, padding=1)  # double_z: mean and log-variance
+        self.conv_out = nn.Conv2d(cin, 2 * z_channels, 3, padding=1)  # double_z: mean, log-var
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -512,15 +526,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (z, r, r) -> image (3, 16r, 16r); num_res_blocks+1 blocks per level as in LDM."""
+    """Latent (z, r, r) -> image (3, 16r, 16r); num_res_blocks + 1 blocks per level, as LDM."""
 
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution=IMAGE_SIZE):
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
+                 resolution=IMAGE_SIZE):
         super().__init__()
         cin, res = ch * ch_mult[-1], resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
         self.mid = _mid(cin)
         levels = []
-        for i in reversed(range(len(ch_mult))):  # built from the lowest resolution up, stored by level index
+        for i in reversed(range(len(ch_mult))):  # built lowest resolution first, stored by index
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResnetBlock(cin, ch * ch_mult[i]))
@@ -548,10 +563,10 @@ class AutoencoderKL(nn.Module):
 
     VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, embed_dim=32):
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels=32, embed_dim=32):
         super().__init__()
-        cfg = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
-                   z_channels=z_channels)
+        cfg = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                   attn_resolutions=attn_resolutions, z_channels=z_channels)
         self.encoder, self.decoder = Encoder(**cfg), Decoder(**cfg)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
@@ -559,9 +574,9 @@ class AutoencoderKL(nn.Module):
     @torch.no_grad()
     def encode(self, x):
         """Images in [-1, 1] (N, 3, 256, 256) -> posterior mean (N, 32, 16, 16)."""
-        # The posterior mean, not a sample: VA-VAE is trained with a tiny KL weight (1e-6), so the
-        # posterior std is far below the latent scale, and the mean makes the cache deterministic
-        # (a resumed or repeated extraction writes bit-identical rows). LightningDiT samples instead.
+        # The mean, not a sample: VA-VAE's KL weight is tiny (1e-6), so the posterior std is far
+        # below the latent scale, and the mean makes the cache deterministic (a resumed or
+        # repeated extraction writes identical rows). LightningDiT samples instead.
         return self.quant_conv(self.encoder(x)).chunk(2, dim=1)[0]
 
     @torch.no_grad()
@@ -570,74 +585,84 @@ class AutoencoderKL(nn.Module):
 
 
 def build_vae(args):
-    """The VA-VAE named by args.vae_config ('f16d32' official, 'tiny' for tests) with random weights."""
+    """The VA-VAE of args.vae_config ('f16d32' official, 'tiny' for tests), random weights."""
     return AutoencoderKL(**VAES[args.vae_config])
 
 
 def vae_state_dict(path):
-    """Autoencoder weights from an official VA-VAE file: keep encoder/decoder/quant convs, drop the rest."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a downloaded file
+    """The autoencoder's weights in an official VA-VAE file; the training loss (LPIPS,
+    discriminator) and DINOv2 weights it also holds are dropped."""
+    try:  # weights only: never unpickle code from a downloaded file
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"VA-VAE file {path} cannot be loaded as plain weights ({type(e).__name__}): it is truncated, "
-                         f"or a pickle with code in it; re-save its state_dict with torch.save and pass that to --vae")
+        raise SystemExit(f"VA-VAE file {path} cannot be loaded as plain weights "
+                         f"({type(e).__name__}): it is truncated, or a pickle with code in it; "
+                         f"re-save its state_dict with torch.save and pass that to --vae")
     sd = sd.get("state_dict", sd)
-    keep = {k: v for k, v in sd.items() if k.startswith(AutoencoderKL.VAE_KEYS)}
-    # the official file also holds the training loss (LPIPS, discriminator) and the DINOv2 foundation model
-    print(f"VA-VAE {path}: kept {len(keep)} autoencoder tensors, dropped {len(sd) - len(keep)} other keys")
-    return keep
+    return {k: v for k, v in sd.items() if k.startswith(AutoencoderKL.VAE_KEYS)}
 
 
-def default_vae_path():
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddae" / Path(VAVAE_URL).name
-
-
-def download_vae(path):
-    """Fetch the official VA-VAE checkpoint from its Hugging Face release (only when no --vae is given)."""
+def download_vae(path, config):
+    """Fetch the official VA-VAE file and check that it loads strictly as plain weights into the
+    `config` layout, all under a temporary name (Hugging Face publishes no checksum beside it)."""
+    print(f"downloading the VA-VAE from {VAVAE_URL} to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, sha = path.with_suffix(".part"), hashlib.sha256()
-    print(f"downloading VA-VAE from {VAVAE_URL} to {path}")
-    try:
-        with urllib.request.urlopen(VAVAE_URL, timeout=30) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length", 0))
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                sha.update(chunk)
-    except OSError as e:
-        raise SystemExit(f"cannot download the VA-VAE ({e}): fetch {VAVAE_URL} by hand into {path}, or pass --vae PATH")
-    if total and tmp.stat().st_size != total:
-        raise SystemExit(f"VA-VAE download truncated ({tmp.stat().st_size} of {total} bytes); rerun to retry")
-    # No checksum is published next to the file; we print ours (compare it with the sha256 the Hugging Face
-    # file page shows for the LFS object) and the strict state-dict load in load_vae checks every tensor shape.
-    print(f"VA-VAE sha256 {sha.hexdigest()}")
-    os.replace(tmp, path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
+        part = Path(tmp) / path.name
+        torch.hub.download_url_to_file(VAVAE_URL, part)
+        with torch.device("meta"):  # shapes only: every tensor of the file is checked
+            AutoencoderKL(**VAES[config]).load_state_dict(vae_state_dict(part))
+        os.replace(part, path)
 
 
-def load_vae(args, device):
-    """The VA-VAE with weights from --vae (default: the cached official file, downloaded on first use)."""
+def vae_file(args):
+    """--vae, or the official file in ~/.cache/ddae, downloaded on first use (all ranks call)."""
+    if args.vae:
+        if not Path(args.vae).exists():
+            raise SystemExit(f"--vae {args.vae} does not exist")
+        return Path(args.vae)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddae"
+    return fetch_once(cache / Path(VAVAE_URL).name, lambda p: download_vae(p, args.vae_config),
+                      f"cannot download the VA-VAE from {VAVAE_URL}; fetch it by hand and "
+                      f"pass --vae PATH")
+
+
+def load_vae(args, device, path=None):
+    """The VA-VAE with the weights of `path` (default: vae_file(args), a collective)."""
     vae = build_vae(args)
-    path = Path(args.vae) if args.vae else default_vae_path()
-    if not path.exists():
-        if args.vae:
-            raise SystemExit(f"--vae {path} does not exist")
-        download_vae(path)
-    vae.load_state_dict(vae_state_dict(path), strict=True)
+    vae.load_state_dict(vae_state_dict(path or vae_file(args)))
     return vae.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def decode(vae, z, latent_stats):
     """Normalised latents (N, 32, 16, 16) -> images in [-1, 1] (N, 3, 256, 256)."""
-    mean, std = (latent_stats[k].to(z.device, torch.float32)[None, :, None, None] for k in ("mean", "std"))
+    mean, std = (latent_stats[k].to(z.device)[None, :, None, None] for k in ("mean", "std"))
     return vae.decode(z.float() * std + mean).clamp(-1, 1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pixel datasets (--latent none): shapes and CIFAR, as in train_unet.py
+
+# ------------------------------------------------------------------------------------------------
+# Data: pixel datasets as in train_unet.py; latent datasets as a VA-VAE cache of both flips
+
+DATASETS = {  # pixel datasets known by name: classes, resolution
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+}
+CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+                 ["train"], ["test"], b"fine_labels"),
+}
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32):
-    """Deterministic toy dataset: 10 classes of anti-aliased shapes, random size, pose, colours; uint8 + labels."""
+    """A deterministic toy dataset: 10 classes of anti-aliased shapes of random size, pose and
+    colours; uint8 (n, 3, res, res) and labels (n,)."""
     g = np.random.default_rng(seed)
     y = g.permutation(np.arange(n) % 10)
     cx, cy = (g.uniform(0.35, 0.65, (2, n, 1, 1)) * res).astype(np.float32)
@@ -645,24 +670,26 @@ def make_shapes(n, seed, res=32):
     rot = g.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
     yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
     dx, dy = xx - cx, yy - cy
-    u, v = dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot)  # shape-aligned coords
+    u = dx * np.cos(rot) + dy * np.sin(rot)  # shape-aligned coordinates
+    v = -dx * np.sin(rot) + dy * np.cos(rot)
     rho, th = np.hypot(u, v), np.arctan2(v, u)
 
-    def polygon(r, th, k):  # distance from the center to the edge of a regular k-gon along each ray
+    def polygon(r, th, k):  # distance from the centre to the edge of a regular k-gon
         return r * np.cos(np.pi / k) / np.cos((th % (2 * np.pi / k)) - np.pi / k)
 
     sdf = [  # signed distance in pixels, negative inside; one per class
-        lambda u, v, rho, th, r: rho - r,                                                  # 0 disc
-        lambda u, v, rho, th, r: rho - polygon(r, th, 3),                                  # 1 triangle
-        lambda u, v, rho, th, r: rho - polygon(r, th, 4),                                  # 2 square
-        lambda u, v, rho, th, r: rho - r * (0.6 + 0.4 * np.cos(5 * th)),                   # 3 star
-        lambda u, v, rho, th, r: np.abs(rho - 0.75 * r) - 0.25 * r,                        # 4 ring
+        lambda u, v, rho, th, r: rho - r,  # 0 disc
+        lambda u, v, rho, th, r: rho - polygon(r, th, 3),  # 1 triangle
+        lambda u, v, rho, th, r: rho - polygon(r, th, 4),  # 2 square
+        lambda u, v, rho, th, r: rho - r * (0.6 + 0.4 * np.cos(5 * th)),  # 3 star
+        lambda u, v, rho, th, r: np.abs(rho - 0.75 * r) - 0.25 * r,  # 4 ring
         lambda u, v, rho, th, r: np.minimum(np.maximum(abs(u) - 0.3 * r, abs(v) - r),
-                                            np.maximum(abs(v) - 0.3 * r, abs(u) - r)),     # 5 plus
-        lambda u, v, rho, th, r: np.maximum(rho - r, 0.75 * r - np.hypot(u - 0.45 * r, v)),  # 6 crescent
-        lambda u, v, rho, th, r: np.hypot(u, v / 0.45) - r,                                # 7 thin ellipse
-        lambda u, v, rho, th, r: np.maximum(rho - r, -u),                                  # 8 half disc
-        lambda u, v, rho, th, r: np.minimum(np.hypot(u - 0.55 * r, v), np.hypot(u + 0.55 * r, v)) - 0.42 * r,  # 9 dots
+                                            np.maximum(abs(v) - 0.3 * r, abs(u) - r)),  # 5 plus
+        lambda u, v, rho, th, r: np.maximum(rho - r, 0.75 * r - np.hypot(u - 0.45 * r, v)),  # 6
+        lambda u, v, rho, th, r: np.hypot(u, v / 0.45) - r,  # 7 thin ellipse
+        lambda u, v, rho, th, r: np.maximum(rho - r, -u),  # 8 half disc
+        lambda u, v, rho, th, r: np.minimum(np.hypot(u - 0.55 * r, v),
+                                            np.hypot(u + 0.55 * r, v)) - 0.42 * r,  # 9 dots
     ]
     d = np.empty((n, res, res), dtype=np.float32)
     for c, f in enumerate(sdf):
@@ -670,43 +697,61 @@ def make_shapes(n, seed, res=32):
         d[i] = f(u[i], v[i], rho[i], th[i], r[i])
     alpha = np.clip(0.5 - d, 0, 1)[:, None]  # (N, 1, H, W) anti-aliased coverage
     bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
-    img = bg * (1 - alpha) + fg * alpha
-    return torch.from_numpy(np.round(img * 255).astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
+    img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
 
 
-CIFAR = {  # official python pickle archives: url, md5, extracted folder, train files, test files, label key
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
-                "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-                 "cifar-100-python", ["train"], ["test"], b"fine_labels"),
-}
+def local_rank():
+    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", rank))
 
 
-def _download_cifar(name, root):
-    """Fetch and verify the official archive; without network, say where the files must go."""
-    url, md5, folder = CIFAR[name][:3]
-    archive = root / url.rsplit("/", 1)[1]
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        urllib.request.urlretrieve(url, archive.with_suffix(".part"))
-    except OSError as e:
-        raise SystemExit(f"{name} not found at {root / folder} and the download failed ({e}): "
-                         f"extract {url} there, or pass --data-path")
-    if hashlib.md5(archive.with_suffix(".part").read_bytes()).hexdigest() != md5:
-        raise SystemExit(f"{url} downloaded with a wrong checksum; delete {archive.with_suffix('.part')} and retry")
-    os.replace(archive.with_suffix(".part"), archive)
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
+def raise_on_any(error):
+    """Collective: when any rank has an error message, every rank exits with the first one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def fetch_once(path, fetch, failed):
+    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
+    call this). A failure ends every rank promptly with the same line: `failed` and the reason."""
+    error = None
+    if local_rank() == 0 and not path.exists():
+        try:
+            fetch(path)
+        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
+            error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
+    return path
+
+
+def download_cifar(url, md5, folder):
+    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
+    in the same file system: an interrupted fetch leaves nothing behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
+        archive = Path(tmp) / url.rsplit("/", 1)[1]
+        torch.hub.download_url_to_file(url, archive)
+        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
+            raise ValueError(f"wrong md5 checksum of {url}")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(Path(tmp) / folder.name, folder)
 
 
 def load_cifar(name, root, split):
-    import pickle
+    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
     url, md5, folder, train_files, test_files, key = CIFAR[name]
     root = Path(root)
-    if root.name == folder:
-        root = root.parent
-    if not (root / folder).is_dir():
-        _download_cifar(name, root)
+    root = root.parent if root.name == folder else root
+    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
+               f"{name} is not in {root / folder} and could not be downloaded; "
+               f"extract {url} there, or pass --data-path")
     xs, ys = [], []
     for f in train_files if split == "train" else test_files:
         with open(root / folder / f, "rb") as fh:
@@ -716,14 +761,8 @@ def load_cifar(name, root, split):
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Image folders and the VA-VAE latent cache
-
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
 def center_crop(img, res):
-    """ADM's center crop: box-downsample while the short side is >= 2x, bicubic to res, crop the center."""
+    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop."""
     while min(img.size) >= 2 * res:
         img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
     scale = res / min(img.size)
@@ -733,355 +772,211 @@ def center_crop(img, res):
 
 
 def image_files(args, split):
-    """[(path, label)] of a class-folder dataset: <root>/<class>/*, or <root>/train/<class> and <root>/val/<class>."""
-    root, sub = Path(args.data_path), {"train": "train", "test": "val"}[split]
+    """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
+    class folders <root>/<class>/*, or <root>/train/<class>/* and <root>/val/<class>/*."""
+    root = Path(args.data_path)
+    if args.dataset == "tiny-imagenet":
+        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
+        if not (root / "wnids.txt").exists():
+            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: "
+                             f"unzip tiny-imagenet-200.zip there")
+        wnids = (root / "wnids.txt").read_text().split()
+        if split == "train":
+            return [(f, i) for i, w in enumerate(wnids)
+                    for f in sorted((root / "train" / w / "images").iterdir())]
+        rows = (root / "val" / "val_annotations.txt").read_text().splitlines()
+        index = {w: i for i, w in enumerate(wnids)}
+        return [(root / "val" / "images" / f, index[w]) for f, w, *_ in map(str.split, rows)]
+    sub = {"train": "train", "test": "val"}[split]
     if (root / sub).is_dir():
         root = root / sub
     elif split == "test":
-        raise SystemExit(f"no {root / 'val'} folder of class sub-folders for the test split of {args.dataset!r}")
+        raise SystemExit(f"dataset {args.dataset!r} has no test split: "
+                         f"expected class folders under {root / sub}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMG_EXT]
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMG_EXT]
     if not files:
-        raise SystemExit(f"no images found for dataset {args.dataset!r} ({split}) under {root}: point --data-path at "
-                         f"a folder of class sub-folders (ImageNet: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
+        raise SystemExit(f"no images found for dataset {args.dataset!r} under {root}: point "
+                         f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
     return files
 
 
-class ImageList(torch.utils.data.Dataset):
-    """Selected entries of a file list as ADM-cropped uint8 (3, res, res) tensors, with their index."""
+class ImageFiles(torch.utils.data.Dataset):
+    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
+    '' or the reason the file could not be read."""
 
-    def __init__(self, files, indices, res):
-        self.files, self.indices, self.res = files, indices, res
+    def __init__(self, files, res):
+        self.files, self.res = files, res
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.files)
 
     def __getitem__(self, i):
-        j = int(self.indices[i])
-        with Image.open(self.files[j][0]) as im:
-            img = np.asarray(center_crop(im.convert("RGB"), self.res)).transpose(2, 0, 1)
-        return j, torch.from_numpy(img.copy())
+        path = self.files[i][0]
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(center_crop(im.convert("RGB"), self.res)).transpose(2, 0, 1)
+            return i, torch.from_numpy(img.copy()), ""
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
+            return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
+
+
+def decode_images(files, res, workers, skip_bad):
+    """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
+    xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
+    ok = torch.ones(len(files), dtype=torch.bool)
+    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
+                                         num_workers=workers)
+    for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
+        xs[idx] = img
+        for i, error in zip(idx.tolist(), errors):
+            if error and not skip_bad:
+                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
+            ok[i] = not error
+    if not ok.all():
+        print(f"skipped {int((~ok).sum())} unreadable images")
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return xs[ok], labels[ok]
+
+
+def load_pixels(args, split="train"):
+    """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
+    if args.dataset == "shapes":
+        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+        return make_shapes(n, seed, args.resolution)
+    if args.dataset in CIFAR:
+        return load_cifar(args.dataset, args.data_path, split)
+    return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
 
 
 def cache_dir(args, split):
-    return Path(args.cache_dir or Path("runs") / "cache" / args.dataset) / {"train": "train", "test": "val"}[split]
+    root = Path(args.cache_dir or Path("runs") / "cache" / args.dataset)
+    return root / {"train": "train", "test": "val"}[split]
 
 
-def _save_npy_atomic(path, arr):
-    tmp = path.with_name("." + path.name + ".tmp")  # hidden name: never matched by the done.rank*.npy glob
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def extract_latents(files, out, vae, device, batch=64, workers=0, rank=0, world=1):
-    """Encode every image of `files` and its horizontal flip once into out/latents.npy (N, 2, 32, 16, 16).
-
-    Rank r encodes r::world of the images not done yet and writes only those rows of the shared memmap;
-    out/done.rank<r>.npy (saved atomically after every batch) marks finished rows, so a killed run
-    resumes where it stopped, with any world size. Returns the indices this rank encoded.
-    """
-    sync = dist.barrier if world > 1 else (lambda: None)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(files)
-    if rank == 0 and not (out / "latents.npy").exists():
-        np.save(out / "labels.npy", np.array([label for _, label in files], dtype=np.int64))
-        np.lib.format.open_memmap(out / "latents.tmp.npy", mode="w+", dtype=np.float16, shape=(n, 2, 32, 16, 16))
-        os.replace(out / "latents.tmp.npy", out / "latents.npy")
-    sync()
-    lat = np.load(out / "latents.npy", mmap_mode="r+")
-    if len(lat) != n:
-        raise SystemExit(f"latent cache {out} holds {len(lat)} images but the dataset has {n}: delete the folder")
+def done_mask(out, n):
+    """Which of the n rows of the cache in `out` are encoded, from every rank's mask file."""
     done = np.zeros(n, dtype=bool)
     for f in out.glob("done.rank*.npy"):
         done |= np.load(f)
+    return done
+
+
+def extract_latents(files, out, vae, device, batch=64, workers=0, rank=0, world=1):
+    """Encode each image of `files` and its horizontal flip once into out/latents.npy
+    (N, 2, 32, 16, 16) float16. Rank r encodes r::world of the rows not done yet and writes
+    only those; out/done.rank<r>.npy (saved atomically after every batch) marks its finished
+    rows, so a killed run resumes where it stopped, with any world size. Returns its indices."""
+    sync = dist.barrier if world > 1 else (lambda: None)
+    out.mkdir(parents=True, exist_ok=True)
+    n, shape = len(files), (len(files), 2, 32, 16, 16)
+    if rank == 0 and not (out / "latents.npy").exists():
+        need, free = 2 * math.prod(shape), shutil.disk_usage(out).free  # float16 rows
+        if need > free:  # a memory-mapped write to a full disk would kill the process
+            raise SystemExit(f"the latent cache needs {need / 2**30:.1f} GiB in {out}, "
+                             f"{free / 2**30:.1f} GiB are free: free some or pass --cache-dir")
+        np.save(out / "labels.npy", np.array([label for _, label in files], dtype=np.int64))
+        tmp = out / "latents.tmp.npy"
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        os.replace(tmp, out / "latents.npy")
+    sync()
+    lat = np.load(out / "latents.npy", mmap_mode="r+")
+    if len(lat) != n:
+        raise SystemExit(f"latent cache {out} holds {len(lat)} images, the dataset {n}: "
+                         f"delete the folder")
+    done = done_mask(out, n)
     todo = np.flatnonzero(~done)[rank::world]
     sync()  # everyone has read the masks before anyone rewrites its own
-    loader = torch.utils.data.DataLoader(ImageList(files, todo, IMAGE_SIZE), batch_size=batch, num_workers=workers)
-    for idx, img in tqdm(loader, desc=f"encoding {out}", disable=rank != 0 or len(todo) == 0):
+    images = torch.utils.data.Subset(ImageFiles(files, IMAGE_SIZE), todo)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch, num_workers=workers)
+    for idx, img, errors in tqdm(loader, desc=f"encoding {out}", disable=rank or not len(todo)):
+        if any(errors):
+            raise SystemExit(f"cannot read image {next(e for e in errors if e)}: fix or remove "
+                             f"it, then rerun")
         x = img.to(device).float() / 127.5 - 1  # (B, 3, 256, 256)
         z = vae.encode(torch.cat([x, x.flip(3)])).float().cpu().numpy()  # (2B, 32, 16, 16)
         idx = idx.numpy()
         lat[idx, 0], lat[idx, 1] = z[:len(idx)], z[len(idx):]
-        lat.flush()  # rows reach the file before the mask says they are done
+        lat.flush()  # the rows reach the file before the mask says they are done
         done[idx] = True
-        _save_npy_atomic(out / f"done.rank{rank}.npy", done)
+        atomic_save(done, out / f"done.rank{rank}.npy", lambda a, f: np.save(f, a))
     sync()
     return todo.tolist()
 
 
 @torch.no_grad()
 def channel_stats(lat, chunk=1024):
-    """Per-channel mean and std of a (N, 2, C, h, w) latent array, both flips, accumulated in float64."""
-    s = ss = 0
-    count = 0
+    """Per-channel mean and std of (N, 2, C, h, w) latents, both flips, summed in float64."""
+    s = ss = count = 0
     for i in range(0, len(lat), chunk):
-        z = torch.from_numpy(np.asarray(lat[i:i + chunk], dtype=np.float64)).transpose(0, 2).flatten(1)  # (C, rest)
+        z = torch.from_numpy(np.asarray(lat[i:i + chunk], dtype=np.float64))
+        z = z.transpose(0, 2).flatten(1)  # (C, rest)
         s, ss, count = s + z.sum(1), ss + z.square().sum(1), count + z.shape[1]
     mean = s / count
-    return {"mean": mean.float(), "std": (ss / count - mean.square()).clamp(min=0).sqrt().float()}
+    std = (ss / count - mean.square()).clamp(min=0).sqrt()
+    return {"mean": mean.float(), "std": std.float()}
 
 
 def latent_cache(args, split):
-    """The folder of the split's latent cache, encoding it first when missing or incomplete (all ranks join)."""
+    """The folder of the split's latent cache, encoded first if missing or unfinished (a
+    collective: every rank encodes its share)."""
     out = cache_dir(args, split)
     if not (out / "complete").exists():
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        extract_latents(image_files(args, split), out, load_vae(args, device), device, args.extract_batch,
-                        args.workers, rank, world)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        extract_latents(image_files(args, split), out, load_vae(args, device), device,
+                        args.extract_batch, args.workers, rank, world)
         if rank == 0:
             lat = np.load(out / "latents.npy", mmap_mode="r")
-            done = np.zeros(len(lat), dtype=bool)
-            for f in out.glob("done.rank*.npy"):
-                done |= np.load(f)
-            if not done.all():
-                raise SystemExit(f"latent cache {out}: {int((~done).sum())} images were not encoded; rerun to finish")
-            torch.save(channel_stats(lat), out / "stats.pt")
-            (out / "complete").write_text(json.dumps({"images": len(lat), "vae": args.vae or str(default_vae_path())}))
+            missing = int((~done_mask(out, len(lat))).sum())
+            if missing:
+                raise SystemExit(f"latent cache {out}: {missing} images were not encoded; "
+                                 f"rerun to finish")
+            atomic_save(channel_stats(lat), out / "stats.pt")
+            (out / "complete").write_text(json.dumps({"images": len(lat), "vae": args.vae}))
         if world > 1:
             dist.barrier()
     return out
 
 
 def latent_stats(args):
-    """Per-channel mean/std of the training cache: the normalisation of every split and of samples."""
+    """Per-channel mean and std of the training cache: the normalisation of every split."""
     return torch.load(latent_cache(args, "train") / "stats.pt", weights_only=True)
 
 
-def load_dataset(args, split="train", flip=False):
-    """Pixel: (uint8 (N, 3, H, W), labels). Latent: (normalised float32 (N, 32, 16, 16) latents, labels).
-
-    Latent mode returns the unflipped copy (flip=True: the flipped one); ImageNet-1k is 42 GB in float32.
-    """
-    if args.latent == "none":
-        if args.dataset == "shapes":
-            return make_shapes(10_000 if split == "train" else 2_000, seed=0 if split == "train" else 1, res=args.resolution)
-        if args.dataset in ("cifar10", "cifar100"):
-            return load_cifar(args.dataset, args.data_path, split)
-        raise SystemExit(f"--latent none supports shapes, cifar10, cifar100; {args.dataset!r} needs --latent vavae")
-    if args.dataset in ("shapes", "cifar10", "cifar100"):
-        raise SystemExit(f"{args.dataset} is a 32x32 pixel dataset: train it with --latent none")
+def load_latents(args, split="train", flip=False):
+    """(normalised float32 latents (N, 32, 16, 16), labels (N,)) of a split: the unflipped copy,
+    or with flip=True the flipped one. ImageNet-1k takes 42 GB like this."""
+    if args.dataset in DATASETS:
+        raise SystemExit(f"{args.dataset} is a pixel dataset: train it with --latent none")
     d, stats = latent_cache(args, split), latent_stats(args)
-    x = torch.from_numpy(np.load(d / "latents.npy", mmap_mode="r")[:, int(flip)].astype(np.float32))
-    x = (x - stats["mean"][:, None, None]) / stats["std"][:, None, None]
+    x = np.load(d / "latents.npy", mmap_mode="r")[:, int(flip)].astype(np.float32)
+    x = (torch.from_numpy(x) - stats["mean"][:, None, None]) / stats["std"][:, None, None]
     return x, torch.from_numpy(np.load(d / "labels.npy"))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is a world of one."""
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # LOCAL_RANK, not RANK: multi-node safe
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+# ------------------------------------------------------------------------------------------------
+# Training infrastructure. This file's part: optimizer, data, step and preview; the rest is shared.
+
+def build_optimizer(model, args):
+    """Adam with LightningDiT's beta2; the frozen sin-cos table is not optimised."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=args.lr, betas=(0.9, args.beta2), fused=params[0].is_cuda)
 
 
-def batch_indices(start, n, size, seed):
-    """Sample indices for stream positions start..start+n: epoch e is a fixed permutation seeded by (seed, e)."""
-    idx, pos = [], start
-    while pos < start + n:
-        epoch, off = divmod(pos, size)
-        perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        take = min(size - off, start + n - pos)
-        idx.append(perm[off:off + take])
-        pos += take
-    return torch.cat(idx)
+def param_report(model):
+    """One line: the total and what each option adds."""
+    return (f"parameters: {count_params(model):,} total, {count_params(model.sc):,} "
+            f"self-conditioning, {count_params(model.y_embed):,} label table")
 
 
-@torch.no_grad()
-def update_ema(ema, model, step, rate):
-    decay = min(rate, 1 - (1 + step) ** (-2 / 3))  # warm-up as DDAE's ema_pytorch: early EMA tracks the model
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def save_grid(images, path):
-    """(N, 3, H, W) in [-1, 1] -> one PNG, 8 per row."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    n, c, h, w = x.shape
-    cols = min(8, n)
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
-    for i, im in enumerate(x):
-        grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
-
-def atomic_save(obj, path):
-    """Write to a temporary name, then rename: a kill at any instant leaves the previous file intact."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
-
-
-def load_checkpoint_for_resume(path, args, log):
-    """Load <out>/ckpt.pt, refusing another script or architecture and listing changed hyper-parameters."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
-                         f"restore it from a copy or delete it to start afresh")
-    if ckpt.get("script") != Path(__file__).name:
-        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not {Path(__file__).name}: use another --out")
-    old = ckpt["args"]
-    arch = [k for k in ARCH_KEYS if old.get(k) != getattr(args, k)]
-    if arch:
-        raise SystemExit(f"{path} has another architecture ({', '.join(f'{k}: {old.get(k)} -> {getattr(args, k)}' for k in arch)}); "
-                         f"use another --out")
-    changed = [k for k in vars(args) if k not in ("dry_run",) and old.get(k, getattr(args, k)) != getattr(args, k)]
-    if changed:
-        log("warning: resuming with changed settings: " + ", ".join(f"{k} {old.get(k)} -> {getattr(args, k)}" for k in changed))
-    return ckpt
-
-
-def count_params(m):
-    return sum(p.numel() for p in m.parameters())
-
-
-def train_step(net, model, ema, opt, diffusion, x, y, step, args):
-    """One optimisation step on a (flipped) batch: loss, backward, clip, Adam, EMA. Training and --bench both run it,
-    so the benchmark times what training does. Returns loss (N,) and level (N,)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext():
-        loss, level = diffusion.loss(net, x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.mean().backward()
-    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # the frozen sin-cos table has no grad: skipped
-    opt.step()
-    update_ema(ema, model, step, args.ema)
-    return loss.detach(), level
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(device, dtype):
-    """Measured dense matmul TFLOP/s in the training dtype on this machine: the denominator of MFU."""
-    n, reps = (8192, 50) if device.type == "cuda" else (1024, 10)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def bench_setup(args, device):
-    """Model, EMA and optimizer as training builds them, on a synthetic batch: (model, step(i, net))."""
-    torch.manual_seed(args.seed)
-    model = build_model(argparse.Namespace(**{**vars(args), "num_classes": args.num_classes or 1000})).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]  # not the frozen sin-cos table
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
-    diffusion = build_diffusion(args)
-    shape = (32, 16, 16) if args.latent != "none" else (3, args.resolution, args.resolution)  # latents or pixels
-    x = torch.randn(args.batch_size, *shape, device=device)
-    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device) if model.num_classes else None
-    return model, lambda i, net: train_step(net, model, ema, opt, diffusion, x, y, i, args)
-
-
-def benchmark(args, rounds=5):
-    """--bench: img/s, ms/step, peak memory, model FLOPs, MFU, and the step-time cost of self-conditioning."""
-    import resource
-    from torch.utils.flop_counter import FlopCounterMode
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak_tflops = matmul_peak(device, dtype)
-
-    def timed(step, net, n):
-        _sync(device)
-        t = time.perf_counter()
-        for i in range(n):
-            step(i, net)
-        _sync(device)
-        return (time.perf_counter() - t) / n
-
-    runs = []  # the configuration asked for, then the same with self-conditioning toggled
-    for a in (args, argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})):
-        model, step = bench_setup(a, device)
-        if not runs:
-            with FlopCounterMode(display=False) as counter:  # one whole training step, counted uncompiled
-                step(0, model)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        net = torch.compile(model) if args.compile else model
-        timed(step, net, 3)  # warm-up (and compilation)
-        if not runs:  # peak memory of the asked-for configuration alone; CPU: the process's peak RSS
-            mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        runs.append((step, net))
-    # Interleaved rounds, medians: a drifting clock or a neighbour's load hits both configurations alike.
-    rounds = min(rounds, args.bench)
-    times = [[timed(step, net, args.bench // rounds) for step, net in runs] for _ in range(rounds)]
-    sec = statistics.median(t[0] for t in times)
-    overhead = statistics.median(t[0] / t[1] if args.self_cond else t[1] / t[0] for t in times)
-    flops = counter.get_total_flops() / args.batch_size
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    rec = {"script": Path(__file__).name, "net": args.net, "model": "RF", "self_cond": args.self_cond,
-           "batch": args.batch_size, "device": name, "dtype": str(dtype).split(".")[1], "img_per_s": args.batch_size / sec,
-           "ms_per_step": 1e3 * sec, "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
-           "tflops": flops * args.batch_size / sec / 1e12, "matmul_peak_tflops": peak_tflops,
-           "self_cond_overhead": overhead}
-    rec["mfu"] = rec["tflops"] / peak_tflops
-    print(f"DiT-{args.net} batch {args.batch_size} on {name} ({rec['dtype']}): {rec['img_per_s']:.1f} img/s, "
-          f"{rec['ms_per_step']:.1f} ms/step, peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
-          f"{rec['tflops']:.3f} TFLOP/s = {100 * rec['mfu']:.1f}% of the measured matmul peak {peak_tflops:.2f} TFLOP/s")
-    print(f"self-conditioning step time x{overhead:.4f} (median of {rounds} interleaved rounds of {args.bench // rounds} steps)")
-    print(json.dumps(rec))
-    return rec
-
-
-def main(argv=None):
-    args = get_args(argv)
-    if args.dry_run:
-        known = args.num_classes is not None  # a folder dataset's class count is only known from its data
-        with torch.device("meta"):  # shapes only: DiT-B builds instantly
-            model = build_model(argparse.Namespace(**{**vars(args), "class_cond": args.class_cond and known}))
-        print(json.dumps(vars(args), indent=2))
-        n_sc = count_params(model.sc) if model.sc is not None else 0
-        n_y = count_params(model.y_embed) if model.y_embed is not None else 0
-        print(f"parameters: {count_params(model):,} total, {n_sc:,} self-conditioning, "
-              f"{n_y:,} label table{'' if known or not args.class_cond else ' (not counted: classes unknown)'}")
-        return
-    if args.bench:
-        return benchmark(args)
-
-    rank, world, device = setup_distributed()
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "log.txt", "a") if rank == 0 else None
-
-    def log(msg):
-        if rank == 0:
-            tqdm.write(msg)
-            logfile.write(msg + "\n")
-            logfile.flush()
-
-    # Data. Latent: the (N, 2 flips, 32, 16, 16) float16 memmap stays on disk / in the page cache and a step
-    # gathers its rows; pixel: one uint8 tensor on the device.
+def load_train_data(args, device):
+    """The training split. Latents: the (N, 2 flips, 32, 16, 16) float16 cache stays memory-mapped
+    and a batch gathers its rows (the flip picks a copy); pixels: one uint8 tensor on the device.
+    batch(idx) gives (x, y): x in model space, y the labels or None (unconditional)."""
     latent = args.latent != "none"
     if latent:
         cache = latent_cache(args, "train")
@@ -1090,138 +985,481 @@ def main(argv=None):
         stats = latent_stats(args)
         mean, std = (stats[k].to(device)[None, :, None, None] for k in ("mean", "std"))
     else:
-        data, labels = load_dataset(args, "train")
+        data, labels = load_pixels(args, "train")
         data = data.to(device)
-    labels = labels.to(device)
     args.num_classes = args.num_classes or int(labels.max()) + 1
-    n_data = len(data)
-    epochs = EPOCHS.get((args.dataset, args.class_cond), 40 if args.dataset == "shapes" else
-                        2000 if not latent else EPOCHS[("in100", args.class_cond)])
-    args.train_images = args.train_images or epochs * n_data
-    args.log_every = args.log_every or min(100_000, max(args.train_images // 10, 1))
+    labels, layout = labels.to(device), memory_format(device)
 
-    torch.manual_seed(args.seed)  # the same initial weights for a given seed (and on every rank)
-    model = build_model(args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]  # not the frozen sin-cos table
-    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
-    diffusion = build_diffusion(args)
-    step = images_seen = 0
-    if (out / "ckpt.pt").exists():
-        ckpt = load_checkpoint_for_resume(out / "ckpt.pt", args, log)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, images_seen = ckpt["step"], ckpt["images"]
-        log(f"resumed from {out / 'ckpt.pt'} at step {step} ({images_seen:,} images)")
-    log(f"{Path(__file__).name} {' '.join(sys.argv[1:])}\n{json.dumps(vars(args))}")
-    n_sc = count_params(model.sc) if model.sc is not None else 0
-    log(f"parameters: {count_params(model):,} total, {n_sc:,} self-conditioning; {n_data:,} training images; world {world}")
-
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    local_bs = args.batch_size // world
-
-    stop = {"signal": None}  # SIGTERM/SIGINT: finish the step, checkpoint, exit cleanly
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def save():
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if rank == 0:
-            ckpt = {"script": Path(__file__).name, "args": vars(args), "model": model.state_dict(),
-                    "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "images": images_seen, "rng": rngs}
-            if latent:
-                ckpt["latent_stats"] = stats
-            atomic_save(ckpt, out / "ckpt.pt")
-
-    # the decoder for latent preview grids, loaded now so a missing VA-VAE fails at start, not hours in
-    vae = load_vae(args, device) if latent and args.sample_every and rank == 0 else None
-
-    def preview():
-        if rank != 0:
-            return
-        g = torch.Generator().manual_seed(args.seed)  # the same noise every time: grids are comparable
-        shape = (32, 16, 16) if latent else (3, args.resolution, args.resolution)
-        noise = torch.randn(16, *shape, generator=g).to(device)
-        y = (torch.arange(16, device=device) % args.num_classes) if args.class_cond else None  # no CFG in previews
-        with autocast:
-            x = diffusion.sample(ema, noise, y)
+    def batch(idx):
+        flip = torch.rand(len(idx)) < 0.5
         if latent:
-            x = decode(vae, x, stats)
-        save_grid(x, out / f"grid-{images_seen:09d}.png")
-
-    nbins = 5
-    acc = torch.zeros(2 * nbins + 2, device=device)  # per-bin loss sums and counts, total sum, total count
-    t_log, last_log = time.time(), images_seen
-    bar = tqdm(total=args.train_images, initial=images_seen, unit="img", unit_scale=True, disable=rank != 0)
-    model.train()
-    while images_seen < args.train_images:
-        # All randomness of this step is a function of (seed, rank, step): resuming reproduces it exactly.
-        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
-        idx = batch_indices(images_seen + rank * local_bs, local_bs, n_data, args.seed)
-        flip = torch.rand(local_bs) < 0.5  # horizontal flip: latent mode picks one of the two cached copies
-        if latent:
-            x = torch.from_numpy(data[idx.numpy(), flip.long().numpy()]).to(device).float()  # (B, 32, 16, 16)
-            x = (x - mean) / std
+            x = torch.from_numpy(data[idx.numpy(), flip.long().numpy()]).to(device).float()
+            x = (x - mean) / std  # (B, 32, 16, 16)
         else:
             x = data[idx.to(device)].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
             x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
         y = labels[idx.to(device)] if args.class_cond else None
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (images_seen + 1) / max(args.warmup_images, 1))
-        loss, level = train_step(net, model, ema, opt, diffusion, x, y, step, args)
-        step += 1
-        images_seen += args.batch_size
-        bar.update(args.batch_size)
-        b = (level * nbins).long().clamp(max=nbins - 1)
-        acc += torch.cat([torch.bincount(b, loss, nbins), torch.bincount(b, minlength=nbins).float(),
-                          loss.sum()[None], acc.new_tensor([len(loss)])])
+        return x.contiguous(memory_format=layout), y
 
-        crossed = lambda every: images_seen // every != (images_seen - args.batch_size) // every
-        done = images_seen >= args.train_images
-        if world > 1 and (step % 10 == 0 or done):  # agree on a stop signal without a sync every step
-            flag = torch.tensor([stop["signal"] is not None], device=device, dtype=torch.float32)
-            dist.all_reduce(flag)
-            stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
-        if crossed(args.log_every) or done or stop["signal"] or crossed(args.ckpt_every):
-            tot = acc.clone()
+    if not latent:
+        return SimpleNamespace(n=len(labels), batch=batch, to_pixels=lambda x: x, state={})
+    # the decoder of preview grids, loaded at the start: a missing VA-VAE fails now, not hours in
+    path = vae_file(args) if args.sample_every else None  # a collective: every rank calls
+    vae = load_vae(args, device, path) if path and local_rank() == 0 else None
+    return SimpleNamespace(n=len(labels), batch=batch, to_pixels=lambda z: decode(vae, z, stats),
+                           state={"latent_stats": stats})
+
+
+def fake_batch(args, device):
+    """A synthetic batch of the training shape, for --bench."""
+    c, s = (32, 16) if args.latent != "none" else (3, args.resolution)
+    x = torch.randn(args.batch_size, c, s, s, device=device)
+    y = torch.randint(0, args.num_classes or 1000, (args.batch_size,), device=device)
+    return x.contiguous(memory_format=memory_format(device)), y if args.class_cond else None
+
+
+def train_step(net, model, ema, opt, diffusion, batch, step, args):
+    """One optimisation step on a (flipped) batch (x, y): loss, backward, clip, Adam, EMA.
+    Training and --bench both run it. Returns the loss (B,), the noise level (B,), {}."""
+    x, y = batch
+    with autocast(x.device, args.precision):
+        loss, level = diffusion.loss(net, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # the frozen table: no grad
+    opt.step()
+    update_ema(ema, model, step, args.ema)
+    return loss.detach(), level, {}
+
+
+def sample_preview(ema, diffusion, args, device):
+    """16 samples of the EMA model from the same noise and labels each time (no CFG)."""
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (32, 16, 16) if args.latent != "none" else (3, args.resolution, args.resolution)
+    noise = torch.randn(16, *shape, generator=g).to(device)
+    y = torch.arange(16, device=device) % args.num_classes if args.class_cond else None
+    with autocast(device, args.precision):
+        return diffusion.sample(ema, noise, y)
+
+
+def add_training_args(p):
+    """The command line of the training loop: the same in every trainer."""
+    p.add_argument("--data-path", default="data", help="folder holding the dataset")
+    p.add_argument("--out", help="run directory (default: runs/<script>-<dataset>-<config>)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--train-images", type=int, help="training length (default: the paper's)")
+    p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
+                                                  "shorter runs)")
+    p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
+    p.add_argument("--ckpt-minutes", type=float, default=10,
+                   help="also checkpoint after this many minutes: what a SIGKILL may cost")
+    p.add_argument("--sample-every", type=int, default=5_000_000,
+                   help="images between preview grids of the EMA model (0: no previews)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast (auto: on CUDA) or fp32; weights stay fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes per rank")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images of folders")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the configuration and parameter counts, then exit")
+    p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
+                   help="time STEPS training steps on a synthetic batch, with self-conditioning "
+                        "on and off, then exit")
+
+
+def setup_distributed():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank())  # LOCAL_RANK, not RANK: multi-node safe
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
+def use_bf16(device, precision):
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device, precision):
+    """bf16 autocast for --precision bf16 (auto: on CUDA), none for fp32; weights stay fp32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(device, precision))
+
+
+def memory_format(device):
+    # channels_last lets cuDNN use its NHWC tensor-core convolutions; on CPU it gains little
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def batch_indices(start, n, size, seed):
+    """Dataset indices of stream positions start .. start+n: epoch e is a permutation seeded by
+    (seed, e), so the data order of a run is a function of the seed alone."""
+    idx, pos = [], start
+    while pos < start + n:
+        epoch, off = divmod(pos, size)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        take = min(size - off, start + n - pos)
+        idx.append(torch.randperm(size, generator=g)[off:off + take])
+        pos += take
+    return torch.cat(idx)
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, rate):
+    decay = min(rate, 1 - (1 + step) ** (-2 / 3))  # DDAE's warm-up: an early EMA tracks the model
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def save_grid(images, path):
+    """(N, 3, H, W) in [-1, 1] -> one PNG, 8 per row."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    n, c, h, w = x.shape
+    cols = min(8, n)
+    grid = torch.zeros(c, math.ceil(n / cols) * h, cols * w, dtype=torch.uint8)
+    for i, im in enumerate(x):
+        grid[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def atomic_save(obj, path, save=None):
+    """save(obj, file) (default torch.save) to a temporary name, then rename: a kill at any
+    instant, or a full disk, leaves the previous file intact and no temporary file behind."""
+    path, tmp = Path(path), Path(f"{path}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            (save or torch.save)(obj, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):  # a kill or Ctrl-C: not ours to report
+            raise
+        kept = f"the previous {path} is intact" if path.exists() else "nothing was written"
+        raise SystemExit(f"cannot write {path} ({str(e).splitlines()[0]}); {kept}") from None
+
+
+def check_out_dir(out):
+    """One line, before anything is written, if folder `out` can be neither found nor created."""
+    p = Path(out).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"--out {out}: {p} is a file, not a folder; choose another --out"
+    try:
+        tempfile.TemporaryFile(dir=p).close()
+    except OSError as e:
+        return f"--out {out}: cannot write in {p} ({e.strerror}); choose another --out"
+    return None
+
+
+def load_checkpoint_for_resume(path, args, log):
+    """Load <out>/ckpt.pt, refusing another script or architecture; warn of changed settings."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
+                         f"restore it from a copy or delete it to start afresh")
+    script = Path(__file__).name
+    if ckpt.get("script") != script:
+        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not {script}: "
+                         f"use another --out")
+    old = ckpt["args"]
+    arch = [f"{k}: {old.get(k)} -> {getattr(args, k)}" for k in ARCH_KEYS
+            if old.get(k) != getattr(args, k)]
+    if arch:
+        raise SystemExit(f"{path} has another architecture ({', '.join(arch)}); use another --out")
+    changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if old.get(k, v) != v]
+    if changed:
+        log("warning: resuming with changed settings: " + ", ".join(changed))
+    return ckpt
+
+
+class Log:
+    """Rank 0's log: printed at once, appended to <out>/log.txt once the run folder exists."""
+
+    def __init__(self, out, rank):
+        self.out, self.rank, self.held = Path(out), rank, []
+
+    def __call__(self, msg, echo=True):
+        if self.rank != 0:
+            return
+        if echo:
+            tqdm.write(msg)
+        self.held.append(msg)
+        if self.out.is_dir():
+            with open(self.out / "log.txt", "a") as f:
+                f.write("".join(line + "\n" for line in self.held))
+            self.held = []
+
+    def fail(self, msg):
+        """Stop every rank with one line, which log.txt keeps too."""
+        self(msg, echo=False)
+        raise SystemExit(msg)
+
+
+class LossSums:
+    """Each rank's sums of the training losses since the last log line: overall, per noise-level
+    bin and for each extra term. read() all-reduces them into mean losses over all ranks."""
+
+    BINS = 5  # equal-width bins of the noise level in [0, 1]
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, loss, level, extra):  # (N,), (N,), {name: scalar}
+        b = (level * self.BINS).long().clamp(max=self.BINS - 1)
+        new = {"count": loss.new_tensor([len(loss)]), "loss": loss.sum()[None],
+               "bin_count": torch.bincount(b, minlength=self.BINS).to(loss.dtype),
+               "bin_loss": torch.bincount(b, loss, self.BINS)}
+        new.update({k: v.float()[None] * len(loss) for k, v in extra.items()})
+        for k, v in new.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def read(self, world):
+        """{name: mean over all ranks} with loss_bin0.. (None for an empty bin); a collective."""
+        flat = torch.cat([self.sums[k].float() for k in self.sums])
+        if world > 1:
+            dist.all_reduce(flat)
+        s = dict(zip(self.sums, flat.cpu().split([len(v) for v in self.sums.values()])))
+        count = s.pop("count").item()
+        bins = zip(s.pop("bin_count").tolist(), s.pop("bin_loss").tolist())
+        out = {k: v.item() / count for k, v in s.items()}  # the loss and each extra term
+        out.update({f"loss_bin{i}": total / n if n else None for i, (n, total) in enumerate(bins)})
+        return out
+
+    def reset(self):
+        self.sums = {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device, dtype):
+    """Dense matmul TFLOP/s in the training dtype, measured here and now: MFU's denominator."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 8)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def benchmark(args, rounds=5):
+    """--bench: img/s, ms/step, peak memory, FLOPs per image and MFU of train_step on a synthetic
+    batch, and its time with self-conditioning on vs off. Both configurations and the matmul peak
+    are timed in interleaved rounds, so a busy or drifting machine slows them alike."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if use_bf16(device, args.precision) else torch.float32
+
+    def setup(a):  # the model and one step, built as training builds them
+        torch.manual_seed(a.seed)
+        model = build_model(a).to(device, memory_format=memory_format(device))
+        ema, opt = copy.deepcopy(model).requires_grad_(False), build_optimizer(model, a)
+        diffusion, batch = build_diffusion(a, model), fake_batch(a, device)
+        net = torch.compile(model) if a.compile else model
+        return model, lambda i, m=net: train_step(m, model, ema, opt, diffusion, batch, i, a)
+
+    def timed(step, n):  # seconds per step
+        sync(device)
+        t = time.perf_counter()
+        for i in range(n):
+            step(i)
+        sync(device)
+        return (time.perf_counter() - t) / n
+
+    model, step = setup(args)
+    with FlopCounterMode(display=False) as counter:  # one whole step, uncompiled
+        step(0, model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed(step, 3)  # warm-up (and compilation)
+    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: process peak
+    other = setup(argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond}))[1]
+    timed(other, 3)
+    rounds, n = min(rounds, args.bench), max(args.bench // rounds, 1)
+    rows = []  # (s/step, s/step toggled, matmul TFLOP/s): the peak is the higher of before, after
+    for _ in range(rounds):
+        peak = matmul_tflops(device, dtype)
+        rows.append((timed(step, n), timed(other, n), max(peak, matmul_tflops(device, dtype))))
+    flops = counter.get_total_flops() / args.batch_size
+    sec = statistics.median(r[0] for r in rows)
+    on_off = [(r[0] / r[1]) if args.self_cond else (r[1] / r[0]) for r in rows]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu x{torch.get_num_threads()} threads"
+    rec = {"script": Path(__file__).name, "net": args.net, "self_cond": args.self_cond,
+           "batch": args.batch_size, "device": name, "dtype": str(dtype)[6:],
+           "compile": args.compile, "img_per_s": args.batch_size / sec, "ms_per_step": 1e3 * sec,
+           "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
+           "tflops": flops * args.batch_size / sec / 1e12,
+           "matmul_peak_tflops": statistics.median(r[2] for r in rows),
+           "mfu": statistics.median(flops * args.batch_size / r[0] / r[2] / 1e12 for r in rows),
+           "self_cond_overhead": statistics.median(on_off)}
+    print(f"{rec['script']} --net {args.net} batch {args.batch_size} on {name} ({rec['dtype']}): "
+          f"{rec['img_per_s']:.1f} img/s, {rec['ms_per_step']:.1f} ms/step, "
+          f"peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
+          f"MFU {100 * rec['mfu']:.1f}% of {rec['matmul_peak_tflops']:.2f} TFLOP/s (matmul)")
+    print(f"self-conditioning on/off step time x{rec['self_cond_overhead']:.4f} "
+          f"(median of {rounds} interleaved rounds of {n} steps)")
+    print(json.dumps(rec))
+    return rec
+
+
+def main(argv=None):
+    """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
+    args = get_args(argv)
+    if args.dry_run:
+        with torch.device("meta"):  # shapes only: even DiT-B builds at once
+            model = build_model(args)
+        print(json.dumps(vars(args), indent=2))
+        print(param_report(model))
+        return None
+    if args.bench:
+        return benchmark(args)
+    rank, world, device = setup_distributed()
+    out, log = Path(args.out), Log(args.out, rank)
+    ckpt_path = out / "ckpt.pt"
+    raise_on_any(check_out_dir(out) if rank == 0 else None)
+
+    # Data, and the run's length in images (paper epochs unless --train-images)
+    data = load_train_data(args, device)
+    if not world <= args.batch_size <= data.n or args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
+                         f"processes, at most the {data.n:,} training images")
+    args.train_images = args.train_images or args.epochs * data.n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+
+    # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
+    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
+    model = build_model(args).to(device, memory_format=memory_format(device))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = build_optimizer(model, args)
+    diffusion = build_diffusion(args, model)
+    step = images = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, images = ckpt["step"], ckpt["images"]
+        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
+    command = argv if argv is not None else sys.argv[1:]
+    log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
+    log(f"{param_report(model)}; {data.n:,} training images; world {world}")
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stop = []  # SIGTERM / SIGINT: finish the step, save, exit
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    sums, local_bs = LossSums(), args.batch_size // world
+    t_log = t_save = time.time()
+    images_log = images
+    bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
+               disable=rank != 0)
+    model.train()
+    try:
+        while images < args.train_images:
+            # One step; its randomness is a function of (seed, step, rank): resume is exact
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+            idx = batch_indices(images + rank * local_bs, local_bs, data.n, args.seed)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (images + 1) / max(args.warmup_images, 1))
+            batch = data.batch(idx)
+            loss, level, extra = train_step(net, model, ema, opt, diffusion, batch, step, args)
+            sums.add(loss, level, extra)
+            step, images = step + 1, images + args.batch_size
+            bar.update(args.batch_size)
+
+            # Events. Ranks agree on signals and the clock every 10 steps (reading the losses
+            # is a collective), without a sync at every step.
+            crossed = lambda every: images // every > (images - args.batch_size) // every
+            done = images >= args.train_images
+            halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
             if world > 1:
-                dist.all_reduce(tot)  # a copy: acc keeps only this rank's sums until it is zeroed
-            a = tot.tolist()
-            if not math.isfinite(a[-2]):
-                raise SystemExit(f"loss is {a[-2]} at step {step} ({images_seen:,} images); the last good checkpoint "
-                                 f"{out / 'ckpt.pt'} is kept; lower --lr or check the data")
-            if crossed(args.log_every) or done:
-                rec = {"step": step, "images": images_seen, "loss": a[-2] / a[-1], "lr": opt.param_groups[0]["lr"],
-                       "img_per_s": (images_seen - last_log) / (time.time() - t_log)}
-                rec.update({f"loss_bin{i}": a[i] / max(a[nbins + i], 1) for i in range(nbins)})
+                flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
+                if step % 10 == 0 or done:
+                    dist.all_reduce(flags)
+                halt, due = (flags > 0).tolist() if step % 10 == 0 or done else (False, False)
+            log_now = crossed(args.log_every) or done
+            save_now = crossed(args.ckpt_every) or done or halt or due
+
+            # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
+            if log_now or save_now:
+                rec = sums.read(world)
+                terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
+                bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
+                if save_now and not all(p.isfinite().all() for p in model.parameters()):
+                    bad = bad or "the weights are not finite"
+                if bad:
+                    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+                            else "no checkpoint was written")
+                    log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
+                             f"lower --lr or check the data")
+            if log_now:
+                rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
+                       "img_per_s": (images - images_log) / (time.time() - t_log)}
                 if rank == 0:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                log(f"step {step} images {images_seen:,} loss {rec['loss']:.4f} "
-                    + " ".join(f"{rec[f'loss_bin{i}']:.3f}" for i in range(nbins)) + f" {rec['img_per_s']:.0f} img/s")
-                acc.zero_()
-                t_log, last_log = time.time(), images_seen
-        if crossed(args.ckpt_every) or done or stop["signal"]:
-            save()
-        if args.sample_every and (crossed(args.sample_every) or done):
-            preview()
-        if stop["signal"]:
-            log(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same command to resume")
-            break
-    bar.close()
-    for s, h in handlers.items():
-        signal.signal(s, h)
+                bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
+                                for i in range(LossSums.BINS))
+                more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
+                log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
+                    f"{bins}){more} {rec['img_per_s']:.0f} img/s")
+                sums.reset()
+                t_log, images_log = time.time(), images
+
+            # Checkpoint: one self-describing file, written atomically by rank 0
+            if save_now and rank == 0:
+                atomic_save({"script": Path(__file__).name, "args": vars(args),
+                             "model": model.state_dict(), "ema": ema.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "images": images,
+                             **data.state}, ckpt_path)
+            t_save = time.time() if save_now else t_save
+
+            # Preview grid of the EMA model
+            if args.sample_every and (crossed(args.sample_every) or done) and rank == 0:
+                x = data.to_pixels(sample_preview(ema, diffusion, args, device))
+                save_grid(x, out / f"grid-{images:09d}.png")
+            if halt:
+                log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
+                    f"checkpoint saved, rerun the same command to resume")
+                break
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
     if world > 1:
         dist.destroy_process_group()
+    return model, ema
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """
-DDAE++ pixel-space UViT diffusion: U-ViT-S (all inputs as tokens, long skips) trained as DDPM, optionally with
-the [CLS] self-conditioning token, non-leaky augmentation and contrastive self-distillation (paper Fig. 2).
+DDAE++ pixel-space UViT diffusion: U-ViT-S (every input a token, long skips) trained as DDPM,
+optionally with the [CLS] self-conditioning token, non-leaky augmentation and contrastive
+self-distillation (paper Fig. 2).
 
-    python train_uvit.py --dataset shapes --net tiny                           # CPU quickstart, a few minutes
-    torchrun --nproc_per_node=4 train_uvit.py --dataset cifar10 --self-cond    # Table 2, UViT-S + 1 token
-    torchrun --nproc_per_node=4 train_uvit.py --dataset cifar100 --self-cond --aug --cl   # Table 3, last row
-    python train_uvit.py --self-cond --dry-run                                 # config + parameter counts
+    python train_uvit.py --dataset shapes --net tiny                         # CPU quickstart
+    torchrun --nproc_per_node=4 train_uvit.py --dataset cifar10 --self-cond  # Table 2
+    torchrun --nproc_per_node=4 train_uvit.py --dataset cifar100 --self-cond --aug --cl  # Table 3
+    python train_uvit.py --self-cond --dry-run                  # config + parameter counts
 
-Standalone on purpose: model, self-conditioning, diffusion, data, augmentation and training loop live in this file.
+One file, read top to bottom: config, model, self-conditioning, diffusion, augmentation and
+contrastive, data, training infrastructure, benchmark, main. The blocks it shares with
+train_unet.py and train_dit.py are the same there, character for character.
 """
 import argparse
 import copy
@@ -16,15 +19,15 @@ import hashlib
 import json
 import math
 import os
-import random
+import pickle
 import signal
 import statistics
 import sys
 import tarfile
+import tempfile
 import time
-import urllib.request
-from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,94 +37,95 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------
-# Config: backbone presets, DDPM defaults (paper Table 8), feature layer and probe step (Table 10)
+# ------------------------------------------------------------------------------------------------
+# Config: backbones (Table 9), DDPM settings (Tables 8, 11), designated layer and step (Table 10)
 
 NETS = {  # patch size, width, transformer blocks (in + mid + out), heads, MLP ratio
-    "uvit_s": dict(patch=2, dim=512, depth=13, heads=8, mlp_ratio=4),  # official U-ViT CIFAR config: 44,255,328
-    "tiny":   dict(patch=4, dim=64, depth=5, heads=4, mlp_ratio=2),    # CPU tests and quickstart
+    "uvit_s": dict(patch=2, dim=512, depth=13, heads=8, mlp_ratio=4),  # U-ViT's CIFAR config
+    "tiny": dict(patch=4, dim=64, depth=5, heads=4, mlp_ratio=2),  # CPU quickstart and tests
 }
-DATASETS = {  # classes, resolution, default training epochs (the paper trains every pixel model 2000 epochs)
-    "cifar10": (10, 32, 2000), "cifar100": (100, 32, 2000), "tiny-imagenet": (200, 64, 2000),
-    "shapes": (10, 32, 40),  # small enough that the tiny CPU quickstart finishes in minutes
+PROBE = {  # Table 10, DDPM UViT-S: probe step and out-block
+    "cifar10": (11, "out_2"), "cifar100": (11, "out_2"),
+    "tiny-imagenet": (66, "out_1"), "in100": (66, "out_1"),
 }
-WARMUP_EPOCHS = 13  # Table 11, DDPM
-# Table 10, DDPM UViT-S: (probe step t, layer) on CIFAR-10/100, and on Tiny-ImageNet / ImageNet100-64
-PROBE = {"cifar10": (11, "out_2"), "cifar100": (11, "out_2"), "tiny-imagenet": (66, "out_1"), "in100": (66, "out_1")}
 AUG_DIM = 9  # the augment label of the non-leaky pipe
-ARCH_KEYS = ("net", "model", "self_cond", "aug", "cl", "cl_head", "resolution", "dataset")  # resume refuses changes
+ARCH_KEYS = ("net", "self_cond", "aug", "cl", "cl_head", "resolution")  # a resume may not change
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--net", choices=list(NETS), default="uvit_s")
-    p.add_argument("--model", default="DDPM", help="diffusion formulation (UViT: DDPM only)")
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, tiny-imagenet, shapes, or a class-folder name")
-    p.add_argument("--data-path", default="data", help="folder holding the dataset")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default: the dataset's; folders: 64)")
-    p.add_argument("--out", default=None, help="run directory (default runs/uvit-<dataset>-<net>-DDPM[-sc][-aug][-cl])")
-    p.add_argument("--self-cond", action="store_true", help="add the learnable [CLS] token (paper Fig. 2a)")
-    p.add_argument("--sc-layer", default=None, help="out-block for probing and contrastive features (default: Table 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 256 uvit_s, 128 tiny)")
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--weight-decay", type=float, default=0.03, help="AdamW; not on biases and position embeddings")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (Table 8)")
-    p.add_argument("--train-images", type=int, default=None, help="training length (default: paper epochs x dataset)")
-    p.add_argument("--warmup-images", type=int, default=None, help="lr warm-up (default: Table 11 epochs x dataset)")
-    p.add_argument("--log-every", type=int, default=None, help="images between log lines (default 50k; ten lines in shorter runs)")
-    p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
-    p.add_argument("--sample-every", type=int, default=5_000_000, help="images between preview grids")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--aug", action="store_true", help="non-leaky augmentation; its label enters as its own token")
-    p.add_argument("--cl", action="store_true", help="contrastive self-distillation from the EMA model (needs --aug)")
-    p.add_argument("--cl-weight", type=float, default=0.01, help="gamma, Table 7d")
+    p.add_argument("--model", default="DDPM", help="diffusion formulation: DDPM only for UViT")
+    p.add_argument("--dataset", default="cifar10",
+                   help="cifar10, cifar100, tiny-imagenet, shapes, or a class-folder name")
+    p.add_argument("--resolution", type=int, help="default: the dataset's (folders: 64)")
+    p.add_argument("--self-cond", action="store_true",
+                   help="add the learnable [CLS] token (Sec. 4.1, Fig. 2a)")
+    p.add_argument("--sc-layer", help="out-block of the probe and contrastive features (Table 10)")
+    p.add_argument("--probe-t", type=int,
+                   help="DDPM step of the probe and the contrastive target (Table 10)")
+    p.add_argument("--aug", action="store_true",
+                   help="non-leaky augmentation; its label enters as a token (Sec. 4.2)")
+    p.add_argument("--cl", action="store_true",
+                   help="contrastive self-distillation from the EMA (needs --aug)")
+    p.add_argument("--cl-weight", type=float, default=0.01, help="gamma (Table 7d)")
     p.add_argument("--cl-feature", choices=["cls", "pool"], default="cls",
                    help="[CLS] token or pooled image tokens (Table 7e)")
-    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time", help="projection head (Table 7b)")
-    p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe", help="target noise level (Table 7c)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images in folder datasets")
-    p.add_argument("--dry-run", action="store_true", help="print the config and parameter counts, then exit")
-    p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
-                   help="time STEPS training steps on synthetic data, with and without --self-cond, then exit")
+    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time",
+                   help="projection head (Table 7b)")
+    p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
+                   help="noise level of the target view (Table 7c)")
+    p.add_argument("--batch-size", type=int, help="global batch: 256 uvit_s (Table 11), 128 tiny")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--weight-decay", type=float, default=0.03,
+                   help="AdamW; not on biases and position embeddings")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (Table 8)")
+    p.add_argument("--warmup-images", type=int,
+                   help="lr warm-up (Table 11: 13 epochs, at most a tenth of the run)")
+    add_training_args(p)
     args = p.parse_args(argv)
-
     if args.model != "DDPM":
-        p.error(f"--model {args.model}: UViT trains as DDPM only (the paper found EDM and RF unstable with UViT); "
-                f"use train_unet.py for EDM/RF")
+        p.error(f"--model {args.model}: UViT trains as DDPM only (the paper found EDM and RF "
+                f"unstable with UViT); use train_unet.py for EDM and RF")
     if args.cl and not args.aug:
         p.error("--cl needs --aug: the contrastive views come from the augment pipe")
     if args.cl and args.cl_feature == "cls" and not args.self_cond:
         p.error("--cl-feature cls needs --self-cond (the [CLS] token); or use --cl-feature pool")
-    ncls, res, _ = DATASETS.get(args.dataset, (None, 64, 2000))
-    args.resolution = args.resolution or res
-    if args.resolution % NETS[args.net]["patch"]:
-        p.error(f"--resolution {args.resolution} is not a multiple of the {args.net} patch {NETS[args.net]['patch']}")
-    args.num_classes = ncls  # folders: filled in from the data when it is loaded
-    args.batch_size = args.batch_size or {"uvit_s": 256, "tiny": 128}[args.net]
+
+    patch = NETS[args.net]["patch"]
+    args.resolution = args.resolution or DATASETS.get(args.dataset, (0, 64))[1]
+    if args.resolution % patch:
+        p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")
+    if args.batch_size is None:
+        args.batch_size = {"uvit_s": 256, "tiny": 128}[args.net]
+    args.epochs = 40 if args.dataset == "shapes" else 2000  # shapes: minutes on a CPU
+    args.warmup_epochs = 13  # Table 11, DDPM
     n_out = NETS[args.net]["depth"] // 2
-    probe_t, layer = PROBE.get(args.dataset, (11, "out_2"))
-    args.sc_layer = args.sc_layer or layer  # out_1 / out_2 exist in every preset
+    probe_t, layer = PROBE.get(args.dataset, (11, "out_2"))  # out_2 exists in every preset
+    args.probe_t = args.probe_t or probe_t
+    args.sc_layer = args.sc_layer or layer
     if args.sc_layer.isdigit():
         args.sc_layer = f"out_{args.sc_layer}"
     if args.sc_layer not in [f"out_{i}" for i in range(1, n_out + 1)]:
         p.error(f"--sc-layer {args.sc_layer}: the {args.net} decoder has out_1 .. out_{n_out}")
-    args.probe_t = probe_t
+    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read
+    # at the designated out-block
+    cls = args.cl_feature == "cls"
+    args.cl_layer = f"cls_{args.sc_layer[4:]}" if cls else args.sc_layer
     suffix = "-sc" * args.self_cond + "-aug" * args.aug + "-cl" * args.cl
-    args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-{args.model}{suffix}"
+    args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-DDPM{suffix}"
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model: U-ViT (time, conditions and patches are all tokens; out-blocks fuse long skips from the in-blocks)
+# ------------------------------------------------------------------------------------------------
+# Model: U-ViT (time, conditions and patches are tokens; out-blocks fuse long skips)
 
 def timestep_embedding(t, dim, max_period=10_000):
-    """U-ViT's sinusoid of a (N,) float tensor: (N, dim), cos half first."""
+    """Sinusoid of a float tensor (N,): (N, dim), cos half first (DiT's and U-ViT's layout)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=1)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs  # (N, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 class Attention(nn.Module):
@@ -130,25 +134,27 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # qkv_bias=False as in U-ViT
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # qkv_bias=False, as U-ViT
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, mask=None):
         n, s, d = x.shape
-        q, k, v = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (N, H, S, Dh) each
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (S, S) bool, True = may attend
+        qkv = self.qkv(x).view(n, s, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, S, Dh) each
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (S, S): may attend
         return self.proj(x.transpose(1, 2).reshape(n, s, d))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; an out-block first fuses its long skip with Linear(2D, D) on the concat."""
+    """Pre-LN transformer block; an out-block first fuses its long skip by Linear(2D, D)."""
 
     def __init__(self, dim, heads, mlp_ratio, skip=False):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        hidden = mlp_ratio * dim
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x, skip=None, mask=None):
         if self.skip_linear is not None:
@@ -158,46 +164,37 @@ class Block(nn.Module):
 
 
 class UViT(nn.Module):
-    """U-ViT denoiser; token order [time, (augment label), ([CLS]), patches], out-blocks named out_1 .. out_N."""
+    """U-ViT denoiser; tokens [time, (augment label), ([CLS]), patches]; out-blocks out_1 .. out_N
+    (image tokens, pooled) and, with the [CLS] token, cls_1 .. cls_N (its output there)."""
 
-    def __init__(self, patch, dim, depth, heads, mlp_ratio, resolution=32, self_cond=False, aug=False,
-                 sc_layer="out_1"):
+    def __init__(self, patch, dim, depth, heads, mlp_ratio, resolution=32, self_cond=False,
+                 aug=False, sc_layer="out_2"):
         super().__init__()
         self.patch, self.dim = patch, dim
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
-        # Non-leaky augmentation: the label becomes its own token; bias-free (as EDM's label embedding) so the
-        # zero label used for sampling and probing leaves only the token's position embedding.
+        # The augment label is a token of its own; bias-free (as EDM's label embedding), so the
+        # zero label of sampling and probing leaves only its position embedding.
         self.aug_embed = nn.Linear(AUG_DIM, dim, bias=False) if aug else None
-        # ------------------------------------------------------------------------------------------------------
-        # Self-conditioning: one learnable [CLS] token with its own position-embedding row (+2 x dim parameters).
-        # It has no loss of its own; through attention it gathers global semantics from the image tokens and
-        # conditions them in return, so the net picks its own "designated layer" (paper Fig. 2a).
+        # Self-conditioning: one learnable [CLS] token with its own position row (+2 x dim).
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if self_cond else None
-        # ------------------------------------------------------------------------------------------------------
-        self.extras = 1 + aug + self_cond  # tokens in front of the patches
-        self.cls_index = self.extras - 1  # [CLS] comes last among them
+        self.extras = 1 + aug + self_cond  # tokens in front of the patches; [CLS] is the last
         n_tok = self.extras + (resolution // patch) ** 2
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_tok, dim))  # learnable, one row per token
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tok, dim))  # learnable, a row per token
         self.in_blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth // 2)])
         self.mid_block = Block(dim, heads, mlp_ratio)
-        self.out_blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, skip=True) for _ in range(depth // 2)])
+        self.out_blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, skip=True)
+                                         for _ in range(depth // 2)])
         self.norm = nn.LayerNorm(dim)
         self.decoder_pred = nn.Linear(dim, patch * patch * 3)
-        self.final_layer = nn.Conv2d(3, 3, 3, padding=1)  # U-ViT's conv after unpatchify smooths patch seams
-        self.feature_layers = [f"out_{i + 1}" for i in range(depth // 2)]  # image tokens, pooled
-        self.cls_layers = [f"cls_{i + 1}" for i in range(depth // 2)] if self_cond else []  # [CLS] per out-block
-        self.sc_layer = sc_layer  # the feature name "cls" means the [CLS] output of this out-block
-        # With both extra tokens, [CLS] and the augment label must not see each other (paper Fig. 2b: their
-        # interaction hurts); both still attend to time and image tokens and are seen by them.
-        mask = None
-        if self_cond and aug:
-            mask = torch.ones(n_tok, n_tok, dtype=torch.bool)
-            mask[1, 2] = mask[2, 1] = False  # rows attend, columns are attended: [1] = augment label, [2] = [CLS]
-        self.register_buffer("attn_mask", mask, persistent=False)
+        self.final_layer = nn.Conv2d(3, 3, 3, padding=1)  # U-ViT's conv smooths patch seams
+        self.feature_layers = [f"out_{i + 1}" for i in range(depth // 2)]
+        self.cls_layers = [f"cls_{i + 1}" for i in range(depth // 2)] if self_cond else []
+        self.sc_layer = sc_layer  # the feature "cls" is the [CLS] output of this out-block
+        self.register_buffer("attn_mask", attention_mask(n_tok, self_cond, aug), persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self):
-        """U-ViT's init: trunc-normal(0.02) linears and embeddings, zero biases; convs keep torch defaults."""
+        """U-ViT's init: trunc-normal(0.02) linears and embeddings, zero biases; convs: torch's."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -208,22 +205,20 @@ class UViT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)  # like a position embedding: a small random start
+            nn.init.trunc_normal_(self.cls_token, std=0.02)  # a small random start, as a position
 
-    def forward(self, x, t, y=None, aug=None, feats=()):
-        """x (N, 3, H, W), t (N,) = DDPM step / T; returns eps (and {name: (N, dim) float32} if feats)."""
-        if y is not None:
-            raise ValueError("the UViT here is unconditional, as in the paper: pass y=None")
+    def forward(self, x, t, aug=None, feats=()):
+        """x (N, 3, H, W), t (N,) = DDPM step / T, aug (N, 9) or None. Returns eps (N, 3, H, W)
+        and {name: (N, dim) fp32} of the features in feats."""
         want = {f: f"cls_{self.sc_layer[4:]}" if f == "cls" else f for f in feats}
         unknown = set(want.values()) - set(self.feature_layers + self.cls_layers)
         if unknown:
-            raise ValueError(f"unknown UViT feature {sorted(unknown)}: choose from {self.feature_layers}"
-                             + (", cls, cls_1 .." if self.cls_layers else " (cls needs a --self-cond model)"))
+            raise ValueError(f"unknown UViT feature {sorted(unknown)}: choose from "
+                             f"{self.feature_layers + self.cls_layers}")
         n, _, hh, ww = x.shape
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, L, D)
-        # Timestep scale: U-ViT's discrete-time models take the step n in 1..1000 as is (its CIFAR model takes
-        # 999 * t, t in (0, 1]: the same range). We get t/T with t in 1..T = 1000, so 1000 * t is exactly the step.
-        tokens = [timestep_embedding(1000 * t, self.dim)[:, None]]  # raw sinusoid token, no MLP (mlp_time_embed=False)
+        # U-ViT's discrete-time models take the step in 1..1000 as is; t = step / T, T = 1000.
+        tokens = [timestep_embedding(1000 * t, self.dim)[:, None]]  # raw sinusoid, no MLP
         if self.aug_embed is not None:
             aug = x.new_zeros(n, AUG_DIM) if aug is None else aug
             tokens.append(self.aug_embed(aug)[:, None])
@@ -236,240 +231,103 @@ class UViT(nn.Module):
             skips.append(h)
         h = self.mid_block(h, mask=self.attn_mask)
         pooled = {}
-        for i, blk in enumerate(self.out_blocks):
+        for i, blk in enumerate(self.out_blocks, 1):
             h = blk(h, skips.pop(), mask=self.attn_mask)
             for name, layer in want.items():
-                if layer == f"out_{i + 1}":
+                if layer == f"out_{i}":
                     pooled[name] = h[:, self.extras:].float().mean(1)  # image tokens only
-                elif layer == f"cls_{i + 1}":
-                    pooled[name] = h[:, self.cls_index].float()
-        h = self.decoder_pred(self.norm(h))[:, self.extras:]  # (N, L, p*p*3), the extra tokens are dropped
+                elif layer == f"cls_{i}":
+                    pooled[name] = h[:, self.extras - 1].float()
+        h = self.decoder_pred(self.norm(h))[:, self.extras:]  # (N, L, p*p*3): patches only
         p = self.patch
-        h = h.view(n, hh // p, ww // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(n, 3, hh, ww)  # unpatchify
-        out = self.final_layer(h)
-        return (out, pooled) if feats else out
+        h = h.view(n, hh // p, ww // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(n, 3, hh, ww)
+        return self.final_layer(h), pooled
 
 
 def build_model(args):
-    model = UViT(**NETS[args.net], resolution=args.resolution, self_cond=args.self_cond, aug=args.aug,
-                 sc_layer=args.sc_layer)
-    if args.cl:  # part of the model, so optimizer, DDP, EMA (the teacher's head) and checkpoint cover it
+    model = UViT(**NETS[args.net], resolution=args.resolution, self_cond=args.self_cond,
+                 aug=args.aug, sc_layer=args.sc_layer)
+    if args.cl:  # in the model, so optimizer, DDP, EMA (the teacher's head) and checkpoint cover it
         model.cl_head = ProjHead(model.dim, mode=args.cl_head)
     return model
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: decay on everything but biases and position embeddings (paper App. A), so the [CLS]
-    token and LayerNorm gains are decayed (the official U-ViT decays every parameter)."""
-    decay, no_decay = [], []
-    for name, prm in model.named_parameters():
-        (no_decay if name.endswith("bias") or name == "pos_embed" else decay).append(prm)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+# ------------------------------------------------------------------------------------------------
+# Self-conditioning (Sec. 4.1, Fig. 2): the [CLS] token of UViT above. It has no loss of its own;
+# through attention it gathers global semantics from the image tokens and conditions them in
+# return, so the net picks its own "designated layer".
+
+def attention_mask(n_tok, self_cond, aug):
+    """(S, S) bool, True = may attend; None when nothing is masked (flash attention).
+    With both extra tokens, [CLS] and the augment label must not see each other (Fig. 2b:
+    their interaction hurts); both still attend to, and are seen by, time and image tokens."""
+    if not (self_cond and aug):
+        return None
+    mask = torch.ones(n_tok, n_tok, dtype=torch.bool)
+    mask[1, 2] = mask[2, 1] = False  # token 1 is the augment label, token 2 the [CLS]
+    return mask
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Diffusion: DDPM (paper Table 8). Paper convention: t=0 is data, t=T is noise. Data lives in [-1, 1].
-# The paper found EDM and RF unstable with UViT, so only DDPM is here; train_unet.py has all three.
-# sample() is a short deterministic sampler for preview grids only (sample.py holds the paper's samplers).
-
-def _split(out, feats):
-    return out if feats else (out, None)
-
+# ------------------------------------------------------------------------------------------------
+# Diffusion: DDPM (Table 8); the paper found EDM and RF unstable with UViT (train_unet.py has
+# them). Paper convention: t=0 is data, t=T is noise; data in [-1, 1]. sample() is a short
+# sampler for preview grids (sample.py holds the paper's samplers).
 
 class DDPM:
-    """Linear betas 1e-4..0.02 over T=1000 steps, eps-prediction, unweighted MSE (DDAE's indexing: t in 1..T)."""
+    """Linear betas 1e-4..0.02 over T=1000 steps, eps-prediction, unweighted MSE; t in 1..T and
+    the network sees t/T (DDAE's indexing)."""
 
-    kind = "DDPM"
+    kind, T, t_min = "DDPM", 1000, 1
 
-    def __init__(self, T=1000):
-        self.T = T
-        betas = torch.cat([torch.zeros(1), torch.linspace(1e-4, 0.02, T)]).double()
+    def __init__(self):
+        betas = torch.cat([torch.zeros(1), torch.linspace(1e-4, 0.02, self.T)]).double()
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (T+1,), index 0 = clean data
 
-    def _ab(self, t, x):
+    def _ab(self, t, x):  # alpha-bar of each t (N,), shaped to broadcast against x
         return self.alphas_cumprod.to(x.device)[t].to(x.dtype).view(-1, 1, 1, 1)
 
     def add_noise(self, x0, t, noise):
         ab = self._ab(t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def pred(self, model, x, t, y=None, aug=None, feats=()):
-        return model(x, t.float() / self.T, y, aug, feats)  # DDAE feeds t/T to the network
+    def level(self, t):  # in [0, 1]: for the loss log and the contrastive head
+        return t.float() / self.T
 
-    def loss(self, model, x0, y=None, aug=None, feats=()):
-        """Per-sample loss (N,) and level t/T (N,); with feats also the training forward's features (with grad)."""
-        t = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device)
+    def pred(self, model, x, t, aug=None, feats=()):
+        """The noise eps (N, C, H, W) and the pooled features of the layers in feats."""
+        return model(x, self.level(t), aug, feats)
+
+    def loss(self, model, x0, aug=None, feats=()):
+        """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""
+        t = torch.randint(1, self.T + 1, (len(x0),), device=x0.device)
         noise = torch.randn_like(x0)
-        eps, pooled = _split(self.pred(model, self.add_noise(x0, t, noise), t, y, aug, feats), feats)
-        loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))
-        return (loss, t.float() / self.T, pooled) if feats else (loss, t.float() / self.T)
+        eps, pooled = self.pred(model, self.add_noise(x0, t, noise), t, aug, feats)
+        return (eps.float() - noise).square().mean(dim=(1, 2, 3)), self.level(t), pooled
 
     @torch.no_grad()
     def sample(self, model, noise, steps=50):
-        """DDIM (eta 0) from t=T to clean."""
-        ts, x = torch.linspace(self.T, 0, steps + 1).round().long().to(noise.device), noise
+        """DDIM (eta 0) from t=T to clean; clips x0 and re-derives eps from it, as DDAE does."""
+        ts, x = torch.linspace(self.T, 0, steps + 1).round().long().tolist(), noise
         for t, s in zip(ts[:-1], ts[1:]):
-            eps = self.pred(model, x, t.repeat(len(x))).float()
-            ab_t, ab_s = self._ab(t.repeat(len(x)), x), self._ab(s.repeat(len(x)), x)
-            x0 = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
-            x = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+            tt = torch.full((len(x),), t, device=x.device)
+            eps = self.pred(model, x, tt)[0].float()
+            ab_t, ab_s = self.alphas_cumprod[t].item(), self.alphas_cumprod[s].item()
+            x0 = ((x - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5).clamp(-1, 1)
+            eps = (x - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
+            x = ab_s**0.5 * x0 + (1 - ab_s) ** 0.5 * eps
         return x
 
 
-def build_diffusion(args):
+def build_diffusion(args, model=None):
     return DDPM()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: every dataset is one uint8 tensor (N, 3, H, W) in memory (CIFAR is 150 MB, Tiny-ImageNet 1.2 GB)
 
-@functools.lru_cache(maxsize=4)
-def make_shapes(n, seed, res=32):
-    """Deterministic toy dataset: 10 classes of anti-aliased shapes, random size, pose, colours; uint8 + labels."""
-    g = np.random.default_rng(seed)
-    y = g.permutation(np.arange(n) % 10)
-    cx, cy = (g.uniform(0.35, 0.65, (2, n, 1, 1)) * res).astype(np.float32)
-    r = (g.uniform(0.2, 0.33, (n, 1, 1)) * res).astype(np.float32)
-    rot = g.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
-    yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
-    dx, dy = xx - cx, yy - cy
-    u, v = dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot)  # shape-aligned coords
-    rho, th = np.hypot(u, v), np.arctan2(v, u)
+# ------------------------------------------------------------------------------------------------
+# Non-leaky augmentation (Sec. 4.2): EDM's AugmentPipe, CIFAR setting; the net sees the warp
 
-    def polygon(r, th, k):  # distance from the center to the edge of a regular k-gon along each ray
-        return r * np.cos(np.pi / k) / np.cos((th % (2 * np.pi / k)) - np.pi / k)
-
-    sdf = [  # signed distance in pixels, negative inside; one per class
-        lambda u, v, rho, th, r: rho - r,                                                  # 0 disc
-        lambda u, v, rho, th, r: rho - polygon(r, th, 3),                                  # 1 triangle
-        lambda u, v, rho, th, r: rho - polygon(r, th, 4),                                  # 2 square
-        lambda u, v, rho, th, r: rho - r * (0.6 + 0.4 * np.cos(5 * th)),                   # 3 star
-        lambda u, v, rho, th, r: np.abs(rho - 0.75 * r) - 0.25 * r,                        # 4 ring
-        lambda u, v, rho, th, r: np.minimum(np.maximum(abs(u) - 0.3 * r, abs(v) - r),
-                                            np.maximum(abs(v) - 0.3 * r, abs(u) - r)),     # 5 plus
-        lambda u, v, rho, th, r: np.maximum(rho - r, 0.75 * r - np.hypot(u - 0.45 * r, v)),  # 6 crescent
-        lambda u, v, rho, th, r: np.hypot(u, v / 0.45) - r,                                # 7 thin ellipse
-        lambda u, v, rho, th, r: np.maximum(rho - r, -u),                                  # 8 half disc
-        lambda u, v, rho, th, r: np.minimum(np.hypot(u - 0.55 * r, v), np.hypot(u + 0.55 * r, v)) - 0.42 * r,  # 9 dots
-    ]
-    d = np.empty((n, res, res), dtype=np.float32)
-    for c, f in enumerate(sdf):
-        i = y == c
-        d[i] = f(u[i], v[i], rho[i], th[i], r[i])
-    alpha = np.clip(0.5 - d, 0, 1)[:, None]  # (N, 1, H, W) anti-aliased coverage
-    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
-    img = bg * (1 - alpha) + fg * alpha
-    return torch.from_numpy(np.round(img * 255).astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
-
-
-CIFAR = {  # official python pickle archives: url, md5, extracted folder, train files, test files, label key
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
-                "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-                 "cifar-100-python", ["train"], ["test"], b"fine_labels"),
-}
-
-
-def _download_cifar(name, root):
-    """Fetch and verify the official archive; without network, say where the files must go."""
-    url, md5, folder = CIFAR[name][:3]
-    archive = root / url.rsplit("/", 1)[1]
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        urllib.request.urlretrieve(url, archive.with_suffix(".part"))
-    except OSError as e:
-        raise SystemExit(f"{name} not found at {root / folder} and the download failed ({e}): "
-                         f"extract {url} there, or pass --data-path")
-    if hashlib.md5(archive.with_suffix(".part").read_bytes()).hexdigest() != md5:
-        raise SystemExit(f"{url} downloaded with a wrong checksum; delete {archive.with_suffix('.part')} and retry")
-    os.replace(archive.with_suffix(".part"), archive)
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
-
-
-def load_cifar(name, root, split):
-    import pickle
-    url, md5, folder, train_files, test_files, key = CIFAR[name]
-    root = Path(root)
-    if root.name == folder:
-        root = root.parent
-    if not (root / folder).is_dir():
-        _download_cifar(name, root)
-    xs, ys = [], []
-    for f in train_files if split == "train" else test_files:
-        with open(root / folder / f, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def center_crop(img, res):
-    """ADM's center crop: box-downsample while the short side is >= 2x, bicubic to res, crop the center."""
-    while min(img.size) >= 2 * res:
-        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
-    scale = res / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
-    x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
-    return img.crop((x, y, x + res, y + res))
-
-
-def load_images(files, res, skip_bad):
-    """Decode a list of (path, label) into one uint8 tensor; a corrupt file stops with its name unless skip_bad."""
-    xs, ys, bad = [], [], 0
-    for f, label in tqdm(files, desc="decoding images", disable=len(files) < 1000 or not _is_main()):
-        try:
-            with Image.open(f) as im:
-                xs.append(np.asarray(center_crop(im.convert("RGB"), res)).transpose(2, 0, 1))
-        except (OSError, SyntaxError) as e:
-            if not skip_bad:
-                raise SystemExit(f"cannot read image {f} ({e}); fix or remove it, or pass --skip-bad")
-            bad += 1
-            continue
-        ys.append(label)
-    if bad:
-        print(f"skipped {bad} unreadable images")
-    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)
-
-
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def load_dataset(args, split="train"):
-    """Return (images uint8 (N, 3, H, W), labels int64 (N,)) for a split ('train' or 'test')."""
-    if args.dataset == "shapes":
-        return make_shapes(10_000 if split == "train" else 2_000, seed=0 if split == "train" else 1, res=args.resolution)
-    if args.dataset in CIFAR:
-        return load_cifar(args.dataset, args.data_path, split)
-    root = Path(args.data_path)
-    if args.dataset == "tiny-imagenet":
-        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
-        if not (root / "wnids.txt").exists():
-            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: unzip tiny-imagenet-200.zip there")
-        wnids = (root / "wnids.txt").read_text().split()
-        if split == "train":
-            files = [(f, i) for i, w in enumerate(wnids) for f in sorted((root / "train" / w / "images").iterdir())]
-        else:
-            rows = [line.split("\t")[:2] for line in (root / "val" / "val_annotations.txt").read_text().splitlines()]
-            files = [(root / "val" / "images" / f, wnids.index(w)) for f, w in rows]
-        return load_images(files, args.resolution, args.skip_bad)
-    # class folders: <root>/<class>/*.jpg, or <root>/train/<class> and <root>/val/<class>
-    sub = {"train": "train", "test": "val"}[split]
-    if (root / sub).is_dir():
-        root = root / sub
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMG_EXT]
-    if not files:
-        raise SystemExit(f"no images found for dataset {args.dataset!r} under {root}: "
-                         f"point --data-path at a folder of class sub-folders")
-    return load_images(files, args.resolution, args.skip_bad)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Non-leaky augmentation
-
-# Low-pass decomposition filter of the sym6 wavelet (12 taps, sum sqrt(2)). Being orthogonal, upsampling with it and
-# downsampling with it again is the identity, so only the geometric warp in between changes the image.
+# Low-pass decomposition filter of the sym6 wavelet (12 taps, sum sqrt(2)). It is orthogonal, so
+# upsampling and downsampling with it is the identity: only the warp in between moves pixels.
 SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
         0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
         -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
@@ -482,60 +340,67 @@ def _affine(a, b, c, d, tx, ty):
 
 
 def _rotate(theta):
-    return _affine(theta.cos(), -theta.sin(), theta.sin(), theta.cos(), 0 * theta, 0 * theta)
+    c, s, z = theta.cos(), theta.sin(), 0 * theta
+    return _affine(c, -s, s, c, z, z)
 
 
 def _scale(sx, sy):
-    return _affine(sx, 0 * sx, 0 * sx, sy, 0 * sx, 0 * sx)
-
-
-def _apply_matrix(x, G):
-    """Resample x (N, C, H, W) so that output pixel p reads input pixel G @ p (pixel units, origin at the centre)."""
-    N, C, H, W = x.shape
-    pad = len(SYM6) // 4  # canvas margin (pixels) kept around the output until decimation
-    one = torch.ones(N, device=x.device)
-    # Reflect-pad just enough to cover what the warped output canvas (plus filter support) reads.
-    cx, cy = (W - 1) / 2, (H - 1) / 2
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0, 1, 1, 1]], device=x.device)
-    reach = (G @ corners)[:, :2]  # (N, 2, 4) where the output corners land in the input
-    reach = torch.stack([-reach, reach], dim=1).amax(dim=(0, 3)).flatten()  # (4,) left, top, right, bottom
-    lo = torch.tensor([2 * pad - cx, 2 * pad - cy] * 2, device=x.device)
-    hi = torch.tensor([W - 1.0, H - 1.0] * 2, device=x.device)  # reflect padding cannot exceed the image
-    ml, mt, mr, mb = (reach + lo).clamp(min=0).minimum(hi).ceil().int().tolist()
-    x = F.pad(x, [ml, mr, mt, mb], mode='reflect')
-    G = _affine(one, 0 * one, 0 * one, one, (ml - mr) / 2 * one, (mt - mb) / 2 * one) @ G
-    # 2x oversampling keeps bilinear interpolation from blurring; u = 2p - 0.5 maps pixel to oversampled coordinates.
-    x = _sym6_operator(x.shape[2], True, x.device).t() @ x @ _sym6_operator(x.shape[3], True, x.device)
-    up = _affine(2 * one, 0 * one, 0 * one, 2 * one, -0.5 * one, -0.5 * one)
-    G = up @ G @ torch.linalg.inv(up)
-    # affine_grid works in [-1, 1] coordinates (align_corners=False: pixel index i -> (2i + 1) / size - 1).
-    Ho, Wo = 2 * (H + 2 * pad), 2 * (W + 2 * pad)
-    G = _scale(2 / x.shape[3] * one, 2 / x.shape[2] * one) @ G @ _scale(Wo / 2 * one, Ho / 2 * one)
-    grid = F.affine_grid(G[:, :2].to(x.dtype), [N, C, Ho, Wo], align_corners=False)
-    x = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    down_h, down_w = _sym6_operator(Ho, False, x.device), _sym6_operator(Wo, False, x.device)
-    return down_h[:, pad:-pad].t() @ x @ down_w[:, pad:-pad]  # decimate, then crop the canvas margin
+    z = 0 * sx
+    return _affine(sx, z, z, sy, z, z)
 
 
 def _sym6_operator(n, up, device):
-    """Sym6 2x up- (n, 2n) or down-sampling (n, n // 2) along one axis as a dense matrix: x @ M filters rows."""
-    # A small matmul beats a depthwise (transposed) convolution by ~10x on CPU and costs nothing on GPU.
-    eye, k = torch.eye(n, device=device)[:, None], torch.tensor(SYM6, device=device).view(1, 1, -1)
+    """Sym6 2x up- (n, 2n) or downsampling (n, n // 2) along one axis as a matrix: x @ M."""
+    # A small matmul beats a depthwise (transposed) convolution ~10x on CPU and costs nothing on GPU.
+    eye = torch.eye(n, device=device)[:, None]
+    k = torch.tensor(SYM6, device=device).view(1, 1, -1)
     conv = F.conv_transpose1d if up else F.conv1d
     return conv(eye, k, stride=2, padding=len(SYM6) // 2 - 1)[:, 0]
 
 
-class AugmentPipe(nn.Module):
-    """EDM's geometric augmentation (CIFAR setting) returning the 9-d label the network is conditioned on.
+def _apply_matrix(x, G):
+    """Resample x (N, C, H, W) so that output pixel p reads input pixel G p (pixels, centred)."""
+    N, C, H, W = x.shape
+    pad = len(SYM6) // 4  # canvas margin (pixels) kept around the output until decimation
+    one = torch.ones(N, device=x.device)
+    # Reflect-pad just enough to cover what the warped canvas (plus filter support) reads.
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0, 1, 1, 1]],
+                           device=x.device)
+    reach = (G @ corners)[:, :2]  # (N, 2, 4): where the output corners land in the input
+    reach = torch.stack([-reach, reach], dim=1).amax(dim=(0, 3)).flatten()  # left top right bottom
+    lo = torch.tensor([2 * pad - cx, 2 * pad - cy] * 2, device=x.device)
+    hi = torch.tensor([W - 1.0, H - 1.0] * 2, device=x.device)  # reflection cannot exceed the image
+    ml, mt, mr, mb = (reach + lo).clamp(min=0).minimum(hi).ceil().int().tolist()
+    x = F.pad(x, [ml, mr, mt, mb], mode="reflect")
+    G = _affine(one, 0 * one, 0 * one, one, (ml - mr) / 2 * one, (mt - mb) / 2 * one) @ G
+    # 2x oversampling keeps bilinear interpolation from blurring; u = 2p - 0.5 maps the pixels.
+    up_h, up_w = (_sym6_operator(n, True, x.device) for n in x.shape[2:])
+    x = up_h.t() @ x @ up_w
+    up = _affine(2 * one, 0 * one, 0 * one, 2 * one, -0.5 * one, -0.5 * one)
+    G = up @ G @ torch.linalg.inv(up)
+    # affine_grid works in [-1, 1] (align_corners=False: pixel i -> (2i + 1) / size - 1).
+    Ho, Wo = 2 * (H + 2 * pad), 2 * (W + 2 * pad)
+    G = _scale(2 / x.shape[3] * one, 2 / x.shape[2] * one) @ G @ _scale(Wo / 2 * one, Ho / 2 * one)
+    grid = F.affine_grid(G[:, :2].to(x.dtype), [N, C, Ho, Wo], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    down_h, down_w = _sym6_operator(Ho, False, x.device), _sym6_operator(Wo, False, x.device)
+    return down_h[:, pad:-pad].t() @ x @ down_w[:, pad:-pad]  # decimate, crop the margin
 
-    Label slots, EDM's order and meaning (w ~ N(0, 1); output pixel p samples the input at G p, origin at the centre):
+
+class AugmentPipe(nn.Module):
+    """EDM's geometric augmentation (CIFAR setting), returning the 9-d label the net is given.
+
+    Label slots in EDM's order (w ~ N(0, 1); output pixel p reads the input at G p, centred):
       0 xflip (0/1)   1 yflip (0/1)   2 scale w: G = 2^(-scale_std w)
       3-4 rotation cos(a) - 1, sin(a), a ~ U[-pi, pi): G = R(a)
-      5-6 aniso w cos(r), w sin(r): G = R(-r) diag(2^(-aniso_std w), 2^(aniso_std w)) R(r)  (r = 0 half of the time)
+      5-6 aniso w cos(r), w sin(r): G = R(-r) diag(2^(-aniso_std w), 2^(aniso_std w)) R(r)
+          (r = 0 half of the time)
       7-8 translation wx, wy: G p = p - translate_std (wx W, wy H)
-    All zero = not augmented (what sampling and probing pass). The flip is a plain 50% flip independent of p (EDM
-    writes it xflip=1e8); every other op is switched on per image with probability p (a yflip then flips half of
-    those). Randomness comes only from `generator`, so a seed per (rank, step) reproduces a batch exactly.
+    All zero = not augmented (what sampling and probing pass). The x-flip is a plain 50% flip
+    (EDM writes xflip=1e8); every other op is on per image with probability p (a yflip then
+    flips half of those). Randomness comes only from `generator` (default: torch's), so a seed
+    per (rank, step) reproduces a batch exactly.
     """
 
     def __init__(self, p=0.12, xflip=True, yflip=1, scale=1, rotate=1, aniso=1, translate=1,
@@ -549,7 +414,7 @@ class AugmentPipe(nn.Module):
         N, C, H, W = x.shape
         x = x.float()
         dev = generator.device if generator is not None else x.device
-        # Draw everything up front in a fixed layout so enabling one op never shifts another op's randomness.
+        # Draw everything up front in a fixed layout: enabling one op never shifts another's draws.
         u = torch.rand(N, 10, generator=generator, device=dev).to(x.device)
         n = torch.randn(N, 4, generator=generator, device=dev).to(x.device)
         on = lambda col, mult: (u[:, col] < mult * self.p).float()  # per-image gate of one op
@@ -559,14 +424,15 @@ class AugmentPipe(nn.Module):
         s = n[:, 0] * on(3, self.scale)
         a = (2 * u[:, 4] - 1) * pi * on(5, self.rotate)
         w = n[:, 1] * on(7, self.aniso)
-        r = (2 * u[:, 6] - 1) * pi * (u[:, 8] < 0.5).float()  # EDM rotates the aniso axis half of the time
+        r = (2 * u[:, 6] - 1) * pi * (u[:, 8] < 0.5).float()  # EDM turns the aniso axis half the time
         t = n[:, 2:4] * on(9, self.translate)[:, None]
         x = torch.where(xf.view(N, 1, 1, 1) > 0, x.flip(3), x)
         x = torch.where(yf.view(N, 1, 1, 1) > 0, x.flip(2), x)
-        labels = torch.stack([xf, yf, s, a.cos() - 1, a.sin(), w * r.cos(), w * r.sin(), t[:, 0], t[:, 1]], 1)
-        if self.scale or self.rotate or self.aniso or self.translate:  # all-or-nothing resampling, as EDM
-            with torch.autocast(x.device.type, enabled=False):  # matrices and resampling stay float32 under AMP
-                G = _scale(2 ** (-self.scale_std * s), 2 ** (-self.scale_std * s)) @ _rotate(a)  # output -> input
+        labels = torch.stack([xf, yf, s, a.cos() - 1, a.sin(), w * r.cos(), w * r.sin(),
+                              t[:, 0], t[:, 1]], 1)
+        if self.scale or self.rotate or self.aniso or self.translate:  # all or nothing, as EDM
+            with torch.autocast(x.device.type, enabled=False):  # warps stay fp32 under autocast
+                G = _scale(2 ** (-self.scale_std * s), 2 ** (-self.scale_std * s)) @ _rotate(a)
                 sa = 2 ** (self.aniso_std * w)
                 G = G @ _rotate(-r) @ _scale(1 / sa, sa) @ _rotate(r)
                 G = G @ _affine(one, 0 * one, 0 * one, one, -t[:, 0] * W * self.translate_std,
@@ -575,98 +441,429 @@ class AugmentPipe(nn.Module):
         return x, labels  # (N, C, H, W), (N, 9)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Contrastive self-distillation
+AUGMENT = AugmentPipe()  # the paper's setting (EDM's CIFAR pipe, App. A); it holds no state
 
-def _level_embedding(level, dim=128):
-    """Sinusoidal embedding (N, dim) of a noise level in [0, 1], on the usual 0..1000 time scale."""
-    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=level.device) / (dim // 2))
-    angles = 1000 * level.float()[:, None] * freqs
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
 
+# ------------------------------------------------------------------------------------------------
+# Contrastive self-distillation (Sec. 4.2): MoCo v3 against the EMA model as the teacher
 
 class ProjHead(nn.Module):
-    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); mode 'time' gates hidden units by the noise level."""
+    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time' gates it by noise level."""
 
-    def __init__(self, in_dim, hidden=1024, out=256, mode='time', t_dim=128):
+    def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()
-        if mode not in ('time', 'mocov3'):
-            raise ValueError(f"unknown projection head mode {mode!r}: use 'time' or 'mocov3'")
-        # BN always normalises with the batch statistics (no running stats): online and EMA heads then behave the
-        # same in train and eval mode, and a target at the probe noise level is not normalised with statistics
-        # collected at the training noise levels.
+        # BN always uses the batch statistics (no running stats): the online and EMA heads then
+        # behave alike in train and eval mode, and a target at the probe level is not normalised
+        # with statistics of the training levels.
         bn = lambda d, affine=True: nn.BatchNorm1d(d, affine=affine, track_running_stats=False)
         self.fc1, self.bn1 = nn.Linear(in_dim, hidden, bias=False), bn(hidden)
         self.fc2, self.bn2 = nn.Linear(hidden, out, bias=False), bn(out, affine=False)
-        # A conditional-BN gain per hidden unit: features from different noise levels need different weighting.
-        # Zero-init, so 'time' starts as exactly the 'mocov3' projector.
-        self.time = nn.Linear(t_dim, hidden) if mode == 'time' else None
+        # A conditional-BN gain per hidden unit, as features of different noise levels need
+        # different weighting (Table 7b). Zero-init: 'time' starts as the 'mocov3' projector.
+        self.time = nn.Linear(t_dim, hidden) if mode == "time" else None
         if self.time is not None:
             nn.init.zeros_(self.time.weight)
             nn.init.zeros_(self.time.bias)
         self.predictor = nn.Sequential(nn.Linear(out, hidden, bias=False), bn(hidden), nn.ReLU(),
                                        nn.Linear(hidden, out, bias=False))
 
-    def project(self, f, level):  # (N, C), (N,) in [0, 1] -> (N, out); the EMA (target) branch stops here
+    def project(self, f, level):  # (N, C), (N,) in [0, 1] -> (N, out); the EMA branch stops here
         h = self.bn1(self.fc1(f.float()))
-        if self.time is not None:
-            h = h * (1 + self.time(_level_embedding(level, self.time.in_features)))
+        if self.time is not None:  # the level on the usual 0..1000 time scale
+            h = h * (1 + self.time(timestep_embedding(1000 * level, self.time.in_features)))
         return self.bn2(self.fc2(F.relu(h)))
 
-    def forward(self, f, level):  # online branch: projector then predictor
+    def forward(self, f, level):  # online branch: projector, then predictor
         return self.predictor(self.project(f, level))
 
 
 def contrastive_loss(q, k, T=0.2):
-    """InfoNCE of online q (N, D) against targets k (N, D) gathered from all ranks, scaled by 2T as in MoCo v3."""
+    """InfoNCE of online q (N, D) against targets k (N, D) from all ranks, x 2T as MoCo v3."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
     rank = 0
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         ks = [torch.empty_like(k) for _ in range(dist.get_world_size())]
         dist.all_gather(ks, k.contiguous())  # no gradient flows through the targets
         k, rank = torch.cat(ks), dist.get_rank()
-    labels = torch.arange(len(q), device=q.device) + rank * len(q)  # the positive is this rank's own slice
-    with torch.autocast(q.device.type, enabled=False):  # logits / T need more than bf16's 8 mantissa bits
+    labels = torch.arange(len(q), device=q.device) + rank * len(q)  # positives: own slice
+    with torch.autocast(q.device.type, enabled=False):  # logits / T need more than bf16 holds
         return F.cross_entropy(q @ k.t() / T, labels) * (2 * T)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
+def contrastive_step(model, ema, diffusion, x, f, level, args):
+    """The contrastive term: online feature f (N, C) of the training view at its own level
+    against the EMA's feature of a second view of the clean batch x, noised at the target level."""
+    t = args.probe_t if args.cl_target_t == "probe" else diffusion.t_min  # Table 7c
+    t = torch.full((len(x),), t, device=x.device)  # int64 for DDPM steps, float otherwise
+    with torch.no_grad():  # the teacher: one EMA forward, in the training precision
+        x2, aug2 = AUGMENT(x)
+        x2 = diffusion.add_noise(x2, t, torch.randn_like(x2))
+        f2 = diffusion.pred(ema, x2, t, aug2, (args.cl_layer,))[1][args.cl_layer]
+        k = ema.cl_head.project(f2, diffusion.level(t))  # the EMA head projects the target
+    return contrastive_loss(model.cl_head(f, level), k)
 
-def _is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: a pixel dataset is one uint8 tensor (N, 3, H, W) in memory (CIFAR 150 MB, Tiny-IN 1.2 GB)
+
+DATASETS = {  # pixel datasets known by name: classes, resolution
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+}
+CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+                 ["train"], ["test"], b"fine_labels"),
+}
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@functools.lru_cache(maxsize=4)
+def make_shapes(n, seed, res=32):
+    """A deterministic toy dataset: 10 classes of anti-aliased shapes of random size, pose and
+    colours; uint8 (n, 3, res, res) and labels (n,)."""
+    g = np.random.default_rng(seed)
+    y = g.permutation(np.arange(n) % 10)
+    cx, cy = (g.uniform(0.35, 0.65, (2, n, 1, 1)) * res).astype(np.float32)
+    r = (g.uniform(0.2, 0.33, (n, 1, 1)) * res).astype(np.float32)
+    rot = g.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+    yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
+    dx, dy = xx - cx, yy - cy
+    u = dx * np.cos(rot) + dy * np.sin(rot)  # shape-aligned coordinates
+    v = -dx * np.sin(rot) + dy * np.cos(rot)
+    rho, th = np.hypot(u, v), np.arctan2(v, u)
+
+    def polygon(r, th, k):  # distance from the centre to the edge of a regular k-gon
+        return r * np.cos(np.pi / k) / np.cos((th % (2 * np.pi / k)) - np.pi / k)
+
+    sdf = [  # signed distance in pixels, negative inside; one per class
+        lambda u, v, rho, th, r: rho - r,  # 0 disc
+        lambda u, v, rho, th, r: rho - polygon(r, th, 3),  # 1 triangle
+        lambda u, v, rho, th, r: rho - polygon(r, th, 4),  # 2 square
+        lambda u, v, rho, th, r: rho - r * (0.6 + 0.4 * np.cos(5 * th)),  # 3 star
+        lambda u, v, rho, th, r: np.abs(rho - 0.75 * r) - 0.25 * r,  # 4 ring
+        lambda u, v, rho, th, r: np.minimum(np.maximum(abs(u) - 0.3 * r, abs(v) - r),
+                                            np.maximum(abs(v) - 0.3 * r, abs(u) - r)),  # 5 plus
+        lambda u, v, rho, th, r: np.maximum(rho - r, 0.75 * r - np.hypot(u - 0.45 * r, v)),  # 6
+        lambda u, v, rho, th, r: np.hypot(u, v / 0.45) - r,  # 7 thin ellipse
+        lambda u, v, rho, th, r: np.maximum(rho - r, -u),  # 8 half disc
+        lambda u, v, rho, th, r: np.minimum(np.hypot(u - 0.55 * r, v),
+                                            np.hypot(u + 0.55 * r, v)) - 0.42 * r,  # 9 dots
+    ]
+    d = np.empty((n, res, res), dtype=np.float32)
+    for c, f in enumerate(sdf):
+        i = y == c
+        d[i] = f(u[i], v[i], rho[i], th[i], r[i])
+    alpha = np.clip(0.5 - d, 0, 1)[:, None]  # (N, 1, H, W) anti-aliased coverage
+    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
+    img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
+
+
+def local_rank():
+    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def raise_on_any(error):
+    """Collective: when any rank has an error message, every rank exits with the first one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def fetch_once(path, fetch, failed):
+    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
+    call this). A failure ends every rank promptly with the same line: `failed` and the reason."""
+    error = None
+    if local_rank() == 0 and not path.exists():
+        try:
+            fetch(path)
+        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
+            error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
+    return path
+
+
+def download_cifar(url, md5, folder):
+    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
+    in the same file system: an interrupted fetch leaves nothing behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
+        archive = Path(tmp) / url.rsplit("/", 1)[1]
+        torch.hub.download_url_to_file(url, archive)
+        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
+            raise ValueError(f"wrong md5 checksum of {url}")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(Path(tmp) / folder.name, folder)
+
+
+def load_cifar(name, root, split):
+    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
+    url, md5, folder, train_files, test_files, key = CIFAR[name]
+    root = Path(root)
+    root = root.parent if root.name == folder else root
+    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
+               f"{name} is not in {root / folder} and could not be downloaded; "
+               f"extract {url} there, or pass --data-path")
+    xs, ys = [], []
+    for f in train_files if split == "train" else test_files:
+        with open(root / folder / f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def center_crop(img, res):
+    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
+    x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
+    return img.crop((x, y, x + res, y + res))
+
+
+def image_files(args, split):
+    """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
+    class folders <root>/<class>/*, or <root>/train/<class>/* and <root>/val/<class>/*."""
+    root = Path(args.data_path)
+    if args.dataset == "tiny-imagenet":
+        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
+        if not (root / "wnids.txt").exists():
+            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: "
+                             f"unzip tiny-imagenet-200.zip there")
+        wnids = (root / "wnids.txt").read_text().split()
+        if split == "train":
+            return [(f, i) for i, w in enumerate(wnids)
+                    for f in sorted((root / "train" / w / "images").iterdir())]
+        rows = (root / "val" / "val_annotations.txt").read_text().splitlines()
+        index = {w: i for i, w in enumerate(wnids)}
+        return [(root / "val" / "images" / f, index[w]) for f, w, *_ in map(str.split, rows)]
+    sub = {"train": "train", "test": "val"}[split]
+    if (root / sub).is_dir():
+        root = root / sub
+    elif split == "test":
+        raise SystemExit(f"dataset {args.dataset!r} has no test split: "
+                         f"expected class folders under {root / sub}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMG_EXT]
+    if not files:
+        raise SystemExit(f"no images found for dataset {args.dataset!r} under {root}: point "
+                         f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
+    '' or the reason the file could not be read."""
+
+    def __init__(self, files, res):
+        self.files, self.res = files, res
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i][0]
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(center_crop(im.convert("RGB"), self.res)).transpose(2, 0, 1)
+            return i, torch.from_numpy(img.copy()), ""
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
+            return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
+
+
+def decode_images(files, res, workers, skip_bad):
+    """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
+    xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
+    ok = torch.ones(len(files), dtype=torch.bool)
+    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
+                                         num_workers=workers)
+    for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
+        xs[idx] = img
+        for i, error in zip(idx.tolist(), errors):
+            if error and not skip_bad:
+                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
+            ok[i] = not error
+    if not ok.all():
+        print(f"skipped {int((~ok).sum())} unreadable images")
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return xs[ok], labels[ok]
+
+
+def load_pixels(args, split="train"):
+    """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
+    if args.dataset == "shapes":
+        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+        return make_shapes(n, seed, args.resolution)
+    if args.dataset in CIFAR:
+        return load_cifar(args.dataset, args.data_path, split)
+    return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Training infrastructure. This file's part: optimizer, data, step and preview; the rest is shared.
+
+def param_groups(model, weight_decay):
+    """AdamW groups: decay on all but biases and position embeddings (App. A), so the [CLS]
+    token and the LayerNorm gains are decayed (the official U-ViT decays every parameter)."""
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        (no_decay if name.endswith("bias") or name == "pos_embed" else decay).append(prm)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, args):
+    """AdamW with U-ViT's CIFAR betas (0.99, 0.999), which the paper inherits (Table 11)."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                             betas=(0.99, 0.999), fused=next(model.parameters()).is_cuda)
+
+
+def param_report(model):
+    """One line: the total and what each option adds (a token counts with its position row)."""
+    n_sc = 2 * model.dim if model.cls_token is not None else 0
+    n_aug = count_params(model.aug_embed) + (model.dim if model.aug_embed is not None else 0)
+    return (f"parameters: {count_params(model):,} total, {n_sc:,} self-conditioning, "
+            f"{n_aug:,} augment label, {count_params(getattr(model, 'cl_head', None)):,} "
+            f"contrastive head")
+
+
+def load_train_data(args, device):
+    """The training split, kept whole on the device: a batch is an index gather, no loader."""
+    images = load_pixels(args, "train")[0].to(device)  # (N, 3, H, W) uint8
+    layout = memory_format(device)
+
+    def batch(idx):  # (B,) -> (B, 3, H, W) in [-1, 1]
+        return (images[idx.to(device)].float() / 127.5 - 1).contiguous(memory_format=layout)
+    return SimpleNamespace(n=len(images), batch=batch, to_pixels=lambda x: x, state={})
+
+
+def fake_batch(args, device):
+    """A synthetic batch of the training shape, for --bench."""
+    x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
+    return (x * 2 - 1).contiguous(memory_format=memory_format(device))
+
+
+def train_step(net, model, ema, opt, diffusion, batch, step, args):
+    """One optimisation step on a clean batch (B, 3, H, W) in [-1, 1]: flip or augment, denoising
+    loss (+ gamma x contrastive with --cl), backward, clip, Adam, EMA. Training and --bench both
+    run it. Returns the loss (B,), the noise level (B,) and {extra term: value}."""
+    if args.aug:  # the pipe flips too, and says so in the label
+        x, aug = AUGMENT(batch)
+    else:
+        flip = torch.rand(len(batch), 1, 1, 1, device=batch.device) < 0.5
+        x, aug = torch.where(flip, batch.flip(3), batch), None
+    extra = {}
+    with autocast(x.device, args.precision):
+        loss, level, f = diffusion.loss(net, x, aug, (args.cl_layer,) if args.cl else ())
+        if args.cl:
+            f = f[args.cl_layer]
+            extra["cl_loss"] = contrastive_step(model, ema, diffusion, batch, f, level, args)
+    opt.zero_grad(set_to_none=True)
+    (loss.mean() + args.cl_weight * extra.get("cl_loss", 0)).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    update_ema(ema, model, step, args.ema)
+    return loss.detach(), level, {k: v.detach() for k, v in extra.items()}
+
+
+def sample_preview(ema, diffusion, args, device):
+    """64 samples of the EMA model from the same noise each time, so a run's grids compare."""
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(64, 3, args.resolution, args.resolution, generator=g).to(device)
+    with autocast(device, args.precision):
+        return diffusion.sample(ema, noise)
+
+
+def add_training_args(p):
+    """The command line of the training loop: the same in every trainer."""
+    p.add_argument("--data-path", default="data", help="folder holding the dataset")
+    p.add_argument("--out", help="run directory (default: runs/<script>-<dataset>-<config>)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--train-images", type=int, help="training length (default: the paper's)")
+    p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
+                                                  "shorter runs)")
+    p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
+    p.add_argument("--ckpt-minutes", type=float, default=10,
+                   help="also checkpoint after this many minutes: what a SIGKILL may cost")
+    p.add_argument("--sample-every", type=int, default=5_000_000,
+                   help="images between preview grids of the EMA model (0: no previews)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast (auto: on CUDA) or fp32; weights stay fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes per rank")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images of folders")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the configuration and parameter counts, then exit")
+    p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
+                   help="time STEPS training steps on a synthetic batch, with self-conditioning "
+                        "on and off, then exit")
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is a world of one."""
-    if "RANK" in os.environ:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one."""
+    if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # LOCAL_RANK, not RANK: multi-node safe
+        device = torch.device("cuda", local_rank())  # LOCAL_RANK, not RANK: multi-node safe
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     return rank, world, device
 
 
+def use_bf16(device, precision):
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device, precision):
+    """bf16 autocast for --precision bf16 (auto: on CUDA), none for fp32; weights stay fp32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(device, precision))
+
+
+def memory_format(device):
+    # channels_last lets cuDNN use its NHWC tensor-core convolutions; on CPU it gains little
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def batch_indices(start, n, size, seed):
-    """Sample indices for stream positions start..start+n: epoch e is a fixed permutation seeded by (seed, e)."""
+    """Dataset indices of stream positions start .. start+n: epoch e is a permutation seeded by
+    (seed, e), so the data order of a run is a function of the seed alone."""
     idx, pos = [], start
     while pos < start + n:
         epoch, off = divmod(pos, size)
-        perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         take = min(size - off, start + n - pos)
-        idx.append(perm[off:off + take])
+        idx.append(torch.randperm(size, generator=g)[off:off + take])
         pos += take
     return torch.cat(idx)
 
 
 @torch.no_grad()
 def update_ema(ema, model, step, rate):
-    decay = min(rate, 1 - (1 + step) ** (-2 / 3))  # warm-up as DDAE's ema_pytorch: early EMA tracks the model
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    decay = min(rate, 1 - (1 + step) ** (-2 / 3))  # DDAE's warm-up: an early EMA tracks the model
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
 def save_grid(images, path):
@@ -674,323 +871,341 @@ def save_grid(images, path):
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
     n, c, h, w = x.shape
     cols = min(8, n)
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    grid = torch.zeros(c, math.ceil(n / cols) * h, cols * w, dtype=torch.uint8)
     for i, im in enumerate(x):
-        grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+        grid[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
-def atomic_save(obj, path):
-    """Write to a temporary name, then rename: a kill at any instant leaves the previous file intact."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_save(obj, path, save=None):
+    """save(obj, file) (default torch.save) to a temporary name, then rename: a kill at any
+    instant, or a full disk, leaves the previous file intact and no temporary file behind."""
+    path, tmp = Path(path), Path(f"{path}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            (save or torch.save)(obj, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):  # a kill or Ctrl-C: not ours to report
+            raise
+        kept = f"the previous {path} is intact" if path.exists() else "nothing was written"
+        raise SystemExit(f"cannot write {path} ({str(e).splitlines()[0]}); {kept}") from None
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
+def check_out_dir(out):
+    """One line, before anything is written, if folder `out` can be neither found nor created."""
+    p = Path(out).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"--out {out}: {p} is a file, not a folder; choose another --out"
+    try:
+        tempfile.TemporaryFile(dir=p).close()
+    except OSError as e:
+        return f"--out {out}: cannot write in {p} ({e.strerror}); choose another --out"
+    return None
 
 
 def load_checkpoint_for_resume(path, args, log):
-    """Load <out>/ckpt.pt, refusing another script or architecture and listing changed hyper-parameters."""
+    """Load <out>/ckpt.pt, refusing another script or architecture; warn of changed settings."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                          f"restore it from a copy or delete it to start afresh")
-    if ckpt.get("script") != Path(__file__).name:
-        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not {Path(__file__).name}: use another --out")
-    old = ckpt["args"]
-    arch = [k for k in ARCH_KEYS if old.get(k) != getattr(args, k)]
-    if arch:
-        raise SystemExit(f"{path} has another architecture ({', '.join(f'{k}: {old.get(k)} -> {getattr(args, k)}' for k in arch)}); "
+    script = Path(__file__).name
+    if ckpt.get("script") != script:
+        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not {script}: "
                          f"use another --out")
-    changed = [k for k in vars(args) if k not in ("dry_run",) and old.get(k, getattr(args, k)) != getattr(args, k)]
+    old = ckpt["args"]
+    arch = [f"{k}: {old.get(k)} -> {getattr(args, k)}" for k in ARCH_KEYS
+            if old.get(k) != getattr(args, k)]
+    if arch:
+        raise SystemExit(f"{path} has another architecture ({', '.join(arch)}); use another --out")
+    changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if old.get(k, v) != v]
     if changed:
-        log("warning: resuming with changed settings: " + ", ".join(f"{k} {old.get(k)} -> {getattr(args, k)}" for k in changed))
+        log("warning: resuming with changed settings: " + ", ".join(changed))
     return ckpt
 
 
-def count_params(m):
-    return sum(p.numel() for p in m.parameters()) if m is not None else 0
+class Log:
+    """Rank 0's log: printed at once, appended to <out>/log.txt once the run folder exists."""
+
+    def __init__(self, out, rank):
+        self.out, self.rank, self.held = Path(out), rank, []
+
+    def __call__(self, msg, echo=True):
+        if self.rank != 0:
+            return
+        if echo:
+            tqdm.write(msg)
+        self.held.append(msg)
+        if self.out.is_dir():
+            with open(self.out / "log.txt", "a") as f:
+                f.write("".join(line + "\n" for line in self.held))
+            self.held = []
+
+    def fail(self, msg):
+        """Stop every rank with one line, which log.txt keeps too."""
+        self(msg, echo=False)
+        raise SystemExit(msg)
 
 
-def contrastive_step(model, ema, diffusion, pipe, x, f, level, feat, args):
-    """Contrastive self-distillation: online feature f of the training view vs the EMA model's feature `feat` of a
-    second view noised at the target step, both through their own copy of the head (EMA head: projector only)."""
-    x2, aug2 = pipe(x)  # a second, independent view of the clean batch
-    t2 = torch.full((len(x2),), args.probe_t if args.cl_target_t == "probe" else 1, device=x.device)  # Table 7c
-    with torch.no_grad():
-        _, f2 = diffusion.pred(ema, diffusion.add_noise(x2, t2, torch.randn_like(x2)), t2, aug=aug2, feats=(feat,))
-        k = ema.cl_head.project(f2[feat], t2.float() / diffusion.T)
-    return contrastive_loss(model.cl_head(f, level), k)
+class LossSums:
+    """Each rank's sums of the training losses since the last log line: overall, per noise-level
+    bin and for each extra term. read() all-reduces them into mean losses over all ranks."""
+
+    BINS = 5  # equal-width bins of the noise level in [0, 1]
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, loss, level, extra):  # (N,), (N,), {name: scalar}
+        b = (level * self.BINS).long().clamp(max=self.BINS - 1)
+        new = {"count": loss.new_tensor([len(loss)]), "loss": loss.sum()[None],
+               "bin_count": torch.bincount(b, minlength=self.BINS).to(loss.dtype),
+               "bin_loss": torch.bincount(b, loss, self.BINS)}
+        new.update({k: v.float()[None] * len(loss) for k, v in extra.items()})
+        for k, v in new.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def read(self, world):
+        """{name: mean over all ranks} with loss_bin0.. (None for an empty bin); a collective."""
+        flat = torch.cat([self.sums[k].float() for k in self.sums])
+        if world > 1:
+            dist.all_reduce(flat)
+        s = dict(zip(self.sums, flat.cpu().split([len(v) for v in self.sums.values()])))
+        count = s.pop("count").item()
+        bins = zip(s.pop("bin_count").tolist(), s.pop("bin_loss").tolist())
+        out = {k: v.item() / count for k, v in s.items()}  # the loss and each extra term
+        out.update({f"loss_bin{i}": total / n if n else None for i, (n, total) in enumerate(bins)})
+        return out
+
+    def reset(self):
+        self.sums = {}
 
 
-def train_step(net, model, ema, opt, diffusion, pipe, x, step, args):
-    """One optimisation step from a clean batch in [-1, 1]: flip or augment, loss, backward, clip, AdamW, EMA.
-    Training and --bench both run it, so the benchmark times what training does. Returns loss (N,), level (N,), cl."""
-    if pipe is None:
-        xa, aug = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x), None
-    else:
-        xa, aug = pipe(x)  # the pipe does the 50% horizontal flip itself and reports it in the label (as EDM)
-    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read at the designated
-    # out-block (Table 10, where the probe reads too), so the two options differ only in which token carries it
-    feat = "cls" if args.cl_feature == "cls" else args.sc_layer
-    with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext():
-        loss, level, *f = diffusion.loss(net, xa, aug=aug, feats=(feat,) if args.cl else ())
-        cl = contrastive_step(model, ema, diffusion, pipe, x, f[0][feat], level, feat, args) if args.cl else x.new_zeros(())
-    opt.zero_grad(set_to_none=True)
-    (loss.mean() + args.cl_weight * cl).backward()
-    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    opt.step()
-    update_ema(ema, model, step, args.ema)
-    return loss.detach(), level, cl.detach()
+# ------------------------------------------------------------------------------------------------
+# Benchmark
 
-
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device, dtype):
-    """Measured dense matmul TFLOP/s in the training dtype on this machine: the denominator of MFU."""
-    n, reps = (8192, 50) if device.type == "cuda" else (1024, 10)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
+def matmul_tflops(device, dtype):
+    """Dense matmul TFLOP/s in the training dtype, measured here and now: MFU's denominator."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 8)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def bench_setup(args, device):
-    """Model, EMA, optimizer and augment pipe as training builds them, on a synthetic batch: (model, step(i, net))."""
-    torch.manual_seed(args.seed)
-    model = build_model(args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.99, 0.999),
-                            fused=device.type == "cuda")
-    diffusion = build_diffusion(args)
-    pipe = AugmentPipe() if args.aug else None
-    x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
-    return model, lambda i, net: train_step(net, model, ema, opt, diffusion, pipe, x, i, args)
-
-
 def benchmark(args, rounds=5):
-    """--bench: img/s, ms/step, peak memory, model FLOPs, MFU, and the step-time cost of self-conditioning."""
+    """--bench: img/s, ms/step, peak memory, FLOPs per image and MFU of train_step on a synthetic
+    batch, and its time with self-conditioning on vs off. Both configurations and the matmul peak
+    are timed in interleaved rounds, so a busy or drifting machine slows them alike."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak_tflops = matmul_peak(device, dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if use_bf16(device, args.precision) else torch.float32
 
-    def timed(step, net, n):
-        _sync(device)
+    def setup(a):  # the model and one step, built as training builds them
+        torch.manual_seed(a.seed)
+        model = build_model(a).to(device, memory_format=memory_format(device))
+        ema, opt = copy.deepcopy(model).requires_grad_(False), build_optimizer(model, a)
+        diffusion, batch = build_diffusion(a, model), fake_batch(a, device)
+        net = torch.compile(model) if a.compile else model
+        return model, lambda i, m=net: train_step(m, model, ema, opt, diffusion, batch, i, a)
+
+    def timed(step, n):  # seconds per step
+        sync(device)
         t = time.perf_counter()
         for i in range(n):
-            step(i, net)
-        _sync(device)
+            step(i)
+        sync(device)
         return (time.perf_counter() - t) / n
 
-    runs = []  # the configuration asked for, then the same with self-conditioning toggled
-    for a in (args, argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond})):
-        model, step = bench_setup(a, device)
-        if not runs:
-            with FlopCounterMode(display=False) as counter:  # one whole training step, counted uncompiled
-                step(0, model)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        net = torch.compile(model) if args.compile else model
-        timed(step, net, 3)  # warm-up (and compilation)
-        if not runs:  # peak memory of the asked-for configuration alone; CPU: the process's peak RSS
-            mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        runs.append((step, net))
-    # Interleaved rounds, medians: a drifting clock or a neighbour's load hits both configurations alike.
-    rounds = min(rounds, args.bench)
-    times = [[timed(step, net, args.bench // rounds) for step, net in runs] for _ in range(rounds)]
-    sec = statistics.median(t[0] for t in times)
-    overhead = statistics.median(t[0] / t[1] if args.self_cond else t[1] / t[0] for t in times)
+    model, step = setup(args)
+    with FlopCounterMode(display=False) as counter:  # one whole step, uncompiled
+        step(0, model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed(step, 3)  # warm-up (and compilation)
+    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: process peak
+    other = setup(argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond}))[1]
+    timed(other, 3)
+    rounds, n = min(rounds, args.bench), max(args.bench // rounds, 1)
+    rows = []  # (s/step, s/step toggled, matmul TFLOP/s): the peak is the higher of before, after
+    for _ in range(rounds):
+        peak = matmul_tflops(device, dtype)
+        rows.append((timed(step, n), timed(other, n), max(peak, matmul_tflops(device, dtype))))
     flops = counter.get_total_flops() / args.batch_size
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    rec = {"script": Path(__file__).name, "net": args.net, "model": args.model, "self_cond": args.self_cond,
-           "batch": args.batch_size, "device": name, "dtype": str(dtype).split(".")[1], "img_per_s": args.batch_size / sec,
-           "ms_per_step": 1e3 * sec, "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
-           "tflops": flops * args.batch_size / sec / 1e12, "matmul_peak_tflops": peak_tflops,
-           "self_cond_overhead": overhead}
-    rec["mfu"] = rec["tflops"] / peak_tflops
-    print(f"{args.net} {args.model} batch {args.batch_size} on {name} ({rec['dtype']}): {rec['img_per_s']:.1f} img/s, "
-          f"{rec['ms_per_step']:.1f} ms/step, peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
-          f"{rec['tflops']:.3f} TFLOP/s = {100 * rec['mfu']:.1f}% of the measured matmul peak {peak_tflops:.2f} TFLOP/s")
-    print(f"self-conditioning step time x{overhead:.4f} (median of {rounds} interleaved rounds of {args.bench // rounds} steps)")
+    sec = statistics.median(r[0] for r in rows)
+    on_off = [(r[0] / r[1]) if args.self_cond else (r[1] / r[0]) for r in rows]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu x{torch.get_num_threads()} threads"
+    rec = {"script": Path(__file__).name, "net": args.net, "self_cond": args.self_cond,
+           "batch": args.batch_size, "device": name, "dtype": str(dtype)[6:],
+           "compile": args.compile, "img_per_s": args.batch_size / sec, "ms_per_step": 1e3 * sec,
+           "peak_mem_gib": mem / 2**30, "gflop_per_img": flops / 1e9,
+           "tflops": flops * args.batch_size / sec / 1e12,
+           "matmul_peak_tflops": statistics.median(r[2] for r in rows),
+           "mfu": statistics.median(flops * args.batch_size / r[0] / r[2] / 1e12 for r in rows),
+           "self_cond_overhead": statistics.median(on_off)}
+    print(f"{rec['script']} --net {args.net} batch {args.batch_size} on {name} ({rec['dtype']}): "
+          f"{rec['img_per_s']:.1f} img/s, {rec['ms_per_step']:.1f} ms/step, "
+          f"peak {rec['peak_mem_gib']:.2f} GiB, {rec['gflop_per_img']:.2f} GFLOP/img, "
+          f"MFU {100 * rec['mfu']:.1f}% of {rec['matmul_peak_tflops']:.2f} TFLOP/s (matmul)")
+    print(f"self-conditioning on/off step time x{rec['self_cond_overhead']:.4f} "
+          f"(median of {rounds} interleaved rounds of {n} steps)")
     print(json.dumps(rec))
     return rec
 
 
-def param_report(model):
-    """One line of parameter counts: total and what each option adds."""
-    n_sc = 2 * model.cls_token.numel() if model.cls_token is not None else 0  # token + its position-embedding row
-    n_aug = count_params(model.aug_embed) + (model.dim if model.aug_embed is not None else 0)  # + its position row
-    return (f"parameters: {count_params(model):,} total, {n_sc:,} self-conditioning, {n_aug:,} augment label, "
-            f"{count_params(getattr(model, 'cl_head', None)):,} contrastive head")
-
-
 def main(argv=None):
+    """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
     args = get_args(argv)
-    torch.manual_seed(args.seed)  # the initial weights are a function of --seed too (DDP also broadcasts rank 0's)
-    model = build_model(args)
     if args.dry_run:
+        with torch.device("meta"):  # shapes only: even DiT-B builds at once
+            model = build_model(args)
         print(json.dumps(vars(args), indent=2))
         print(param_report(model))
-        return
+        return None
     if args.bench:
         return benchmark(args)
-
     rank, world, device = setup_distributed()
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "log.txt", "a") if rank == 0 else None
+    out, log = Path(args.out), Log(args.out, rank)
+    ckpt_path = out / "ckpt.pt"
+    raise_on_any(check_out_dir(out) if rank == 0 else None)
 
-    def log(msg):
-        if rank == 0:
-            tqdm.write(msg)
-            logfile.write(msg + "\n")
-            logfile.flush()
-
-    # Data, kept whole on the device: a step is an index gather, no loader processes.
-    images, labels = load_dataset(args, "train")
-    args.num_classes = args.num_classes or int(labels.max()) + 1
-    n_data = len(images)
-    epochs = DATASETS.get(args.dataset, (0, 0, 2000))[2]
-    args.train_images = args.train_images or epochs * n_data
+    # Data, and the run's length in images (paper epochs unless --train-images)
+    data = load_train_data(args, device)
+    if not world <= args.batch_size <= data.n or args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
+                         f"processes, at most the {data.n:,} training images")
+    args.train_images = args.train_images or args.epochs * data.n
     args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    # Table 11 warm-up in epochs, capped at 10% of the run so short runs still train (inactive at 2000 epochs).
-    args.warmup_images = args.warmup_images if args.warmup_images is not None else min(
-        WARMUP_EPOCHS * n_data, args.train_images // 10)
-    images = images.to(device)
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
 
-    model.to(device)
+    # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
+    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
+    model = build_model(args).to(device, memory_format=memory_format(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # AdamW with U-ViT's CIFAR betas (0.99, 0.999) and weight decay 0.03 (the paper inherits U-ViT's settings)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.99, 0.999),
-                            fused=device.type == "cuda")
-    diffusion = build_diffusion(args)
-    step = images_seen = 0
-    if (out / "ckpt.pt").exists():
-        ckpt = load_checkpoint_for_resume(out / "ckpt.pt", args, log)
+    opt = build_optimizer(model, args)
+    diffusion = build_diffusion(args, model)
+    step = images = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-        step, images_seen = ckpt["step"], ckpt["images"]
-        if len(ckpt["rng"]) == world:
-            torch.set_rng_state(ckpt["rng"][rank]["torch"])
-        log(f"resumed from {out / 'ckpt.pt'} at step {step} ({images_seen:,} images)")
-    log(f"{Path(__file__).name} {' '.join(sys.argv[1:])}\n{json.dumps(vars(args))}")
-    log(f"{param_report(model)}; {n_data:,} training images; world {world}")
-
-    net = model
-    if args.compile:
-        net = torch.compile(net)
+        step, images = ckpt["step"], ckpt["images"]
+        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
+    command = argv if argv is not None else sys.argv[1:]
+    log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
+    log(f"{param_report(model)}; {data.n:,} training images; world {world}")
+    net = torch.compile(model) if args.compile else model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    local_bs = args.batch_size // world
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    stop = {"signal": None}  # SIGTERM/SIGINT: finish the step, checkpoint, exit cleanly
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
+    stop = []  # SIGTERM / SIGINT: finish the step, save, exit
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def save():
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if rank == 0:
-            atomic_save({"script": Path(__file__).name, "args": vars(args), "model": model.state_dict(),
-                         "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "images": images_seen,
-                         "rng": rngs}, out / "ckpt.pt")
-
-    def preview():
-        if rank == 0:
-            g = torch.Generator().manual_seed(args.seed)  # the same noise every time: grids are comparable
-            noise = torch.randn(64, 3, args.resolution, args.resolution, generator=g).to(device)
-            with autocast:
-                save_grid(diffusion.sample(ema, noise), out / f"grid-{images_seen:09d}.png")
-
-    pipe = AugmentPipe() if args.aug else None
-    nbins = 5
-    acc = torch.zeros(2 * nbins + 3, device=device)  # per-bin loss sums and counts, contrastive sum, total sum, count
-    t_log, last_log = time.time(), images_seen
-    bar = tqdm(total=args.train_images, initial=images_seen, unit="img", unit_scale=True, disable=rank != 0)
+    sums, local_bs = LossSums(), args.batch_size // world
+    t_log = t_save = time.time()
+    images_log = images
+    bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
+               disable=rank != 0)
     model.train()
-    while images_seen < args.train_images:
-        # All randomness of this step is a function of (seed, rank, step): resuming reproduces it exactly.
-        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
-        idx = batch_indices(images_seen + rank * local_bs, local_bs, n_data, args.seed).to(device)
-        x = images[idx].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (images_seen + 1) / max(args.warmup_images, 1))
-        loss, level, cl = train_step(net, model, ema, opt, diffusion, pipe, x, step, args)
-        step += 1
-        images_seen += args.batch_size
-        bar.update(args.batch_size)
-        b = (level * nbins).long().clamp(max=nbins - 1)
-        acc += torch.cat([torch.bincount(b, loss, nbins), torch.bincount(b, minlength=nbins).float(),
-                          cl[None] * len(loss), loss.sum()[None], acc.new_tensor([len(loss)])])
+    try:
+        while images < args.train_images:
+            # One step; its randomness is a function of (seed, step, rank): resume is exact
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+            idx = batch_indices(images + rank * local_bs, local_bs, data.n, args.seed)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (images + 1) / max(args.warmup_images, 1))
+            batch = data.batch(idx)
+            loss, level, extra = train_step(net, model, ema, opt, diffusion, batch, step, args)
+            sums.add(loss, level, extra)
+            step, images = step + 1, images + args.batch_size
+            bar.update(args.batch_size)
 
-        crossed = lambda every: images_seen // every != (images_seen - args.batch_size) // every
-        done = images_seen >= args.train_images
-        if world > 1 and (step % 10 == 0 or done):  # agree on a stop signal without a sync every step
-            flag = torch.tensor([stop["signal"] is not None], device=device, dtype=torch.float32)
-            dist.all_reduce(flag)
-            stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
-        if crossed(args.log_every) or done or stop["signal"] or crossed(args.ckpt_every):
-            tot = acc.clone()
+            # Events. Ranks agree on signals and the clock every 10 steps (reading the losses
+            # is a collective), without a sync at every step.
+            crossed = lambda every: images // every > (images - args.batch_size) // every
+            done = images >= args.train_images
+            halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
             if world > 1:
-                dist.all_reduce(tot)  # a copy: acc keeps only this rank's sums until it is zeroed
-            a = tot.tolist()
-            if not math.isfinite(a[-2] + a[-3]):
-                raise SystemExit(f"loss is {a[-2]} (contrastive {a[-3]}) at step {step} ({images_seen:,} images); "
-                                 f"the last good checkpoint {out / 'ckpt.pt'} is kept; lower --lr or check the data")
-            if crossed(args.log_every) or done:
-                rec = {"step": step, "images": images_seen, "loss": a[-2] / a[-1], "lr": opt.param_groups[0]["lr"],
-                       "img_per_s": (images_seen - last_log) / (time.time() - t_log)}
-                rec.update({f"loss_bin{i}": a[i] / max(a[nbins + i], 1) for i in range(nbins)})
-                if args.cl:
-                    rec["cl_loss"] = a[-3] / a[-1]
+                flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
+                if step % 10 == 0 or done:
+                    dist.all_reduce(flags)
+                halt, due = (flags > 0).tolist() if step % 10 == 0 or done else (False, False)
+            log_now = crossed(args.log_every) or done
+            save_now = crossed(args.ckpt_every) or done or halt or due
+
+            # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
+            if log_now or save_now:
+                rec = sums.read(world)
+                terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
+                bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
+                if save_now and not all(p.isfinite().all() for p in model.parameters()):
+                    bad = bad or "the weights are not finite"
+                if bad:
+                    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+                            else "no checkpoint was written")
+                    log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
+                             f"lower --lr or check the data")
+            if log_now:
+                rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
+                       "img_per_s": (images - images_log) / (time.time() - t_log)}
                 if rank == 0:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                log(f"step {step} images {images_seen:,} loss {rec['loss']:.4f} "
-                    + " ".join(f"{rec[f'loss_bin{i}']:.3f}" for i in range(nbins))
-                    + (f" cl {rec['cl_loss']:.4f}" if args.cl else "") + f" {rec['img_per_s']:.0f} img/s")
-                acc.zero_()
-                t_log, last_log = time.time(), images_seen
-        if crossed(args.ckpt_every) or done or stop["signal"]:
-            save()
-        if crossed(args.sample_every) or done:
-            preview()
-        if stop["signal"]:
-            log(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, rerun the same command to resume")
-            break
-    bar.close()
-    for s, h in handlers.items():
-        signal.signal(s, h)
+                bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
+                                for i in range(LossSums.BINS))
+                more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
+                log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
+                    f"{bins}){more} {rec['img_per_s']:.0f} img/s")
+                sums.reset()
+                t_log, images_log = time.time(), images
+
+            # Checkpoint: one self-describing file, written atomically by rank 0
+            if save_now and rank == 0:
+                atomic_save({"script": Path(__file__).name, "args": vars(args),
+                             "model": model.state_dict(), "ema": ema.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "images": images,
+                             **data.state}, ckpt_path)
+            t_save = time.time() if save_now else t_save
+
+            # Preview grid of the EMA model
+            if args.sample_every and (crossed(args.sample_every) or done) and rank == 0:
+                x = data.to_pixels(sample_preview(ema, diffusion, args, device))
+                save_grid(x, out / f"grid-{images:09d}.png")
+            if halt:
+                log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
+                    f"checkpoint saved, rerun the same command to resume")
+                break
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
     if world > 1:
         dist.destroy_process_group()
+    return model, ema
 
 
 if __name__ == "__main__":
