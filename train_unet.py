@@ -61,7 +61,7 @@ CELLS = {  # Table 10: probe noise level (DDPM step, EDM sigma, RF t) and design
     ("EDM", "ddpm", "tiny-imagenet"): (0.2964, "out_5"), ("EDM", "ddpm", "in100"): (0.2964, "out_5"),
     # Not in the paper: the CPU quickstart's cell, by the same rule (probe.py --grid on a
     # baseline run; README)
-    ("RF", "tiny", "shapes"): (0.06, "out_3"),
+    ("RF", "tiny", "shapes"): (0.4, "out_1"),
 }
 PROBE_T = {"DDPM": 11, "EDM": 0.06, "RF": 0.06}  # elsewhere: Table 10's CIFAR levels ...
 PROBE_T_64 = {"DDPM": 66, "EDM": 0.2964}  # ... and its Tiny-ImageNet / ImageNet-100 ones
@@ -84,15 +84,7 @@ def get_args(argv=None):
     p.add_argument("--sc-layer", help="decoder block read by self-conditioning (Table 10)")
     p.add_argument("--probe-t", type=float,
                    help="noise level of the probe and the contrastive target (Table 10)")
-    p.add_argument("--aug", action="store_true",
-                   help="EDM non-leaky augmentation, CIFAR setting (Sec. 4.2)")
-    p.add_argument("--cl", action="store_true",
-                   help="contrastive self-distillation from the EMA (needs --aug)")
-    p.add_argument("--cl-weight", type=float, default=0.01, help="gamma (Table 7d)")
-    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time",
-                   help="projection head (Table 7b)")
-    p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
-                   help="noise level of the target view (Table 7c)")
+    add_aug_args(p)
     p.add_argument("--batch-size", type=int,
                    help="global batch: 512 ddpm, 256 ddpmpp (Table 11), 16 tiny")
     p.add_argument("--lr", type=float, help="4e-4 (Table 11); 2e-3 tiny")
@@ -136,6 +128,19 @@ def get_args(argv=None):
     sc = "-sc" if args.self_cond else ""
     args.out = args.out or f"runs/unet-{args.dataset}-{args.net}-{args.model}{sc}"
     return args
+
+
+def add_aug_args(p):
+    """The command line of augmentation and contrastive self-distillation (Sec. 4.2)."""
+    p.add_argument("--aug", action="store_true",
+                   help="EDM's non-leaky augmentation, CIFAR setting; the net sees its label")
+    p.add_argument("--cl", action="store_true",
+                   help="contrastive self-distillation from the EMA (needs --aug)")
+    p.add_argument("--cl-weight", type=float, default=0.01, help="gamma (Table 7d)")
+    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time",
+                   help="projection head (Table 7b)")
+    p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
+                   help="noise level of the target view (Table 7c)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -699,41 +704,38 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32):
-    """A deterministic toy dataset: 10 classes of anti-aliased shapes of random size, pose and
-    colours; uint8 (n, 3, res, res) and labels (n,)."""
+    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
+    geometry alone. Every image holds four identical dots; the class is their constellation, under
+    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
+    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
+    constellations = np.array([  # four dots each, in units of the dot spacing
+        [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
+        [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
+        [(-2, 1), (0, 1), (2, 1), (0, -1.2)],  # T
+        [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],  # L
+        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)],  # diamond
+        [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],  # Y: a centre and three arms
+        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],  # arc
+        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)],  # zigzag
+        [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],  # trapezoid
+        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],  # triangle with a tail
+    ])
+    p = constellations - constellations.mean(1, keepdims=True)
+    p = p / np.sqrt((p**2).sum(2).mean(1))[:, None, None]  # the same spread in every class
     g = np.random.default_rng(seed)
     y = g.permutation(np.arange(n) % 10)
-    cx, cy = (g.uniform(0.35, 0.65, (2, n, 1, 1)) * res).astype(np.float32)
-    r = (g.uniform(0.2, 0.33, (n, 1, 1)) * res).astype(np.float32)
-    rot = g.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+    p = p[y]  # (n, 4, 2)
+    p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
+    a = g.uniform(0, 2 * np.pi, n)
+    rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
+    size = g.uniform(0.22, 0.30, n) * res
+    centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
+    p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
+    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
     yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
-    dx, dy = xx - cx, yy - cy
-    u = dx * np.cos(rot) + dy * np.sin(rot)  # shape-aligned coordinates
-    v = -dx * np.sin(rot) + dy * np.cos(rot)
-    rho, th = np.hypot(u, v), np.arctan2(v, u)
-
-    def polygon(r, th, k):  # distance from the centre to the edge of a regular k-gon
-        return r * np.cos(np.pi / k) / np.cos((th % (2 * np.pi / k)) - np.pi / k)
-
-    sdf = [  # signed distance in pixels, negative inside; one per class
-        lambda u, v, rho, th, r: rho - r,  # 0 disc
-        lambda u, v, rho, th, r: rho - polygon(r, th, 3),  # 1 triangle
-        lambda u, v, rho, th, r: rho - polygon(r, th, 4),  # 2 square
-        lambda u, v, rho, th, r: rho - r * (0.6 + 0.4 * np.cos(5 * th)),  # 3 star
-        lambda u, v, rho, th, r: np.abs(rho - 0.75 * r) - 0.25 * r,  # 4 ring
-        lambda u, v, rho, th, r: np.minimum(np.maximum(abs(u) - 0.3 * r, abs(v) - r),
-                                            np.maximum(abs(v) - 0.3 * r, abs(u) - r)),  # 5 plus
-        lambda u, v, rho, th, r: np.maximum(rho - r, 0.75 * r - np.hypot(u - 0.45 * r, v)),  # 6
-        lambda u, v, rho, th, r: np.hypot(u, v / 0.45) - r,  # 7 thin ellipse
-        lambda u, v, rho, th, r: np.maximum(rho - r, -u),  # 8 half disc
-        lambda u, v, rho, th, r: np.minimum(np.hypot(u - 0.55 * r, v),
-                                            np.hypot(u + 0.55 * r, v)) - 0.42 * r,  # 9 dots
-    ]
-    d = np.empty((n, res, res), dtype=np.float32)
-    for c, f in enumerate(sdf):
-        i = y == c
-        d[i] = f(u[i], v[i], rho[i], th[i], r[i])
-    alpha = np.clip(0.5 - d, 0, 1)[:, None]  # (N, 1, H, W) anti-aliased coverage
+    d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
+                for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
+    alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
     bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
     img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
     return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
@@ -1236,6 +1238,9 @@ def benchmark(args, rounds=5):
     return rec
 
 
+# ------------------------------------------------------------------------------------------------
+# Main: the same in every trainer; it calls this file's own build_model, train_step, ...
+
 def main(argv=None):
     """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
     args = get_args(argv)
@@ -1313,11 +1318,12 @@ def main(argv=None):
             crossed = lambda every: images // every > (images - args.batch_size) // every
             done = images >= args.train_images
             halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
-            if world > 1:
+            if world > 1 and (step % 10 == 0 or done):
                 flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
-                if step % 10 == 0 or done:
-                    dist.all_reduce(flags)
-                halt, due = (flags > 0).tolist() if step % 10 == 0 or done else (False, False)
+                dist.all_reduce(flags)
+                halt, due = (flags > 0).tolist()
+            elif world > 1:
+                halt = due = False
             log_now = crossed(args.log_every) or done
             save_now = crossed(args.ckpt_every) or done or halt or due
 
