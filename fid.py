@@ -14,6 +14,7 @@ Inputs: a samples .npz (ADM format: arr_0 uint8 NHWC), a folder of images (searc
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import time
@@ -236,33 +237,32 @@ def load_inception(path=None, device="cpu"):
 
 
 def _weights_file(path):
-    """`path`, or the hub cache copy fetched by local rank 0 as the others wait; all fail with one line."""
-    error = None
-    if path is None:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS)
-        fetcher = not dist.is_initialized() or int(os.environ.get("LOCAL_RANK", 0)) == 0
-        if fetcher and not os.path.exists(path):
-            error = _download(path)
-    elif not os.path.exists(path):
-        error = f"--inception {path}: no such file; it should be {FID_WEIGHTS} from {FID_WEIGHTS_URL}"
-    if dist.is_initialized():  # also the wait for the download; every rank exits with the first error
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise SystemExit(error)
-    return path
+    """`path`, or the torch hub cache copy, fetched (hash-checked) by one process per node while the
+    others wait, with train_unet.py's fetch_once: a failure ends every rank with the same line."""
+    if path is not None:
+        if not os.path.exists(path):
+            raise SystemExit(f"--inception {path}: no such file; it should be {FID_WEIGHTS} from "
+                             f"{FID_WEIGHTS_URL}")
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+
+    def fetch(p):
+        print(f"downloading {FID_WEIGHTS_URL} to {p}")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # a uniquely named temporary file beside p, its sha256 prefix checked, then renamed
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(p), hash_prefix=FID_WEIGHTS.split("-")[-1][:8])
+    return _trainer().fetch_once(path, fetch, f"could not download the FID Inception weights; get "
+                                              f"{FID_WEIGHTS} from {FID_WEIGHTS_URL} and pass "
+                                              f"--inception PATH (or put it at {path})")
 
 
-def _download(path):
-    """Fetch the official weights to `path`; None, or what went wrong."""
-    print(f"downloading {FID_WEIGHTS_URL} to {path}")
-    try:  # writes a uniquely named temp file next to path, checks the sha256 prefix, then moves it into place
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS.split("-")[-1][:8])
-    except Exception as e:  # network, proxy, disk or hash: a message for every rank, not a traceback on one
-        return (f"could not download the FID Inception weights ({e}); get {FID_WEIGHTS} from "
-                f"{FID_WEIGHTS_URL} and pass --inception PATH (or put it at {path})")
+def _trainer():
+    """train_unet.py, which owns the dataset loaders and the rank-safe fetch (imported lazily)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import train_unet
+    return train_unet
 
 # ----------------------------------------------------------------------------
 # Statistics
@@ -430,10 +430,7 @@ def load_input(spec, data_path=None):
         if not files:
             raise SystemExit(f"{spec}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
         return files
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import train_unet  # the training scripts own the dataset loaders; imported lazily, only for dataset names
+    train_unet = _trainer()
     args = train_unet.get_args(["--dataset", spec] + (["--data-path", data_path] if data_path else []))
     x, _ = train_unet.load_pixels(args, "train")  # (uint8 (N, 3, H, W), labels)
     if x.dtype != torch.uint8:
@@ -531,11 +528,64 @@ def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_pa
     return dict(fid=fid, is_mean=is_mean, is_std=is_std, n=n, n_ref=n_ref)
 
 # ----------------------------------------------------------------------------
+# Benchmark
+
+def benchmark(rounds, batch=50):
+    """--bench: images/s of this file's feature extraction and, when pytorch-fid is installed (in a
+    scratch environment: a reference for this benchmark only, never a dependency), of pytorch-fid's
+    on the same random weights, in interleaved rounds of `batch` 32x32 images resized to 299 as
+    both do; then the largest pool3 difference between the two."""
+    import statistics
+    import tempfile
+    torch.manual_seed(0)
+    net = InceptionV3()  # random weights with BatchNorm statistics away from the identity
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            for t, (lo, hi) in zip((m.weight, m.bias, m.running_mean, m.running_var),
+                                   ((0.5, 1.5), (-0.2, 0.2), (-0.2, 0.2), (0.5, 2))):
+                t.data.uniform_(lo, hi)
+    with tempfile.TemporaryDirectory() as tmp:  # loaded from a file, as the official weights are
+        torch.save(net.state_dict(), os.path.join(tmp, FID_WEIGHTS))
+        ours = load_inception(os.path.join(tmp, FID_WEIGHTS))
+    runs = {"fid.py": lambda x: compute_features(x, ours, batch_size=len(x))[0]}
+    try:
+        from pytorch_fid import inception as pfid
+        pfid.load_state_dict_from_url = lambda *a, **k: net.state_dict()  # no download
+        theirs = pfid.InceptionV3([3], resize_input=True, normalize_input=True).eval()
+        runs["pytorch-fid"] = lambda x: theirs(x.float() / 255)[0].flatten(1).double().numpy()
+    except ImportError:
+        print("pytorch-fid is not installed: timing fid.py alone")
+    g = torch.Generator().manual_seed(0)
+    times, feats = {k: [] for k in runs}, {k: [] for k in runs}
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms up
+            x = torch.randint(0, 256, (batch, 3, 32, 32), generator=g, dtype=torch.uint8)
+            for name, run in runs.items():
+                t = time.perf_counter()
+                f = run(x)
+                if r:
+                    times[name].append(time.perf_counter() - t)
+                    feats[name].append(f)
+    rec = {f"{k}_img_per_s": batch / statistics.median(v) for k, v in times.items()}
+    if len(runs) == 2:
+        rec["ratio"] = statistics.median(b / a for a, b in zip(*times.values()))
+        a, b = (np.concatenate(v) for v in feats.values())
+        rec["max_rel_feature_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
+    print(f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds of {batch} "
+          f"images: " + ", ".join(f"{k} {v:.3g}" for k, v in rec.items()))
+    print(json.dumps(rec))
+    return rec
+
+
+# ----------------------------------------------------------------------------
 # Main
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID (vs REF) and Inception Score of SAMPLES")
-    p.add_argument("samples", help="samples npz (arr_0 uint8 NHWC), image folder, stats npz or dataset name")
+    p.add_argument("samples", nargs="?",
+                   help="samples npz (arr_0 uint8 NHWC), image folder, stats npz or dataset name")
     p.add_argument("ref", nargs="?", help="reference: dataset name (training split), stats npz, npz or folder")
     p.add_argument("--batch-size", type=int, default=200, help="per process")
     p.add_argument("--inception", default=None, help=f"path to {FID_WEIGHTS} (default: torch hub cache)")
@@ -543,7 +593,13 @@ def main(argv=None):
     p.add_argument("--data-path", default=None, help="dataset root for a dataset-name REF (as in train_unet.py)")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/ddae/fid"), help="reference statistics")
     p.add_argument("--stats-out", default=None, help="save the statistics of SAMPLES here (no REF needed)")
+    p.add_argument("--bench", type=int, metavar="ROUNDS",
+                   help="time the feature extraction (against pytorch-fid's, if installed), then exit")
     args = p.parse_args(argv)
+    if args.bench:
+        return benchmark(args.bench)
+    if args.samples is None:
+        p.error("give SAMPLES")
     if args.ref is None and args.stats_out is None:
         p.error("give REF to compute FID, or --stats-out PATH to save the statistics of SAMPLES")
     for spec in (args.samples, args.ref or ""):

@@ -445,9 +445,11 @@ def mean_std(values):
 
 
 def summarize(records, out, log):
-    """Mean +- std over the seeds of each arm (checkpoints whose settings differ in more than
-    --seed and --out), a table and out/layers.png: accuracy by layer at each arm's cell's t."""
-    same = {'seed', 'out'}
+    """Mean +- std over the seeds of each arm (checkpoints whose training settings differ in more
+    than the seed), a table and out/layers.png: accuracy by layer at each arm's cell's t."""
+    # an arm is what is trained: seeds are its replicates, and bookkeeping does not count
+    same = {'seed', 'out', 'log_every', 'ckpt_every', 'ckpt_minutes', 'sample_every', 'workers',
+            'data_path', 'cache_dir', 'extract_batch'}
     key = lambda r: json.dumps({k: v for k, v in r['args'].items() if k not in same}, sort_keys=True)
     arms = {}
     for r in records:

@@ -1100,7 +1100,8 @@ def _dit_cache_worker(rank, world, args, init_file, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     vae = train_dit.load_vae(args, torch.device("cpu"))
     out = train_dit.cache_dir(args, "train")
-    encoded = train_dit.extract_latents(train_dit.image_files(args, "train"), out, vae, torch.device("cpu"), 2, 0, rank, world)
+    files = train_dit.image_files(args, "train")  # decoded by 2 DataLoader worker processes per rank
+    encoded = train_dit.extract_latents(files, out, vae, torch.device("cpu"), 2, 2, rank, world)
     (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps(encoded))
     dist.destroy_process_group()
 
@@ -1412,6 +1413,13 @@ def test_fid_failed_stats_write_leaves_no_temp_file(_fid_model, tmp_path, monkey
     # a reference cache that cannot be written costs the cache, not the FID
     mu, sigma, n, _ = fid._stats_of(str(tmp_path / "three.npz"), _fid_model, 3, 0, cache_dir=str(tmp_path / "c"))
     assert mu.shape == (2048,) and n == 3 and os.listdir(tmp_path / "c") == []
+
+
+def test_fid_bench_times_the_extraction_alone_without_pytorch_fid(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # as on CI: the reference is not installed
+    rec = fid.benchmark(1, batch=2)
+    assert list(rec) == ["fid.py_img_per_s"] and rec["fid.py_img_per_s"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rec
 
 
 def test_fid_weights_download_failure_is_one_line(tmp_path, monkeypatch):
