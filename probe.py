@@ -284,22 +284,21 @@ def layer_series(acc, ts, layers):
 
 
 @torch.no_grad()
-def heldout_loss(model, diffusion, x, y, *, seed, batch_size, autocast, repeats=4, bins=5):
-    """The denoising loss of held-out images per noise-level bin (as the training log bins it):
-    `repeats` draws of t and noise per image, the same for every checkpoint given the seed."""
+def heldout_loss(model, diffusion, x, y, sums, *, seed, batch_size, autocast, repeats=4):
+    """The denoising loss of held-out images per noise-level bin, binned by the trainer's own
+    LossSums (`sums`, empty) as its training log is: `repeats` draws of t and noise per image,
+    the same for every checkpoint given the seed."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    sums, counts = torch.zeros(bins), torch.zeros(bins)
     for _ in range(repeats):
         for i in range(0, len(x), batch_size):
             xb = to_model_space(x[i:i + batch_size]).to(device)
             cond = {'y': y[i:i + batch_size].to(device)} if getattr(model, 'num_classes', 0) else {}
             with autocast:
                 loss, level = diffusion.loss(model, xb, **cond)[:2]
-            b = (level * bins).long().clamp(max=bins - 1).cpu()
-            sums += torch.bincount(b, loss.float().cpu(), bins)
-            counts += torch.bincount(b, minlength=bins)
-    return (sums / counts).tolist()
+            sums.add(loss.float(), level, {})
+    rec = sums.read(1)  # every rank computed the same: nothing to reduce
+    return [rec[f'loss_bin{i}'] for i in range(sums.BINS)]
 
 
 # ----------------------------------------------------------------------------
@@ -393,8 +392,8 @@ def probe_checkpoint(a, path, out, device, log):
     acc = train_probes(epoch_feats, y, test_feats, y_test, lr=lr, epochs=epochs,
                        batch_size=batch_size, seed=a.seed, device=device, log=log)
     at_init = {k[1:]: acc.pop(k) for k in list(acc) if k[0] == 'init'}
-    losses = heldout_loss(model, diffusion, x_test, y_test, seed=_seed(a.seed, 3), autocast=autocast,
-                          batch_size=a.extract_batch) if a.loss else None
+    losses = heldout_loss(model, diffusion, x_test, y_test, mod.LossSums(), seed=_seed(a.seed, 3),
+                          batch_size=a.extract_batch, autocast=autocast) if a.loss else None
     speed = timer['images'] / max(timer['seconds'], 1e-9)
 
     best = max((k for k in acc if k[0] is not None), key=acc.get)
