@@ -106,7 +106,8 @@ def get_args(argv=None):
     if args.latent == "none":  # as the pixel models; shapes: minutes on a CPU
         args.epochs = 40 if args.dataset == "shapes" else 2000
     else:  # other folders: as ImageNet-100
-        args.epochs = EPOCHS.get((args.dataset, args.class_cond), EPOCHS[("in100", args.class_cond)])
+        key = (args.dataset, args.class_cond)
+        args.epochs = EPOCHS.get(key, EPOCHS[("in100", args.class_cond)])
     depth = NETS[args.net]["depth"]
     # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
     # scaled to the net's depth
@@ -137,7 +138,8 @@ def timestep_embedding(t, dim, max_period=10_000):
 
 
 def time_mlp(freq_dim, dim):
-    """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning vector `emb` (N, dim)."""
+    """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning
+    vector `emb` (N, dim)."""
     return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
@@ -299,7 +301,8 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y=None, feats=()):
         """x (N, C, S, S), t (N,) in [0, 1] with 1 = noise, y (N,) labels (num_classes = null;
-        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of the blocks in feats."""
+        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of
+        the blocks in feats."""
         unknown = set(feats) - set(self.feature_layers)
         if unknown:
             raise ValueError(f"unknown feature layers {sorted(unknown)}; "

@@ -58,7 +58,8 @@ CELLS = {  # Table 10: probe noise level (DDPM step, EDM sigma, RF t) and design
     ("DDPM", "ddpmpp", "cifar10"): (11, "out_7"), ("DDPM", "ddpmpp", "cifar100"): (11, "out_8"),
     ("EDM", "ddpmpp", "cifar10"): (0.06, "out_9"), ("EDM", "ddpmpp", "cifar100"): (0.06, "out_8"),
     ("RF", "ddpmpp", "cifar10"): (0.06, "out_8"), ("RF", "ddpmpp", "cifar100"): (0.06, "out_8"),
-    ("EDM", "ddpm", "tiny-imagenet"): (0.2964, "out_5"), ("EDM", "ddpm", "in100"): (0.2964, "out_5"),
+    ("EDM", "ddpm", "tiny-imagenet"): (0.2964, "out_5"),
+    ("EDM", "ddpm", "in100"): (0.2964, "out_5"),
     # Not in the paper: the CPU quickstart's cell, by the same rule (probe.py --grid on a
     # baseline run; README)
     ("RF", "tiny", "shapes"): (0.4, "out_1"),
@@ -147,7 +148,8 @@ def add_aug_args(p):
 # Model: the DDAE UNet (ddpm: DDPM's CIFAR-10 net; ddpmpp: deeper, BigGAN-style up/down)
 
 def ddpm_sinusoid(t, dim):
-    """DDPM's sinusoid as DDAE uses it: (N,) -> (N, dim), sin half first, frequencies over half-1."""
+    """DDPM's sinusoid as DDAE uses it: (N,) -> (N, dim), sin half first,
+    frequencies over half - 1."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / (half - 1))
     angles = t.float()[:, None] * freqs  # (N, half)
@@ -155,7 +157,8 @@ def ddpm_sinusoid(t, dim):
 
 
 def time_mlp(freq_dim, dim):
-    """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning vector `emb` (N, dim)."""
+    """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning
+    vector `emb` (N, dim)."""
     return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
@@ -277,7 +280,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t, aug=None, feats=()):
         """x (N, 3, H, W), t (N,) the network's time input, aug (N, 9) or None.
-        Returns the output (N, 3, H, W) and {layer: GAP feature (N, C) fp32} of the layers in feats."""
+        Returns the output (N, 3, H, W) and {layer: GAP feature (N, C) fp32}
+        of the layers in feats."""
         t_freq = ddpm_sinusoid(t, self.conv_in.out_channels)  # (N, ch)
         h_t = t_freq if aug is None or self.aug_emb is None else t_freq + self.aug_emb(aug)
         emb = self.time_mlp(h_t)  # (N, D): the label enters before the MLP, as in EDM
@@ -504,7 +508,8 @@ def _scale(sx, sy):
 
 def _sym6_operator(n, up, device):
     """Sym6 2x up- (n, 2n) or downsampling (n, n // 2) along one axis as a matrix: x @ M."""
-    # A small matmul beats a depthwise (transposed) convolution ~10x on CPU and costs nothing on GPU.
+    # A small matmul beats a depthwise (transposed) convolution ~10x on CPU
+    # and costs nothing on GPU.
     eye = torch.eye(n, device=device)[:, None]
     k = torch.tensor(SYM6, device=device).view(1, 1, -1)
     conv = F.conv_transpose1d if up else F.conv1d
@@ -577,7 +582,8 @@ class AugmentPipe(nn.Module):
         s = n[:, 0] * on(3, self.scale)
         a = (2 * u[:, 4] - 1) * pi * on(5, self.rotate)
         w = n[:, 1] * on(7, self.aniso)
-        r = (2 * u[:, 6] - 1) * pi * (u[:, 8] < 0.5).float()  # EDM turns the aniso axis half the time
+        # EDM turns the anisotropic axis half the time
+        r = (2 * u[:, 6] - 1) * pi * (u[:, 8] < 0.5).float()
         t = n[:, 2:4] * on(9, self.translate)[:, None]
         x = torch.where(xf.view(N, 1, 1, 1) > 0, x.flip(3), x)
         x = torch.where(yf.view(N, 1, 1, 1) > 0, x.flip(2), x)
@@ -598,7 +604,8 @@ AUGMENT = AugmentPipe()  # the paper's setting (EDM's CIFAR pipe, App. A); it ho
 
 
 class Uncertainty(nn.Module):
-    """EDM2's learned loss uncertainty u(sigma): loss -> loss / exp(u) + u, minimal at u = ln loss."""
+    """EDM2's learned loss uncertainty u(sigma): loss -> loss / exp(u) + u,
+    minimal at u = ln loss."""
 
     def __init__(self, channels=128):
         super().__init__()
@@ -629,7 +636,8 @@ def timestep_embedding(t, dim, max_period=10_000):
 
 
 class ProjHead(nn.Module):
-    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time' gates it by noise level."""
+    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time'
+    gates it by noise level."""
 
     def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()

@@ -356,7 +356,8 @@ def _scale(sx, sy):
 
 def _sym6_operator(n, up, device):
     """Sym6 2x up- (n, 2n) or downsampling (n, n // 2) along one axis as a matrix: x @ M."""
-    # A small matmul beats a depthwise (transposed) convolution ~10x on CPU and costs nothing on GPU.
+    # A small matmul beats a depthwise (transposed) convolution ~10x on CPU
+    # and costs nothing on GPU.
     eye = torch.eye(n, device=device)[:, None]
     k = torch.tensor(SYM6, device=device).view(1, 1, -1)
     conv = F.conv_transpose1d if up else F.conv1d
@@ -429,7 +430,8 @@ class AugmentPipe(nn.Module):
         s = n[:, 0] * on(3, self.scale)
         a = (2 * u[:, 4] - 1) * pi * on(5, self.rotate)
         w = n[:, 1] * on(7, self.aniso)
-        r = (2 * u[:, 6] - 1) * pi * (u[:, 8] < 0.5).float()  # EDM turns the aniso axis half the time
+        # EDM turns the anisotropic axis half the time
+        r = (2 * u[:, 6] - 1) * pi * (u[:, 8] < 0.5).float()
         t = n[:, 2:4] * on(9, self.translate)[:, None]
         x = torch.where(xf.view(N, 1, 1, 1) > 0, x.flip(3), x)
         x = torch.where(yf.view(N, 1, 1, 1) > 0, x.flip(2), x)
@@ -453,7 +455,8 @@ AUGMENT = AugmentPipe()  # the paper's setting (EDM's CIFAR pipe, App. A); it ho
 # Contrastive self-distillation (Sec. 4.2): MoCo v3 against the EMA model as the teacher
 
 class ProjHead(nn.Module):
-    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time' gates it by noise level."""
+    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time'
+    gates it by noise level."""
 
     def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()
