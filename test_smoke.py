@@ -70,7 +70,7 @@ SHARED = {  # top-level definition -> the trainers that hold a copy of it, chara
         "DATASETS", "CIFAR", "IMG_EXT", "make_shapes", "local_rank", "raise_on_any", "fetch_once",
         "download_cifar", "load_cifar", "center_crop", "image_files", "ImageFiles", "decode_images",
         "load_pixels", "add_training_args", "setup_distributed", "use_bf16", "autocast", "memory_format",
-        "batch_indices", "update_ema", "count_params", "save_grid", "atomic_save", "check_out_dir",
+        "epoch_order", "batch_indices", "update_ema", "count_params", "save_grid", "atomic_save", "check_out_dir",
         "load_checkpoint_for_resume", "Log", "LossSums", "sync", "matmul_tflops", "benchmark", "main",
         "timestep_embedding"], TRAINERS),
     **dict.fromkeys(["time_mlp", "SelfCond"], ("train_unet.py", "train_dit.py")),  # adaptive-norm nets
