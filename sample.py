@@ -233,6 +233,10 @@ def resolve(a, args, model, diffusion):
     if a.sampler == "rk45" and a.steps is not None:
         raise SystemExit("--steps does not apply to rk45 (adaptive): set --rtol/--atol, "
                          "or use --sampler euler")
+    if a.sampler == "rk45":  # bf16's rounding (~4e-3) would never meet its 1e-5 tolerances
+        if a.precision == "bf16":
+            raise SystemExit("--sampler rk45 needs fp32: drop --precision bf16")
+        a.precision = "fp32"
     a.steps = a.steps or DEFAULT_STEPS.get(a.sampler)
     a.shift = a.shift if a.shift is not None else (3.3 if latent else 1.0)
     a.cfg_scale = a.cfg_scale if a.cfg_scale is not None else (1.5 if classes else 1.0)
@@ -346,11 +350,13 @@ def main(argv=None):
     config = {k: getattr(a, k) for k in ("raw", "sampler", "steps", "clip", "rtol", "atol",
                                          "shift", "cfg_scale", "cfg_interval", "cls", "seed",
                                          "batch_size")}
-    config.update(ckpt=str(Path(a.ckpt).resolve()), ckpt_step=ckpt.get("step"))
+    config.update(ckpt=str(Path(a.ckpt).resolve()), ckpt_step=ckpt.get("step"),
+                  bf16=mod.use_bf16(device, a.precision), vae=args.vae if latent else None)
     if rank == 0:
         shards.mkdir(parents=True, exist_ok=True)
         if not (out / "config.json").exists():
-            (out / "config.json").write_text(json.dumps(config, indent=1))
+            mod.atomic_save(config, out / "config.json",
+                            lambda c, f: f.write(json.dumps(c, indent=1).encode()))
     barrier(world)
     old = json.loads((out / "config.json").read_text())
     if old != config:

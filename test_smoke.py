@@ -489,6 +489,21 @@ def test_downloads_under_three_ranks_fetch_once_or_fail_alike(tmp_path):
     assert time.time() - t0 < 120
 
 
+def test_fetch_once_takes_another_nodes_copy_and_reports_its_own_failure(tmp_path):
+    """Nodes on one file system may fetch at once: the loser's rename fails, but the data is there."""
+    def lost_the_race(path):
+        path.mkdir()  # another node's folder landed first
+        raise OSError("[Errno 39] Directory not empty")
+
+    def offline(path):
+        raise OSError("no network")
+
+    assert train_unet.fetch_once(tmp_path / "a", lost_the_race, "cannot fetch a") == tmp_path / "a"
+    with pytest.raises(SystemExit) as e:
+        train_unet.fetch_once(tmp_path / "b", offline, "cannot fetch b")
+    assert str(e.value) == "cannot fetch b (OSError: no network)"
+
+
 @pytest.mark.parametrize("script,extra", [("train_unet.py", ["--model", "RF", "--self-cond"]),
                                           ("train_uvit.py", ["--self-cond", "--aug", "--cl"]),
                                           ("train_dit.py", ["--latent", "none", "--self-cond", "--class-cond"])])
@@ -507,7 +522,8 @@ def test_bf16_and_compile_run_on_cpu_and_sample(tmp_path, monkeypatch, _one_thre
     assert all(v.dtype == torch.float32 for k in ("model", "ema") for v in ckpt[k].values() if v.is_floating_point())
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])  # clean names
     assert set(ckpt["model"]) == set(ema.state_dict()) and not list(out.glob("grid-*"))  # --sample-every 0
-    steps = {"train_unet.py": [], "train_uvit.py": ["--steps", "3"], "train_dit.py": ["--sampler", "euler", "--steps", "3"]}[script]
+    euler = ["--sampler", "euler", "--steps", "3"]  # the RF UNet's rk45 runs in fp32 only
+    steps = {"train_unet.py": euler, "train_uvit.py": ["--steps", "3"], "train_dit.py": euler}[script]
     sample.main(["--ckpt", str(out / "ckpt.pt"), "--num-samples", "4", "--batch-size", "4", "--precision", "bf16",
                  "--out", str(tmp_path / "samples"), *steps])
     x = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
@@ -1682,6 +1698,10 @@ def test_sample_each_formulation_end_to_end(tmp_path, capsys, _one_thread, scrip
     assert _sample_load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
     if nfe is not None:
         assert f"NFE per batch {nfe}.0" in capsys.readouterr().out
+    else:  # rk45's 1e-5 tolerances are below bf16's rounding: auto is fp32, bf16 is refused
+        assert json.loads((tmp_path / "s" / "config.json").read_text())["bf16"] is False
+        with pytest.raises(SystemExit, match="^--sampler rk45 needs fp32: drop --precision bf16$"):
+            sample.main(["--ckpt", str(ckpt), "--precision", "bf16", "--out", str(tmp_path / "s2")])
 
 
 # ----------------------------------------------------------------------------------------------------------

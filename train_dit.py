@@ -59,8 +59,8 @@ EPOCHS = {  # App. A; IN1k: 90 as in Tables 5, 6 and 11 (the text says 100)
 SC_LAYER = {  # Table 10: the baseline's best probe block, where self-conditioning reads
     ("in100", False): 8, ("in100", True): 8, ("in1k", False): 9, ("in1k", True): 10,
 }
-ARCH_KEYS = ("net", "latent", "resolution", "class_cond", "self_cond", "sc_mode",
-             "sc_layer")  # what a resumed run may not change
+ARCH_KEYS = ("net", "latent", "resolution", "class_cond", "num_classes", "self_cond", "sc_mode",
+             "sc_layer")  # what a resumed run may not change (num_classes: the label table)
 
 
 def get_args(argv=None):
@@ -96,6 +96,8 @@ def get_args(argv=None):
                    help="linear lr warm-up (the latent recipe has none)")
     add_training_args(p)
     args = p.parse_args(argv)
+    if args.latent != "none" and args.dataset in DATASETS:
+        p.error(f"{args.dataset} is a pixel dataset: train it with --latent none")
 
     imagenet = args.dataset in IMAGENET
     args.class_cond = imagenet if args.class_cond is None else args.class_cond  # Tables 5, 6
@@ -720,13 +722,15 @@ def raise_on_any(error):
 
 def fetch_once(path, fetch, failed):
     """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
-    call this). A failure ends every rank promptly with the same line: `failed` and the reason."""
+    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
+    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
     error = None
     if local_rank() == 0 and not path.exists():
         try:
             fetch(path)
         except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
-            error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            if not path.exists():  # else another node's copy landed first (rename failed)
+                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
     return path
 
@@ -950,8 +954,6 @@ def latent_stats(args):
 def load_latents(args, split="train", flip=False):
     """(normalised float32 latents (N, 32, 16, 16), labels (N,)) of a split: the unflipped copy,
     or with flip=True the flipped one. ImageNet-1k takes 42 GB like this."""
-    if args.dataset in DATASETS:
-        raise SystemExit(f"{args.dataset} is a pixel dataset: train it with --latent none")
     d, stats = latent_cache(args, split), latent_stats(args)
     x = np.load(d / "latents.npy", mmap_mode="r")[:, int(flip)].astype(np.float32)
     x = (torch.from_numpy(x) - stats["mean"][:, None, None]) / stats["std"][:, None, None]

@@ -769,13 +769,15 @@ def raise_on_any(error):
 
 def fetch_once(path, fetch, failed):
     """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
-    call this). A failure ends every rank promptly with the same line: `failed` and the reason."""
+    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
+    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
     error = None
     if local_rank() == 0 and not path.exists():
         try:
             fetch(path)
         except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
-            error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            if not path.exists():  # else another node's copy landed first (rename failed)
+                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
     return path
 
