@@ -412,7 +412,7 @@ def _check_exists(spec):
         raise SystemExit(f"{spec}: no such file or folder (give an .npz, an image folder or a dataset name)")
 
 
-def load_input(spec, data_path=None):
+def load_input(spec, data_args=()):
     """A samples npz, image folder or dataset name -> uint8 images or file list; a stats npz -> (mu, sigma, n)."""
     _check_exists(spec)
     if spec.endswith(".npz"):
@@ -431,7 +431,7 @@ def load_input(spec, data_path=None):
             raise SystemExit(f"{spec}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
         return files
     train_unet = _trainer()
-    args = train_unet.get_args(["--dataset", spec] + (["--data-path", data_path] if data_path else []))
+    args = train_unet.get_args(["--dataset", spec, *data_args])  # e.g. --data-path, --resolution
     x, _ = train_unet.load_pixels(args, "train")  # (uint8 (N, 3, H, W), labels)
     if x.dtype != torch.uint8:
         raise SystemExit(f"dataset {spec} is not made of pixels ({x.dtype}); FID needs decoded images")
@@ -448,9 +448,9 @@ def _check_writable(path):
         raise SystemExit(f"--stats-out {path}: cannot write a file there ({why})")
 
 
-def _load(spec, data_path=None):
+def _load(spec, data_args=()):
     """load_input for a spec string, then a check that images (not statistics) number at least 3."""
-    x = load_input(spec, data_path) if isinstance(spec, str) else spec
+    x = load_input(spec, data_args) if isinstance(spec, str) else spec
     if not isinstance(x, tuple) and len(x) < 3:
         name = spec if isinstance(spec, str) else "the input"
         raise SystemExit(f"FID needs at least 3 images, {name} has {len(x)} (the covariance would be degenerate)")
@@ -466,17 +466,17 @@ def _rank0(value):
     return box[0]
 
 
-def _stats_of(spec, model, batch_size, num_workers, data_path=None, cache_dir=None, x=None):
+def _stats_of(spec, model, batch_size, num_workers, data_args=(), cache_dir=None, x=None):
     """(mu, sigma, n, logits or None) of an input (`x`: it already loaded); cached when cache_dir is set.
 
     Only rank 0 reads or writes the cache (other nodes may not share its folder); the others get None stats.
     """
-    x = _load(spec, data_path) if x is None else x
+    x = _load(spec, data_args) if x is None else x
     if isinstance(x, tuple):
         return (*x, None)
     cache = None
     if cache_dir and isinstance(spec, str):
-        key = os.path.abspath(spec) if os.path.exists(spec) else f"{spec}:{data_path}"
+        key = os.path.abspath(spec) if os.path.exists(spec) else f"{spec}:{' '.join(data_args)}"
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         cache = os.path.join(cache_dir, f"{Path(spec).stem}-{len(x)}-{digest}.npz")
         if _rank0(os.path.exists(cache)):
@@ -507,19 +507,19 @@ def save_statistics(path, mu, sigma, n):
         raise SystemExit(f"could not write the statistics to {path}: {e}")
 
 
-def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_path=None,
+def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_args=(),
                      cache_dir=None):
     """FID of samples (input spec or uint8 (N, C, H, W)) vs ref (input spec or (mu, sigma)); IS of the samples.
 
     Under torch.distributed every rank must call it (features are sharded); only rank 0 gets the numbers.
     """
-    x = _load(samples, data_path)
-    r = None if isinstance(ref, tuple) else _load(ref, data_path)  # both checked before the network runs
+    x = _load(samples, data_args)
+    r = None if isinstance(ref, tuple) else _load(ref, data_args)  # both checked before the network runs
     mu1, sigma1, n, logits = _stats_of(samples, model, batch_size, num_workers, x=x)
     if isinstance(ref, tuple):
         mu2, sigma2, n_ref = *ref[:2], None
     else:
-        mu2, sigma2, n_ref, _ = _stats_of(ref, model, batch_size, num_workers, data_path, cache_dir, x=r)
+        mu2, sigma2, n_ref, _ = _stats_of(ref, model, batch_size, num_workers, data_args, cache_dir, x=r)
     if _dist()[0] != 0:
         return None
     fid = frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -591,6 +591,8 @@ def main(argv=None):
     p.add_argument("--inception", default=None, help=f"path to {FID_WEIGHTS} (default: torch hub cache)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding")
     p.add_argument("--data-path", default=None, help="dataset root for a dataset-name REF (as in train_unet.py)")
+    p.add_argument("--resolution", type=int, help="image size of a dataset-name REF (default: the dataset's own, "
+                                                  "folders 64, as in train_unet.py): that of the samples")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/ddae/fid"), help="reference statistics")
     p.add_argument("--stats-out", default=None, help="save the statistics of SAMPLES here (no REF needed)")
     p.add_argument("--bench", type=int, metavar="ROUNDS",
@@ -616,6 +618,12 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def data_args(args):
+    """The train_unet.py flags that locate and size a dataset-name input."""
+    return [*(["--data-path", args.data_path] if args.data_path else []),
+            *(["--resolution", str(args.resolution)] if args.resolution else [])]
+
+
 def _run(args):
     """main() once the process group (if any) is up."""
     rank, world = _dist()
@@ -624,14 +632,14 @@ def _run(args):
         torch.cuda.set_device(device)
     model = load_inception(args.inception, device)
     if args.stats_out:
-        mu, sigma, n, _ = _stats_of(args.samples, model, args.batch_size, args.num_workers, args.data_path)
+        mu, sigma, n, _ = _stats_of(args.samples, model, args.batch_size, args.num_workers, data_args(args))
         result = dict(n=n) if rank == 0 else None
         if rank == 0:
             save_statistics(args.stats_out, mu, sigma, n)
             print(f"saved statistics of {n} images to {args.stats_out}")
     else:
         result = fid_from_samples(args.samples, args.ref, model, args.batch_size, args.num_workers,
-                                  args.data_path, args.cache_dir)
+                                  data_args(args), args.cache_dir)
         if rank == 0:
             print(f"FID {result['fid']:.4f}  IS {result['is_mean']:.3f} +- {result['is_std']:.3f}  "
                   f"({result['n']} samples, {result['n_ref'] or '?'} ref)")

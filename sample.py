@@ -405,8 +405,10 @@ def main(argv=None):
     if a.fid:
         barrier(world)
         import fid  # lazily: only --fid needs the Inception network
+        # a dataset-name REF is loaded at the samples' size (ImageNet for a latent DiT: 256)
+        size = mod.IMAGE_SIZE if latent else args.resolution
         data = ["--data-path", args.data_path] if getattr(args, "data_path", None) else []
-        fid.main([str(out / "samples.npz"), a.fid, *data])
+        fid.main([str(out / "samples.npz"), a.fid, *data, "--resolution", str(size)])
     if world > 1:
         dist.destroy_process_group()
 

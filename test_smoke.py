@@ -569,6 +569,15 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert not [p for p in os.listdir(out) if p.startswith("samples")]  # nothing written
 
 
+def test_sample_fid_loads_a_dataset_reference_at_the_samples_size(tmp_path, monkeypatch):
+    out, _ = _unet(tmp_path, images=32)  # a 16x16 run of shapes (native 32x32)
+    calls = []
+    monkeypatch.setattr(fid, "main", calls.append)
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--num-samples", "2", "--steps", "2",
+                 "--out", str(tmp_path / "s"), "--fid", "shapes"])
+    assert calls == [[str(tmp_path / "s" / "samples.npz"), "shapes", "--data-path", "data", "--resolution", "16"]]
+
+
 def test_failed_writes_keep_the_previous_file_and_say_so(tmp_path, monkeypatch):
     out, _ = _unet(tmp_path, images=32)
     before = (out / "ckpt.pt").read_bytes()
@@ -1358,7 +1367,7 @@ def test_fid_dataset_input(monkeypatch):
     assert x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16)
     fake.load_pixels = lambda args, split: (torch.zeros(5, 4, 8, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(SystemExit, match="not made of pixels"):
-        fid.load_input("latent-in1k", data_path="/x")
+        fid.load_input("latent-in1k", data_args=["--data-path", "/x"])
 
 
 def test_fid_fast_forward_matches_plain_forward(tmp_path, monkeypatch):
