@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -258,11 +257,8 @@ def _weights_file(path):
 
 def _trainer():
     """train_unet.py, which owns the dataset loaders and the rank-safe fetch (imported lazily)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import train_unet
-    return train_unet
+    from sample import import_trainer
+    return import_trainer("train_unet.py")
 
 # ----------------------------------------------------------------------------
 # Statistics

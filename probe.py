@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sample import load_checkpoint
+from sample import for_inference, load_checkpoint, setup_distributed
 
 # ----------------------------------------------------------------------------
 # Defaults (paper Tables 10-11)
@@ -85,17 +85,6 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------
 # Distributed helpers (torchrun: every rank extracts a shard, all ranks get all features)
-
-def setup_dist():
-    if 'RANK' not in os.environ:
-        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    cuda = torch.cuda.is_available()
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
 
 def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -326,8 +315,7 @@ def probe_checkpoint(a, path, out, device, log):
     models = {'trained': model}
     if a.init:  # what training starts from: the trainer seeds with --seed, then builds
         torch.manual_seed(args.seed)
-        init = mod.build_model(args).to(device, memory_format=torch.channels_last)  # as sample.py
-        models['init'] = init.eval().requires_grad_(False)
+        models['init'] = for_inference(mod.build_model(args), device)  # as the trained one
 
     # pairs to probe
     integer = diffusion.kind == 'DDPM'
@@ -496,8 +484,7 @@ def summarize(records, out, log):
 
 def main(argv=None):
     a = get_args(argv)
-    rank, size, device = setup_dist()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rank, _, device = setup_distributed()
     log = print if rank == 0 else (lambda *_: None)
     paths = [Path(p) for p in a.ckpt]
     name = lambda p: p.parent.name if p.stem == 'ckpt' else f"{p.parent.name}-{p.stem}"
