@@ -274,9 +274,10 @@ def layer_series(acc, ts, layers):
 
 @torch.no_grad()
 def heldout_loss(model, diffusion, x, y, sums, *, seed, batch_size, autocast, repeats=4):
-    """The denoising loss of held-out images per noise-level bin, binned by the trainer's own
-    LossSums (`sums`, empty) as its training log is: `repeats` draws of t and noise per image,
-    the same for every checkpoint given the seed."""
+    """The plain denoising loss of held-out images (no augmentation, no EDM uncertainty weight,
+    so arms compare alike) per noise-level bin, binned by the trainer's own LossSums (`sums`,
+    empty) as its training log is: `repeats` draws of t and noise per image, the same for every
+    checkpoint given the seed."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     for _ in range(repeats):
