@@ -38,94 +38,26 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+
 # ------------------------------------------------------------------------------------------------
-# Config: DiT and VA-VAE presets (Table 9), training length (App. A), designated blocks (Table 10)
+# Self-conditioning (Sec. 4.1, Fig. 1): pool the designated block, add it back into `emb`
 
-NETS = {  # width, blocks, heads: 'B' is DiT-B (Table 9), 'tiny' is for the CPU tests
-    "B": dict(width=768, depth=12, heads=12),
-    "tiny": dict(width=64, depth=4, heads=4),
-}
-VAES = {  # LDM AutoencoderKL configs: 'f16d32' is the official VA-VAE, 'tiny' its layout, narrow
-    "f16d32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,)),
-    "tiny": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(16,)),
-}
-VAVAE_URL = ("https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/"
-             "vavae-imagenet256-f16d32-dinov2.pt")
-IMAGE_SIZE = 256  # latent datasets are 256x256 images -> 16x16x32 latents
-IMAGENET = {"in1k": 1000, "in100": 100}  # classes of the latent datasets known by name
-EPOCHS = {  # App. A; IN1k: 90 as in Tables 5, 6 and 11 (the text says 100)
-    ("in100", False): 1400, ("in100", True): 1000, ("in1k", False): 90, ("in1k", True): 90,
-}
-SC_LAYER = {  # Table 10: the baseline's best probe block, where self-conditioning reads
-    ("in100", False): 8, ("in100", True): 8, ("in1k", False): 9, ("in1k", True): 10,
-}
-ARCH_KEYS = ("net", "latent", "resolution", "class_cond", "num_classes", "self_cond", "sc_mode",
-             "sc_layer")  # what a resumed run may not change (num_classes: the label table)
+class SelfCond(nn.Module):
+    """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)); "add" drops the time-dependent scale
+    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b)."""
 
+    def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
+        super().__init__()
+        self.scale = time_mlp(freq_dim, emb_dim) if mode == "adaptive" else None
+        self.proj = nn.Linear(feat_dim, emb_dim)
+        # The paper states no init. Zero: a self-conditioned net starts as exactly its baseline
+        # and learns how much of its own feature to use.
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--net", choices=list(NETS), default="B")
-    p.add_argument("--dataset", default="in1k",
-                   help="in1k, in100 or a class-folder name; with --latent none also shapes, "
-                        "cifar10, cifar100, tiny-imagenet")
-    p.add_argument("--latent", choices=["vavae", "none"], default="vavae",
-                   help="'none': pixel space, patch 2")
-    p.add_argument("--vae", help="VA-VAE weights (default: downloaded once to ~/.cache/ddae)")
-    p.add_argument("--vae-config", choices=list(VAES), default="f16d32", help="'tiny': tests")
-    p.add_argument("--cache-dir", help="latent cache of the dataset (default runs/cache/<dataset>)")
-    p.add_argument("--extract-batch", type=int, default=64, help="images per VA-VAE encode call")
-    p.add_argument("--resolution", type=int, default=32, help="pixel mode image size")
-    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction,
-                   help="labels, with a null class for CFG (default: on for in1k/in100)")
-    p.add_argument("--label-dropout", type=float, default=0.1,
-                   help="fraction of labels replaced by the null class")
-    p.add_argument("--self-cond", action="store_true",
-                   help="condition later blocks on a pooled block feature (Sec. 4.1)")
-    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
-                   help="time-scaled or direct addition (Table 7a)")
-    p.add_argument("--sc-layer", help="block read by self-conditioning, 9 or block_9 (Table 10)")
-    p.add_argument("--probe-t", type=float, help="noise level of the probe (Table 10)")
-    p.add_argument("--cos-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="LightningDiT's cosine term")
-    p.add_argument("--batch-size", type=int, help="global batch: 1024 (Table 11), tiny 128")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (LightningDiT's recipe)")
-    p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--warmup-images", type=int, default=0,
-                   help="linear lr warm-up (the latent recipe has none)")
-    add_training_args(p)
-    args = p.parse_args(argv)
-    if args.latent != "none" and args.dataset in DATASETS:
-        p.error(f"{args.dataset} is a pixel dataset: train it with --latent none")
-
-    imagenet = args.dataset in IMAGENET
-    args.class_cond = imagenet if args.class_cond is None else args.class_cond  # Tables 5, 6
-    pixel_classes = DATASETS.get(args.dataset, (None,))[0] if args.latent == "none" else None
-    args.num_classes = IMAGENET.get(args.dataset, pixel_classes)  # folders: from the data
-    if args.batch_size is None:
-        args.batch_size = 128 if args.net == "tiny" else 1024
-    if args.latent == "none":  # as the pixel models; shapes: minutes on a CPU
-        args.epochs = 40 if args.dataset == "shapes" else 2000
-    else:  # other folders: as ImageNet-100
-        key = (args.dataset, args.class_cond)
-        args.epochs = EPOCHS.get(key, EPOCHS[("in100", args.class_cond)])
-    depth = NETS[args.net]["depth"]
-    # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
-    # scaled to the net's depth
-    default = round(SC_LAYER.get((args.dataset, args.class_cond), 8) * depth / 12)
-    layer = args.sc_layer or str(default)
-    args.sc_layer = f"block_{layer}" if layer.isdigit() else layer
-    if args.sc_layer not in [f"block_{i}" for i in range(1, depth + 1)]:
-        p.error(f"--sc-layer {layer}: DiT-{args.net} has block_1 .. block_{depth}")
-    # Table 10: DiT-B; pixel space: RF on CIFAR
-    args.probe_t = args.probe_t or (0.25 if args.latent != "none" else 0.06)
-    if args.latent == "none" and args.resolution % 2:
-        p.error("--resolution must be even (patch 2)")
-    kind = ("-pixel" if args.latent == "none" else "") + ("-cond" if args.class_cond else "")
-    sc = "-sc" if args.self_cond else ""
-    args.out = args.out or f"runs/dit-{args.dataset}-{args.net}-RF{kind}{sc}"
-    return args
+    def forward(self, emb, feat, t_freq):  # (N, D), GAP(h_k) (N, C_k) fp32, sinusoid (N, F)
+        f = self.proj(feat)  # (N, D)
+        return emb + (f if self.scale is None else self.scale(t_freq) * f)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,27 +271,6 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Self-conditioning (Sec. 4.1, Fig. 1): pool the designated block, add it back into `emb`
-
-class SelfCond(nn.Module):
-    """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)); "add" drops the time-dependent scale
-    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b)."""
-
-    def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
-        super().__init__()
-        self.scale = time_mlp(freq_dim, emb_dim) if mode == "adaptive" else None
-        self.proj = nn.Linear(feat_dim, emb_dim)
-        # The paper states no init. Zero: a self-conditioned net starts as exactly its baseline
-        # and learns how much of its own feature to use.
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, emb, feat, t_freq):  # (N, D), GAP(h_k) (N, C_k) fp32, sinusoid (N, F)
-        f = self.proj(feat)  # (N, D)
-        return emb + (f if self.scale is None else self.scale(t_freq) * f)
-
-
-# ------------------------------------------------------------------------------------------------
 # Rectified flow, latent recipe (Table 8). Paper convention: t=0 data, t=1 noise,
 # x_t = (1 - t) x0 + t eps; the net predicts the velocity v = dx_t/dt = eps - x0.
 
@@ -418,6 +329,184 @@ def build_diffusion(args, model=None):
     classes = args.num_classes if args.class_cond else 0
     return LatentRF(classes, args.label_dropout, args.cos_loss)
 
+
+# ------------------------------------------------------------------------------------------------
+# Training step (Sec. 4): the flow loss, one optimizer step and the EMA; the preview
+
+def build_optimizer(model, args):
+    """Adam with LightningDiT's beta2; the frozen sin-cos table is not optimised."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=args.lr, betas=(0.9, args.beta2), fused=params[0].is_cuda)
+
+
+def train_step(net, model, ema, opt, diffusion, batch, step, args):
+    """One optimisation step on a (flipped) batch (x, y): loss, backward, clip, Adam, EMA.
+    Training and --bench both run it. Returns the loss (B,), the noise level (B,), {}."""
+    x, y = batch
+    with autocast(x.device, args.precision):
+        loss, level = diffusion.loss(net, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # the frozen table: no grad
+    opt.step()
+    update_ema(ema, model, step, args.ema)
+    return loss.detach(), level, {}
+
+
+def sample_preview(ema, diffusion, args, device):
+    """16 samples of the EMA model from the same noise and labels each time (no CFG)."""
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (32, 16, 16) if args.latent != "none" else (3, args.resolution, args.resolution)
+    noise = torch.randn(16, *shape, generator=g).to(device)
+    y = torch.arange(16, device=device) % args.num_classes if args.class_cond else None
+    with autocast(device, args.precision):
+        return diffusion.sample(ema, noise, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipe: DiT and VA-VAE presets (Table 9), training length (App. A), designated blocks (Table 10)
+# The shared main calls this file's get_args, build_model, build_diffusion, build_optimizer,
+# load_train_data, train_step, sample_preview and param_report; --bench also fake_batch.
+
+NETS = {  # width, blocks, heads: 'B' is DiT-B (Table 9), 'tiny' is for the CPU tests
+    "B": dict(width=768, depth=12, heads=12),
+    "tiny": dict(width=64, depth=4, heads=4),
+}
+VAES = {  # LDM AutoencoderKL configs: 'f16d32' is the official VA-VAE, 'tiny' its layout, narrow
+    "f16d32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,)),
+    "tiny": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(16,)),
+}
+VAVAE_URL = ("https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/"
+             "vavae-imagenet256-f16d32-dinov2.pt")
+IMAGE_SIZE = 256  # latent datasets are 256x256 images -> 16x16x32 latents
+IMAGENET = {"in1k": 1000, "in100": 100}  # classes of the latent datasets known by name
+EPOCHS = {  # App. A; IN1k: 90 as in Tables 5, 6 and 11 (the text says 100)
+    ("in100", False): 1400, ("in100", True): 1000, ("in1k", False): 90, ("in1k", True): 90,
+}
+SC_LAYER = {  # Table 10: the baseline's best probe block, where self-conditioning reads
+    ("in100", False): 8, ("in100", True): 8, ("in1k", False): 9, ("in1k", True): 10,
+}
+ARCH_KEYS = ("net", "latent", "resolution", "class_cond", "num_classes", "self_cond", "sc_mode",
+             "sc_layer")  # what a resumed run may not change (num_classes: the label table)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--net", choices=list(NETS), default="B")
+    p.add_argument("--dataset", default="in1k",
+                   help="in1k, in100 or a class-folder name; with --latent none also shapes, "
+                        "cifar10, cifar100, tiny-imagenet")
+    p.add_argument("--latent", choices=["vavae", "none"], default="vavae",
+                   help="'none': pixel space, patch 2")
+    p.add_argument("--vae", help="VA-VAE weights (default: downloaded once to ~/.cache/ddae)")
+    p.add_argument("--vae-config", choices=list(VAES), default="f16d32", help="'tiny': tests")
+    p.add_argument("--cache-dir", help="latent cache of the dataset (default runs/cache/<dataset>)")
+    p.add_argument("--extract-batch", type=int, default=64, help="images per VA-VAE encode call")
+    p.add_argument("--resolution", type=int, default=32, help="pixel mode image size")
+    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction,
+                   help="labels, with a null class for CFG (default: on for in1k/in100)")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="fraction of labels replaced by the null class")
+    p.add_argument("--self-cond", action="store_true",
+                   help="condition later blocks on a pooled block feature (Sec. 4.1)")
+    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
+                   help="time-scaled or direct addition (Table 7a)")
+    p.add_argument("--sc-layer", help="block read by self-conditioning, 9 or block_9 (Table 10)")
+    p.add_argument("--probe-t", type=float, help="noise level of the probe (Table 10)")
+    p.add_argument("--cos-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="LightningDiT's cosine term")
+    p.add_argument("--batch-size", type=int, help="global batch: 1024 (Table 11), tiny 128")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (LightningDiT's recipe)")
+    p.add_argument("--ema", type=float, default=0.9999)
+    p.add_argument("--warmup-images", type=int, default=0,
+                   help="linear lr warm-up (the latent recipe has none)")
+    add_training_args(p)
+    args = p.parse_args(argv)
+    if args.latent != "none" and args.dataset in DATASETS:
+        p.error(f"{args.dataset} is a pixel dataset: train it with --latent none")
+
+    imagenet = args.dataset in IMAGENET
+    args.class_cond = imagenet if args.class_cond is None else args.class_cond  # Tables 5, 6
+    pixel_classes = DATASETS.get(args.dataset, (None,))[0] if args.latent == "none" else None
+    args.num_classes = IMAGENET.get(args.dataset, pixel_classes)  # folders: from the data
+    if args.batch_size is None:
+        args.batch_size = 128 if args.net == "tiny" else 1024
+    if args.latent == "none":  # as the pixel models; shapes: minutes on a CPU
+        args.epochs = 40 if args.dataset == "shapes" else 2000
+    else:  # other folders: as ImageNet-100
+        key = (args.dataset, args.class_cond)
+        args.epochs = EPOCHS.get(key, EPOCHS[("in100", args.class_cond)])
+    depth = NETS[args.net]["depth"]
+    # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
+    # scaled to the net's depth
+    default = round(SC_LAYER.get((args.dataset, args.class_cond), 8) * depth / 12)
+    layer = args.sc_layer or str(default)
+    args.sc_layer = f"block_{layer}" if layer.isdigit() else layer
+    if args.sc_layer not in [f"block_{i}" for i in range(1, depth + 1)]:
+        p.error(f"--sc-layer {layer}: DiT-{args.net} has block_1 .. block_{depth}")
+    # Table 10: DiT-B; pixel space: RF on CIFAR
+    args.probe_t = args.probe_t or (0.25 if args.latent != "none" else 0.06)
+    if args.latent == "none" and args.resolution % 2:
+        p.error("--resolution must be even (patch 2)")
+    kind = ("-pixel" if args.latent == "none" else "") + ("-cond" if args.class_cond else "")
+    sc = "-sc" if args.self_cond else ""
+    args.out = args.out or f"runs/dit-{args.dataset}-{args.net}-RF{kind}{sc}"
+    return args
+
+
+def param_report(model):
+    """One line: the total and what each option adds."""
+    return (f"parameters: {count_params(model):,} total, {count_params(model.sc):,} "
+            f"self-conditioning, {count_params(model.y_embed):,} label table")
+
+
+def load_train_data(args, device):
+    """The training split. Latents: the (N, 2 flips, 32, 16, 16) float16 cache stays memory-mapped
+    and a batch gathers its rows (the flip picks a copy); pixels: one uint8 tensor on the device.
+    batch(idx) gives (x, y): x in model space, y the labels or None (unconditional)."""
+    latent = args.latent != "none"
+    if latent:
+        cache = latent_cache(args, "train")
+        data = np.load(cache / "latents.npy", mmap_mode="r")
+        labels = torch.from_numpy(np.load(cache / "labels.npy"))
+        stats = latent_stats(args)
+        mean, std = (stats[k].to(device)[None, :, None, None] for k in ("mean", "std"))
+    else:
+        data, labels = load_pixels(args, "train")
+        data = data.to(device)
+    args.num_classes = args.num_classes or int(labels.max()) + 1
+    labels, layout = labels.to(device), memory_format(device)
+
+    def batch(idx):  # non_blocking copies: the host does not wait for the GPU's queue
+        flip = torch.rand(len(idx)) < 0.5
+        on_device = idx.to(device, non_blocking=True)
+        if latent:
+            x = torch.from_numpy(data[idx.numpy(), flip.long().numpy()])
+            x = (x.to(device, non_blocking=True).float() - mean) / std  # (B, 32, 16, 16)
+        else:
+            x = data[on_device].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+            flip = flip.to(device, non_blocking=True)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        y = labels[on_device] if args.class_cond else None
+        return x.contiguous(memory_format=layout), y
+
+    if not latent:
+        return SimpleNamespace(n=len(labels), batch=batch, to_pixels=lambda x: x, state={})
+    # the decoder of preview grids, loaded at the start: a missing VA-VAE fails now, not hours in
+    path = vae_file(args) if args.sample_every else None  # a collective: every rank calls
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    vae = load_vae(args, device, path) if path and rank == 0 else None
+    return SimpleNamespace(n=len(labels), batch=batch, to_pixels=lambda z: decode(vae, z, stats),
+                           state={"latent_stats": stats})
+
+
+def fake_batch(args, device):
+    """A synthetic batch of the training shape, for --bench."""
+    c, s = (32, 16) if args.latent != "none" else (3, args.resolution)
+    x = torch.randn(args.batch_size, c, s, s, device=device)
+    y = torch.randint(0, args.num_classes or 1000, (args.batch_size,), device=device)
+    return x.contiguous(memory_format=memory_format(device)), y if args.class_cond else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -647,213 +736,9 @@ def decode(vae, z, latent_stats):
     return vae.decode(z.float() * std + mean).clamp(-1, 1)
 
 
-
 # ------------------------------------------------------------------------------------------------
-# Data: pixel datasets as in train_unet.py; latent datasets as a VA-VAE cache of both flips
-
-DATASETS = {  # pixel datasets known by name: classes, resolution
-    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
-}
-CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
-                 ["train"], ["test"], b"fine_labels"),
-}
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-@functools.lru_cache(maxsize=4)
-def make_shapes(n, seed, res=32):
-    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
-    geometry alone. Every image holds four identical dots; the class is their constellation, under
-    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
-    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
-    constellations = np.array([  # four dots each, in units of the dot spacing
-        [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
-        [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
-        [(-2, 1), (0, 1), (2, 1), (0, -1.2)],  # T
-        [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],  # L
-        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)],  # diamond
-        [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],  # Y: a centre and three arms
-        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],  # arc
-        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)],  # zigzag
-        [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],  # trapezoid
-        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],  # triangle with a tail
-    ])
-    p = constellations - constellations.mean(1, keepdims=True)
-    p = p / np.sqrt((p**2).sum(2).mean(1))[:, None, None]  # the same spread in every class
-    g = np.random.default_rng(seed)
-    y = g.permutation(np.arange(n) % 10)
-    p = p[y]  # (n, 4, 2)
-    p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
-    a = g.uniform(0, 2 * np.pi, n)
-    rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
-    size = g.uniform(0.22, 0.30, n) * res
-    centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
-    p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
-    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
-    yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
-    d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
-                for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
-    alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
-    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
-    img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
-    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
-
-
-def local_rank():
-    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return int(os.environ.get("LOCAL_RANK", rank))
-
-
-def raise_on_any(error):
-    """Collective: when any rank has an error message, every rank exits with the first one."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise SystemExit(error)
-
-
-def fetch_once(path, fetch, failed):
-    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
-    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
-    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
-    error = None
-    if local_rank() == 0 and not path.exists():
-        try:
-            fetch(path)
-        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
-            if not path.exists():  # else another node's copy landed first (rename failed)
-                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
-    return path
-
-
-def download_cifar(url, md5, folder):
-    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
-    in the same file system: an interrupted fetch leaves nothing behind."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
-        archive = Path(tmp) / url.rsplit("/", 1)[1]
-        torch.hub.download_url_to_file(url, archive)
-        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
-            raise ValueError(f"wrong md5 checksum of {url}")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        os.replace(Path(tmp) / folder.name, folder)
-
-
-def load_cifar(name, root, split):
-    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
-    url, md5, folder, train_files, test_files, key = CIFAR[name]
-    root = Path(root)
-    root = root.parent if root.name == folder else root
-    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
-               f"{name} is not in {root / folder} and could not be downloaded; "
-               f"extract {url} there, or pass --data-path")
-    xs, ys = [], []
-    for f in train_files if split == "train" else test_files:
-        with open(root / folder / f, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def center_crop(img, res):
-    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop."""
-    while min(img.size) >= 2 * res:
-        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
-    scale = res / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
-    x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
-    return img.crop((x, y, x + res, y + res))
-
-
-def image_files(args, split):
-    """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
-    class folders <root>/<class>/*, or <root>/train/<class>/* and <root>/val/<class>/*."""
-    root = Path(args.data_path)
-    if args.dataset == "tiny-imagenet":
-        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
-        if not (root / "wnids.txt").exists():
-            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: "
-                             f"unzip tiny-imagenet-200.zip there")
-        wnids = (root / "wnids.txt").read_text().split()
-        if split == "train":
-            return [(f, i) for i, w in enumerate(wnids)
-                    for f in sorted((root / "train" / w / "images").iterdir())]
-        rows = (root / "val" / "val_annotations.txt").read_text().splitlines()
-        index = {w: i for i, w in enumerate(wnids)}
-        return [(root / "val" / "images" / f, index[w]) for f, w, *_ in map(str.split, rows)]
-    sub = {"train": "train", "test": "val"}[split]
-    if (root / sub).is_dir():
-        root = root / sub
-    elif split == "test":
-        raise SystemExit(f"dataset {args.dataset!r} has no test split: "
-                         f"expected class folders under {root / sub}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.suffix.lower() in IMG_EXT]
-    if not files:
-        raise SystemExit(f"no images found for dataset {args.dataset!r} under {root}: point "
-                         f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
-    return files
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
-    '' or the reason the file could not be read."""
-
-    def __init__(self, files, res):
-        self.files, self.res = files, res
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        path = self.files[i][0]
-        try:
-            with Image.open(path) as im:
-                img = np.asarray(center_crop(im.convert("RGB"), self.res)).transpose(2, 0, 1)
-            return i, torch.from_numpy(img.copy()), ""
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
-            return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
-
-
-def decode_images(files, res, workers, skip_bad):
-    """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
-    xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
-    ok = torch.ones(len(files), dtype=torch.bool)
-    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
-                                         num_workers=workers)
-    for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
-        xs[idx] = img
-        for i, error in zip(idx.tolist(), errors):
-            if error and not skip_bad:
-                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
-            ok[i] = not error
-    if not ok.all():
-        print(f"skipped {int((~ok).sum())} unreadable images")
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return xs[ok], labels[ok]
-
-
-def load_pixels(args, split="train"):
-    """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
-    if args.dataset == "shapes":
-        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-        return make_shapes(n, seed, args.resolution)
-    if args.dataset in CIFAR:
-        return load_cifar(args.dataset, args.data_path, split)
-    return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
-
+# Latents: every training image and its flip encoded once into a memory-mapped cache,
+# resumable and sharded over ranks
 
 def cache_dir(args, split):
     root = Path(args.cache_dir or Path("runs") / "cache" / args.dataset)
@@ -960,93 +845,151 @@ def load_latents(args, split="train", flip=False):
     return x, torch.from_numpy(np.load(d / "labels.npy"))
 
 
+# Below: identical in all three trainers
 
 # ------------------------------------------------------------------------------------------------
-# Training infrastructure. This file's part: optimizer, data, step and preview; the rest is shared.
+# Main: EDM's loop; the events (log, checkpoint, preview, stop) are helpers below
 
-def build_optimizer(model, args):
-    """Adam with LightningDiT's beta2; the frozen sin-cos table is not optimised."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=args.lr, betas=(0.9, args.beta2), fused=params[0].is_cuda)
+def main(argv=None):
+    """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
+    args = get_args(argv)
+    if args.dry_run:
+        with torch.device("meta"):  # shapes only: even DiT-B builds at once
+            model = build_model(args)
+        print(json.dumps(vars(args), indent=2))
+        print(param_report(model))
+        return None
+    if args.bench:
+        return benchmark(args)
+    rank, world, device = setup_distributed()
+    out, log = Path(args.out), Log(args.out, rank)
+    ckpt_path = out / "ckpt.pt"
+    raise_on_any(check_out_dir(out) if rank == 0 else None)
+
+    # Data, and the run's length in images (paper epochs unless --train-images)
+    data = load_train_data(args, device)
+    if not world <= args.batch_size <= data.n or args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
+                         f"processes, at most the {data.n:,} training images")
+    args.train_images = args.train_images or args.epochs * data.n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+
+    # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
+    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
+    model = build_model(args).to(device, memory_format=memory_format(device))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = build_optimizer(model, args)
+    diffusion = build_diffusion(args, model)
+    step = images = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, images = ckpt["step"], ckpt["images"]
+        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
+    command = argv if argv is not None else sys.argv[1:]
+    log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
+    log(f"{param_report(model)}; {data.n:,} training images; world {world}")
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stop = []  # SIGTERM / SIGINT: finish the step, save, exit
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    sums, local_bs = LossSums(), args.batch_size // world
+    t_log = t_save = time.time()
+    images_log = images
+    bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
+               disable=rank != 0)
+    model.train()
+    try:
+        while images < args.train_images:
+            # One step; its randomness is a function of (seed, step, rank): resume is exact
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+            idx = batch_indices(images + rank * local_bs, local_bs, data.n, args.seed)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (images + 1) / max(args.warmup_images, 1))
+            batch = data.batch(idx)
+            loss, level, extra = train_step(net, model, ema, opt, diffusion, batch, step, args)
+            sums.add(loss, level, extra)
+            step, images = step + 1, images + args.batch_size
+            bar.update(args.batch_size)
+
+            # Events. Ranks agree on signals and the clock every 10 steps (reading the losses
+            # is a collective), without a sync at every step.
+            crossed = lambda every: images // every > (images - args.batch_size) // every
+            done = images >= args.train_images
+            halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
+            if world > 1 and (step % 10 == 0 or done):
+                flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
+                dist.all_reduce(flags)
+                halt, due = (flags > 0).tolist()
+            elif world > 1:
+                halt = due = False
+            log_now = crossed(args.log_every) or done
+            save_now = crossed(args.ckpt_every) or done or halt or due
+
+            # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
+            if log_now or save_now:
+                rec = sums.read(world)
+                terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
+                bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
+                if save_now and not all(p.isfinite().all() for p in model.parameters()):
+                    bad = bad or "the weights are not finite"
+                if bad:
+                    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+                            else "no checkpoint was written")
+                    log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
+                             f"lower --lr or check the data")
+            if log_now:
+                rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
+                       "img_per_s": (images - images_log) / (time.time() - t_log)}
+                if rank == 0:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
+                                for i in range(LossSums.BINS))
+                more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
+                log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
+                    f"{bins}){more} {rec['img_per_s']:.0f} img/s")
+                sums.reset()
+                t_log, images_log = time.time(), images
+
+            # Checkpoint: one self-describing file, written atomically by rank 0
+            if save_now and rank == 0:
+                atomic_save({"script": Path(__file__).name, "args": vars(args),
+                             "model": model.state_dict(), "ema": ema.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "images": images,
+                             **data.state}, ckpt_path)
+            t_save = time.time() if save_now else t_save
+
+            # Preview grid of the EMA model
+            if args.sample_every and (crossed(args.sample_every) or done) and rank == 0:
+                x = data.to_pixels(sample_preview(ema, diffusion, args, device))
+                save_grid(x, out / f"grid-{images:09d}.png")
+            if halt:
+                log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
+                    f"checkpoint saved, rerun the same command to resume")
+                break
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if world > 1:
+        dist.destroy_process_group()
+    return model, ema
 
 
-def param_report(model):
-    """One line: the total and what each option adds."""
-    return (f"parameters: {count_params(model):,} total, {count_params(model.sc):,} "
-            f"self-conditioning, {count_params(model.y_embed):,} label table")
-
-
-def load_train_data(args, device):
-    """The training split. Latents: the (N, 2 flips, 32, 16, 16) float16 cache stays memory-mapped
-    and a batch gathers its rows (the flip picks a copy); pixels: one uint8 tensor on the device.
-    batch(idx) gives (x, y): x in model space, y the labels or None (unconditional)."""
-    latent = args.latent != "none"
-    if latent:
-        cache = latent_cache(args, "train")
-        data = np.load(cache / "latents.npy", mmap_mode="r")
-        labels = torch.from_numpy(np.load(cache / "labels.npy"))
-        stats = latent_stats(args)
-        mean, std = (stats[k].to(device)[None, :, None, None] for k in ("mean", "std"))
-    else:
-        data, labels = load_pixels(args, "train")
-        data = data.to(device)
-    args.num_classes = args.num_classes or int(labels.max()) + 1
-    labels, layout = labels.to(device), memory_format(device)
-
-    def batch(idx):  # non_blocking copies: the host does not wait for the GPU's queue
-        flip = torch.rand(len(idx)) < 0.5
-        on_device = idx.to(device, non_blocking=True)
-        if latent:
-            x = torch.from_numpy(data[idx.numpy(), flip.long().numpy()])
-            x = (x.to(device, non_blocking=True).float() - mean) / std  # (B, 32, 16, 16)
-        else:
-            x = data[on_device].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-            flip = flip.to(device, non_blocking=True)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        y = labels[on_device] if args.class_cond else None
-        return x.contiguous(memory_format=layout), y
-
-    if not latent:
-        return SimpleNamespace(n=len(labels), batch=batch, to_pixels=lambda x: x, state={})
-    # the decoder of preview grids, loaded at the start: a missing VA-VAE fails now, not hours in
-    path = vae_file(args) if args.sample_every else None  # a collective: every rank calls
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    vae = load_vae(args, device, path) if path and rank == 0 else None
-    return SimpleNamespace(n=len(labels), batch=batch, to_pixels=lambda z: decode(vae, z, stats),
-                           state={"latent_stats": stats})
-
-
-def fake_batch(args, device):
-    """A synthetic batch of the training shape, for --bench."""
-    c, s = (32, 16) if args.latent != "none" else (3, args.resolution)
-    x = torch.randn(args.batch_size, c, s, s, device=device)
-    y = torch.randint(0, args.num_classes or 1000, (args.batch_size,), device=device)
-    return x.contiguous(memory_format=memory_format(device)), y if args.class_cond else None
-
-
-def train_step(net, model, ema, opt, diffusion, batch, step, args):
-    """One optimisation step on a (flipped) batch (x, y): loss, backward, clip, Adam, EMA.
-    Training and --bench both run it. Returns the loss (B,), the noise level (B,), {}."""
-    x, y = batch
-    with autocast(x.device, args.precision):
-        loss, level = diffusion.loss(net, x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.mean().backward()
-    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # the frozen table: no grad
-    opt.step()
-    update_ema(ema, model, step, args.ema)
-    return loss.detach(), level, {}
-
-
-def sample_preview(ema, diffusion, args, device):
-    """16 samples of the EMA model from the same noise and labels each time (no CFG)."""
-    g = torch.Generator().manual_seed(args.seed)
-    shape = (32, 16, 16) if args.latent != "none" else (3, args.resolution, args.resolution)
-    noise = torch.randn(16, *shape, generator=g).to(device)
-    y = torch.arange(16, device=device) % args.num_classes if args.class_cond else None
-    with autocast(device, args.precision):
-        return diffusion.sample(ema, noise, y)
-
+# ------------------------------------------------------------------------------------------------
+# Run plumbing: flags, processes, precision, batch order, EMA, checkpoints, logs
 
 def add_training_args(p):
     """The command line of the training loop: the same in every trainer."""
@@ -1256,7 +1199,214 @@ class LossSums:
 
 
 # ------------------------------------------------------------------------------------------------
-# Benchmark
+# Data: pixel datasets by name or class folders, fetched once per node
+
+DATASETS = {  # pixel datasets known by name: classes, resolution
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+}
+CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+                 ["train"], ["test"], b"fine_labels"),
+}
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@functools.lru_cache(maxsize=4)
+def make_shapes(n, seed, res=32):
+    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
+    geometry alone. Every image holds four identical dots; the class is their constellation, under
+    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
+    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
+    constellations = np.array([  # four dots each, in units of the dot spacing
+        [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
+        [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
+        [(-2, 1), (0, 1), (2, 1), (0, -1.2)],  # T
+        [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],  # L
+        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)],  # diamond
+        [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],  # Y: a centre and three arms
+        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],  # arc
+        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)],  # zigzag
+        [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],  # trapezoid
+        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],  # triangle with a tail
+    ])
+    p = constellations - constellations.mean(1, keepdims=True)
+    p = p / np.sqrt((p**2).sum(2).mean(1))[:, None, None]  # the same spread in every class
+    g = np.random.default_rng(seed)
+    y = g.permutation(np.arange(n) % 10)
+    p = p[y]  # (n, 4, 2)
+    p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
+    a = g.uniform(0, 2 * np.pi, n)
+    rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
+    size = g.uniform(0.22, 0.30, n) * res
+    centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
+    p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
+    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
+    yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
+    d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
+                for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
+    alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
+    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
+    img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
+
+
+def local_rank():
+    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def raise_on_any(error):
+    """Collective: when any rank has an error message, every rank exits with the first one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def fetch_once(path, fetch, failed):
+    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
+    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
+    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
+    error = None
+    if local_rank() == 0 and not path.exists():
+        try:
+            fetch(path)
+        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
+            if not path.exists():  # else another node's copy landed first (rename failed)
+                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
+    return path
+
+
+def download_cifar(url, md5, folder):
+    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
+    in the same file system: an interrupted fetch leaves nothing behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
+        archive = Path(tmp) / url.rsplit("/", 1)[1]
+        torch.hub.download_url_to_file(url, archive)
+        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
+            raise ValueError(f"wrong md5 checksum of {url}")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(Path(tmp) / folder.name, folder)
+
+
+def load_cifar(name, root, split):
+    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
+    url, md5, folder, train_files, test_files, key = CIFAR[name]
+    root = Path(root)
+    root = root.parent if root.name == folder else root
+    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
+               f"{name} is not in {root / folder} and could not be downloaded; "
+               f"extract {url} there, or pass --data-path")
+    xs, ys = [], []
+    for f in train_files if split == "train" else test_files:
+        with open(root / folder / f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def center_crop(img, res):
+    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
+    x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
+    return img.crop((x, y, x + res, y + res))
+
+
+def image_files(args, split):
+    """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
+    class folders <root>/<class>/*, or <root>/train/<class>/* and <root>/val/<class>/*."""
+    root = Path(args.data_path)
+    if args.dataset == "tiny-imagenet":
+        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
+        if not (root / "wnids.txt").exists():
+            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: "
+                             f"unzip tiny-imagenet-200.zip there")
+        wnids = (root / "wnids.txt").read_text().split()
+        if split == "train":
+            return [(f, i) for i, w in enumerate(wnids)
+                    for f in sorted((root / "train" / w / "images").iterdir())]
+        rows = (root / "val" / "val_annotations.txt").read_text().splitlines()
+        index = {w: i for i, w in enumerate(wnids)}
+        return [(root / "val" / "images" / f, index[w]) for f, w, *_ in map(str.split, rows)]
+    sub = {"train": "train", "test": "val"}[split]
+    if (root / sub).is_dir():
+        root = root / sub
+    elif split == "test":
+        raise SystemExit(f"dataset {args.dataset!r} has no test split: "
+                         f"expected class folders under {root / sub}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMG_EXT]
+    if not files:
+        raise SystemExit(f"no images found for dataset {args.dataset!r} under {root}: point "
+                         f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
+    '' or the reason the file could not be read."""
+
+    def __init__(self, files, res):
+        self.files, self.res = files, res
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i][0]
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(center_crop(im.convert("RGB"), self.res)).transpose(2, 0, 1)
+            return i, torch.from_numpy(img.copy()), ""
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
+            return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
+
+
+def decode_images(files, res, workers, skip_bad):
+    """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
+    xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
+    ok = torch.ones(len(files), dtype=torch.bool)
+    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
+                                         num_workers=workers)
+    for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
+        xs[idx] = img
+        for i, error in zip(idx.tolist(), errors):
+            if error and not skip_bad:
+                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
+            ok[i] = not error
+    if not ok.all():
+        print(f"skipped {int((~ok).sum())} unreadable images")
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return xs[ok], labels[ok]
+
+
+def load_pixels(args, split="train"):
+    """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
+    if args.dataset == "shapes":
+        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+        return make_shapes(n, seed, args.resolution)
+    if args.dataset in CIFAR:
+        return load_cifar(args.dataset, args.data_path, split)
+    return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark: --bench times the real training step
 
 def sync(device):
     if device.type == "cuda":
@@ -1339,147 +1489,6 @@ def benchmark(args, rounds=5):
           f"(median of {rounds} interleaved rounds of {n} steps)")
     print(json.dumps(rec))
     return rec
-
-
-# ------------------------------------------------------------------------------------------------
-# Main: the same in every trainer; it calls this file's own build_model, train_step, ...
-
-def main(argv=None):
-    """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
-    args = get_args(argv)
-    if args.dry_run:
-        with torch.device("meta"):  # shapes only: even DiT-B builds at once
-            model = build_model(args)
-        print(json.dumps(vars(args), indent=2))
-        print(param_report(model))
-        return None
-    if args.bench:
-        return benchmark(args)
-    rank, world, device = setup_distributed()
-    out, log = Path(args.out), Log(args.out, rank)
-    ckpt_path = out / "ckpt.pt"
-    raise_on_any(check_out_dir(out) if rank == 0 else None)
-
-    # Data, and the run's length in images (paper epochs unless --train-images)
-    data = load_train_data(args, device)
-    if not world <= args.batch_size <= data.n or args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
-                         f"processes, at most the {data.n:,} training images")
-    args.train_images = args.train_images or args.epochs * data.n
-    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
-        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
-
-    # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
-    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
-    model = build_model(args).to(device, memory_format=memory_format(device))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = build_optimizer(model, args)
-    diffusion = build_diffusion(args, model)
-    step = images = 0
-    if ckpt_path.exists():
-        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, images = ckpt["step"], ckpt["images"]
-        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
-    command = argv if argv is not None else sys.argv[1:]
-    log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
-    log(f"{param_report(model)}; {data.n:,} training images; world {world}")
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    stop = []  # SIGTERM / SIGINT: finish the step, save, exit
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    sums, local_bs = LossSums(), args.batch_size // world
-    t_log = t_save = time.time()
-    images_log = images
-    bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
-               disable=rank != 0)
-    model.train()
-    try:
-        while images < args.train_images:
-            # One step; its randomness is a function of (seed, step, rank): resume is exact
-            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
-            idx = batch_indices(images + rank * local_bs, local_bs, data.n, args.seed)
-            for group in opt.param_groups:
-                group["lr"] = args.lr * min(1.0, (images + 1) / max(args.warmup_images, 1))
-            batch = data.batch(idx)
-            loss, level, extra = train_step(net, model, ema, opt, diffusion, batch, step, args)
-            sums.add(loss, level, extra)
-            step, images = step + 1, images + args.batch_size
-            bar.update(args.batch_size)
-
-            # Events. Ranks agree on signals and the clock every 10 steps (reading the losses
-            # is a collective), without a sync at every step.
-            crossed = lambda every: images // every > (images - args.batch_size) // every
-            done = images >= args.train_images
-            halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
-            if world > 1 and (step % 10 == 0 or done):
-                flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
-                dist.all_reduce(flags)
-                halt, due = (flags > 0).tolist()
-            elif world > 1:
-                halt = due = False
-            log_now = crossed(args.log_every) or done
-            save_now = crossed(args.ckpt_every) or done or halt or due
-
-            # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
-            if log_now or save_now:
-                rec = sums.read(world)
-                terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
-                bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
-                if save_now and not all(p.isfinite().all() for p in model.parameters()):
-                    bad = bad or "the weights are not finite"
-                if bad:
-                    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
-                            else "no checkpoint was written")
-                    log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
-                             f"lower --lr or check the data")
-            if log_now:
-                rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
-                       "img_per_s": (images - images_log) / (time.time() - t_log)}
-                if rank == 0:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
-                                for i in range(LossSums.BINS))
-                more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
-                log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
-                    f"{bins}){more} {rec['img_per_s']:.0f} img/s")
-                sums.reset()
-                t_log, images_log = time.time(), images
-
-            # Checkpoint: one self-describing file, written atomically by rank 0
-            if save_now and rank == 0:
-                atomic_save({"script": Path(__file__).name, "args": vars(args),
-                             "model": model.state_dict(), "ema": ema.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "images": images,
-                             **data.state}, ckpt_path)
-            t_save = time.time() if save_now else t_save
-
-            # Preview grid of the EMA model
-            if args.sample_every and (crossed(args.sample_every) or done) and rank == 0:
-                x = data.to_pixels(sample_preview(ema, diffusion, args, device))
-                save_grid(x, out / f"grid-{images:09d}.png")
-            if halt:
-                log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
-                    f"checkpoint saved, rerun the same command to resume")
-                break
-    finally:
-        bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if world > 1:
-        dist.destroy_process_group()
-    return model, ema
 
 
 if __name__ == "__main__":

@@ -37,89 +37,21 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+
 # ------------------------------------------------------------------------------------------------
-# Config: backbones (Table 9), DDPM settings (Tables 8, 11), designated layer and step (Table 10)
+# Self-conditioning (Sec. 4.1, Fig. 2): the [CLS] token of UViT above. It has no loss of its own;
+# through attention it gathers global semantics from the image tokens and conditions them in
+# return, so the net picks its own "designated layer".
 
-NETS = {  # patch size, width, transformer blocks (in + mid + out), heads, MLP ratio
-    "uvit_s": dict(patch=2, dim=512, depth=13, heads=8, mlp_ratio=4),  # U-ViT's CIFAR config
-    "tiny": dict(patch=4, dim=64, depth=5, heads=4, mlp_ratio=2),  # CPU quickstart and tests
-}
-PROBE = {  # Table 10, DDPM UViT-S: probe step and out-block
-    "cifar10": (11, "out_2"), "cifar100": (11, "out_2"),
-    "tiny-imagenet": (66, "out_1"), "in100": (66, "out_1"),
-}
-AUG_DIM = 9  # the augment label of the non-leaky pipe
-ARCH_KEYS = ("net", "self_cond", "aug", "cl", "cl_head", "resolution")  # a resume may not change
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--net", choices=list(NETS), default="uvit_s")
-    p.add_argument("--model", default="DDPM", help="diffusion formulation: DDPM only for UViT")
-    p.add_argument("--dataset", default="cifar10",
-                   help="cifar10, cifar100, tiny-imagenet, shapes, or a class-folder name")
-    p.add_argument("--resolution", type=int, help="default: the dataset's (folders: 64)")
-    p.add_argument("--self-cond", action="store_true",
-                   help="add the learnable [CLS] token (Sec. 4.1, Fig. 2a)")
-    p.add_argument("--sc-layer", help="out-block of the probe and contrastive features (Table 10)")
-    p.add_argument("--probe-t", type=int,
-                   help="DDPM step of the probe and the contrastive target (Table 10)")
-    add_aug_args(p)
-    p.add_argument("--cl-feature", choices=["cls", "pool"], default="cls",
-                   help="[CLS] token or pooled image tokens (Table 7e)")
-    p.add_argument("--batch-size", type=int, help="global batch: 256 uvit_s (Table 11), 128 tiny")
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--weight-decay", type=float, default=0.03,
-                   help="AdamW; not on biases and position embeddings")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (Table 8)")
-    p.add_argument("--warmup-images", type=int,
-                   help="lr warm-up (Table 11: 13 epochs, at most a tenth of the run)")
-    add_training_args(p)
-    args = p.parse_args(argv)
-    if args.model != "DDPM":
-        p.error(f"--model {args.model}: UViT trains as DDPM only (the paper found EDM and RF "
-                f"unstable with UViT); use train_unet.py for EDM and RF")
-    if args.cl and not args.aug:
-        p.error("--cl needs --aug: the contrastive views come from the augment pipe")
-    if args.cl and args.cl_feature == "cls" and not args.self_cond:
-        p.error("--cl-feature cls needs --self-cond (the [CLS] token); or use --cl-feature pool")
-
-    patch = NETS[args.net]["patch"]
-    args.resolution = args.resolution or DATASETS.get(args.dataset, (0, 64))[1]
-    if args.resolution % patch:
-        p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")
-    if args.batch_size is None:
-        args.batch_size = {"uvit_s": 256, "tiny": 128}[args.net]
-    args.epochs = 40 if args.dataset == "shapes" else 2000  # shapes: minutes on a CPU
-    args.warmup_epochs = 13  # Table 11, DDPM
-    n_out = NETS[args.net]["depth"] // 2
-    probe_t, layer = PROBE.get(args.dataset, (11, "out_2"))  # out_2 exists in every preset
-    args.probe_t = args.probe_t or probe_t
-    args.sc_layer = args.sc_layer or layer
-    if args.sc_layer.isdigit():
-        args.sc_layer = f"out_{args.sc_layer}"
-    if args.sc_layer not in [f"out_{i}" for i in range(1, n_out + 1)]:
-        p.error(f"--sc-layer {args.sc_layer}: the {args.net} decoder has out_1 .. out_{n_out}")
-    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read
-    # at the designated out-block
-    cls = args.cl_feature == "cls"
-    args.cl_layer = f"cls_{args.sc_layer[4:]}" if cls else args.sc_layer
-    suffix = "-sc" * args.self_cond + "-aug" * args.aug + "-cl" * args.cl
-    args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-DDPM{suffix}"
-    return args
-
-
-def add_aug_args(p):
-    """The command line of augmentation and contrastive self-distillation (Sec. 4.2)."""
-    p.add_argument("--aug", action="store_true",
-                   help="EDM's non-leaky augmentation, CIFAR setting; the net sees its label")
-    p.add_argument("--cl", action="store_true",
-                   help="contrastive self-distillation from the EMA (needs --aug)")
-    p.add_argument("--cl-weight", type=float, default=0.01, help="gamma (Table 7d)")
-    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time",
-                   help="projection head (Table 7b)")
-    p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
-                   help="noise level of the target view (Table 7c)")
+def attention_mask(n_tok, self_cond, aug):
+    """(S, S) bool, True = may attend; None when nothing is masked (flash attention).
+    With both extra tokens, [CLS] and the augment label must not see each other (Fig. 2b:
+    their interaction hurts); both still attend to, and are seen by, time and image tokens."""
+    if not (self_cond and aug):
+        return None
+    mask = torch.ones(n_tok, n_tok, dtype=torch.bool)
+    mask[1, 2] = mask[2, 1] = False  # token 1 is the augment label, token 2 the [CLS]
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,22 +190,6 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Self-conditioning (Sec. 4.1, Fig. 2): the [CLS] token of UViT above. It has no loss of its own;
-# through attention it gathers global semantics from the image tokens and conditions them in
-# return, so the net picks its own "designated layer".
-
-def attention_mask(n_tok, self_cond, aug):
-    """(S, S) bool, True = may attend; None when nothing is masked (flash attention).
-    With both extra tokens, [CLS] and the augment label must not see each other (Fig. 2b:
-    their interaction hurts); both still attend to, and are seen by, time and image tokens."""
-    if not (self_cond and aug):
-        return None
-    mask = torch.ones(n_tok, n_tok, dtype=torch.bool)
-    mask[1, 2] = mask[2, 1] = False  # token 1 is the augment label, token 2 the [CLS]
-    return mask
-
-
-# ------------------------------------------------------------------------------------------------
 # Diffusion: DDPM (Table 8); the paper found EDM and RF unstable with UViT (train_unet.py has
 # them). Paper convention: t=0 is data, t=T is noise; data in [-1, 1]. sample() is a short
 # sampler for preview grids (sample.py holds the paper's samplers).
@@ -327,7 +243,6 @@ class DDPM:
 
 def build_diffusion(args, model=None):
     return DDPM()
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -513,217 +428,9 @@ def contrastive_step(model, ema, diffusion, x, f, level, args):
     return contrastive_loss(model.cl_head(f, level), k)
 
 
-
 # ------------------------------------------------------------------------------------------------
-# Data: a pixel dataset is one uint8 tensor (N, 3, H, W) in memory (CIFAR 150 MB, Tiny-IN 1.2 GB)
-
-DATASETS = {  # pixel datasets known by name: classes, resolution
-    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
-}
-CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
-                 ["train"], ["test"], b"fine_labels"),
-}
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-@functools.lru_cache(maxsize=4)
-def make_shapes(n, seed, res=32):
-    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
-    geometry alone. Every image holds four identical dots; the class is their constellation, under
-    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
-    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
-    constellations = np.array([  # four dots each, in units of the dot spacing
-        [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
-        [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
-        [(-2, 1), (0, 1), (2, 1), (0, -1.2)],  # T
-        [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],  # L
-        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)],  # diamond
-        [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],  # Y: a centre and three arms
-        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],  # arc
-        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)],  # zigzag
-        [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],  # trapezoid
-        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],  # triangle with a tail
-    ])
-    p = constellations - constellations.mean(1, keepdims=True)
-    p = p / np.sqrt((p**2).sum(2).mean(1))[:, None, None]  # the same spread in every class
-    g = np.random.default_rng(seed)
-    y = g.permutation(np.arange(n) % 10)
-    p = p[y]  # (n, 4, 2)
-    p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
-    a = g.uniform(0, 2 * np.pi, n)
-    rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
-    size = g.uniform(0.22, 0.30, n) * res
-    centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
-    p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
-    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
-    yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
-    d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
-                for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
-    alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
-    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
-    img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
-    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
-
-
-def local_rank():
-    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return int(os.environ.get("LOCAL_RANK", rank))
-
-
-def raise_on_any(error):
-    """Collective: when any rank has an error message, every rank exits with the first one."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise SystemExit(error)
-
-
-def fetch_once(path, fetch, failed):
-    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
-    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
-    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
-    error = None
-    if local_rank() == 0 and not path.exists():
-        try:
-            fetch(path)
-        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
-            if not path.exists():  # else another node's copy landed first (rename failed)
-                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
-    return path
-
-
-def download_cifar(url, md5, folder):
-    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
-    in the same file system: an interrupted fetch leaves nothing behind."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
-        archive = Path(tmp) / url.rsplit("/", 1)[1]
-        torch.hub.download_url_to_file(url, archive)
-        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
-            raise ValueError(f"wrong md5 checksum of {url}")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        os.replace(Path(tmp) / folder.name, folder)
-
-
-def load_cifar(name, root, split):
-    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
-    url, md5, folder, train_files, test_files, key = CIFAR[name]
-    root = Path(root)
-    root = root.parent if root.name == folder else root
-    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
-               f"{name} is not in {root / folder} and could not be downloaded; "
-               f"extract {url} there, or pass --data-path")
-    xs, ys = [], []
-    for f in train_files if split == "train" else test_files:
-        with open(root / folder / f, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def center_crop(img, res):
-    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop."""
-    while min(img.size) >= 2 * res:
-        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
-    scale = res / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
-    x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
-    return img.crop((x, y, x + res, y + res))
-
-
-def image_files(args, split):
-    """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
-    class folders <root>/<class>/*, or <root>/train/<class>/* and <root>/val/<class>/*."""
-    root = Path(args.data_path)
-    if args.dataset == "tiny-imagenet":
-        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
-        if not (root / "wnids.txt").exists():
-            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: "
-                             f"unzip tiny-imagenet-200.zip there")
-        wnids = (root / "wnids.txt").read_text().split()
-        if split == "train":
-            return [(f, i) for i, w in enumerate(wnids)
-                    for f in sorted((root / "train" / w / "images").iterdir())]
-        rows = (root / "val" / "val_annotations.txt").read_text().splitlines()
-        index = {w: i for i, w in enumerate(wnids)}
-        return [(root / "val" / "images" / f, index[w]) for f, w, *_ in map(str.split, rows)]
-    sub = {"train": "train", "test": "val"}[split]
-    if (root / sub).is_dir():
-        root = root / sub
-    elif split == "test":
-        raise SystemExit(f"dataset {args.dataset!r} has no test split: "
-                         f"expected class folders under {root / sub}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.suffix.lower() in IMG_EXT]
-    if not files:
-        raise SystemExit(f"no images found for dataset {args.dataset!r} under {root}: point "
-                         f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
-    return files
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
-    '' or the reason the file could not be read."""
-
-    def __init__(self, files, res):
-        self.files, self.res = files, res
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        path = self.files[i][0]
-        try:
-            with Image.open(path) as im:
-                img = np.asarray(center_crop(im.convert("RGB"), self.res)).transpose(2, 0, 1)
-            return i, torch.from_numpy(img.copy()), ""
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
-            return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
-
-
-def decode_images(files, res, workers, skip_bad):
-    """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
-    xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
-    ok = torch.ones(len(files), dtype=torch.bool)
-    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
-                                         num_workers=workers)
-    for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
-        xs[idx] = img
-        for i, error in zip(idx.tolist(), errors):
-            if error and not skip_bad:
-                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
-            ok[i] = not error
-    if not ok.all():
-        print(f"skipped {int((~ok).sum())} unreadable images")
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return xs[ok], labels[ok]
-
-
-def load_pixels(args, split="train"):
-    """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
-    if args.dataset == "shapes":
-        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-        return make_shapes(n, seed, args.resolution)
-    if args.dataset in CIFAR:
-        return load_cifar(args.dataset, args.data_path, split)
-    return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Training infrastructure. This file's part: optimizer, data, step and preview; the rest is shared.
+# Training step (Sec. 4): the diffusion loss, optionally augmented and contrastive, one
+# optimizer step and the EMA; the preview sampler
 
 def param_groups(model, weight_decay):
     """AdamW groups: decay on all but biases and position embeddings (App. A), so the [CLS]
@@ -739,32 +446,6 @@ def build_optimizer(model, args):
     """AdamW with U-ViT's CIFAR betas (0.99, 0.999), which the paper inherits (Table 11)."""
     return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                              betas=(0.99, 0.999), fused=next(model.parameters()).is_cuda)
-
-
-def param_report(model):
-    """One line: the total and what each option adds (a token counts with its position row)."""
-    n_sc = 2 * model.dim if model.cls_token is not None else 0
-    n_aug = count_params(model.aug_embed) + (model.dim if model.aug_embed is not None else 0)
-    return (f"parameters: {count_params(model):,} total, {n_sc:,} self-conditioning, "
-            f"{n_aug:,} augment label, {count_params(getattr(model, 'cl_head', None)):,} "
-            f"contrastive head")
-
-
-def load_train_data(args, device):
-    """The training split, kept whole on the device: a batch is an index gather, no loader."""
-    images = load_pixels(args, "train")[0].to(device)  # (N, 3, H, W) uint8
-    layout = memory_format(device)
-
-    def batch(idx):  # (B,) -> (B, 3, H, W) in [-1, 1]; non_blocking: no wait for the GPU
-        x = images[idx.to(device, non_blocking=True)].float() / 127.5 - 1
-        return x.contiguous(memory_format=layout)
-    return SimpleNamespace(n=len(images), batch=batch, to_pixels=lambda x: x, state={})
-
-
-def fake_batch(args, device):
-    """A synthetic batch of the training shape, for --bench."""
-    x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
-    return (x * 2 - 1).contiguous(memory_format=memory_format(device))
 
 
 def train_step(net, model, ema, opt, diffusion, batch, step, args):
@@ -797,6 +478,265 @@ def sample_preview(ema, diffusion, args, device):
     with autocast(device, args.precision):
         return diffusion.sample(ema, noise)
 
+
+# ------------------------------------------------------------------------------------------------
+# Recipe: backbones (Table 9), DDPM settings (Tables 8, 11), designated layer and step (Table 10)
+# The shared main calls this file's get_args, build_model, build_diffusion, build_optimizer,
+# load_train_data, train_step, sample_preview and param_report; --bench also fake_batch.
+
+NETS = {  # patch size, width, transformer blocks (in + mid + out), heads, MLP ratio
+    "uvit_s": dict(patch=2, dim=512, depth=13, heads=8, mlp_ratio=4),  # U-ViT's CIFAR config
+    "tiny": dict(patch=4, dim=64, depth=5, heads=4, mlp_ratio=2),  # CPU quickstart and tests
+}
+PROBE = {  # Table 10, DDPM UViT-S: probe step and out-block
+    "cifar10": (11, "out_2"), "cifar100": (11, "out_2"),
+    "tiny-imagenet": (66, "out_1"), "in100": (66, "out_1"),
+}
+AUG_DIM = 9  # the augment label of the non-leaky pipe
+ARCH_KEYS = ("net", "self_cond", "aug", "cl", "cl_head", "resolution")  # a resume may not change
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--net", choices=list(NETS), default="uvit_s")
+    p.add_argument("--model", default="DDPM", help="diffusion formulation: DDPM only for UViT")
+    p.add_argument("--dataset", default="cifar10",
+                   help="cifar10, cifar100, tiny-imagenet, shapes, or a class-folder name")
+    p.add_argument("--resolution", type=int, help="default: the dataset's (folders: 64)")
+    p.add_argument("--self-cond", action="store_true",
+                   help="add the learnable [CLS] token (Sec. 4.1, Fig. 2a)")
+    p.add_argument("--sc-layer", help="out-block of the probe and contrastive features (Table 10)")
+    p.add_argument("--probe-t", type=int,
+                   help="DDPM step of the probe and the contrastive target (Table 10)")
+    add_aug_args(p)
+    p.add_argument("--cl-feature", choices=["cls", "pool"], default="cls",
+                   help="[CLS] token or pooled image tokens (Table 7e)")
+    p.add_argument("--batch-size", type=int, help="global batch: 256 uvit_s (Table 11), 128 tiny")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--weight-decay", type=float, default=0.03,
+                   help="AdamW; not on biases and position embeddings")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (Table 8)")
+    p.add_argument("--warmup-images", type=int,
+                   help="lr warm-up (Table 11: 13 epochs, at most a tenth of the run)")
+    add_training_args(p)
+    args = p.parse_args(argv)
+    if args.model != "DDPM":
+        p.error(f"--model {args.model}: UViT trains as DDPM only (the paper found EDM and RF "
+                f"unstable with UViT); use train_unet.py for EDM and RF")
+    if args.cl and not args.aug:
+        p.error("--cl needs --aug: the contrastive views come from the augment pipe")
+    if args.cl and args.cl_feature == "cls" and not args.self_cond:
+        p.error("--cl-feature cls needs --self-cond (the [CLS] token); or use --cl-feature pool")
+
+    patch = NETS[args.net]["patch"]
+    args.resolution = args.resolution or DATASETS.get(args.dataset, (0, 64))[1]
+    if args.resolution % patch:
+        p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")
+    if args.batch_size is None:
+        args.batch_size = {"uvit_s": 256, "tiny": 128}[args.net]
+    args.epochs = 40 if args.dataset == "shapes" else 2000  # shapes: minutes on a CPU
+    args.warmup_epochs = 13  # Table 11, DDPM
+    n_out = NETS[args.net]["depth"] // 2
+    probe_t, layer = PROBE.get(args.dataset, (11, "out_2"))  # out_2 exists in every preset
+    args.probe_t = args.probe_t or probe_t
+    args.sc_layer = args.sc_layer or layer
+    if args.sc_layer.isdigit():
+        args.sc_layer = f"out_{args.sc_layer}"
+    if args.sc_layer not in [f"out_{i}" for i in range(1, n_out + 1)]:
+        p.error(f"--sc-layer {args.sc_layer}: the {args.net} decoder has out_1 .. out_{n_out}")
+    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read
+    # at the designated out-block
+    cls = args.cl_feature == "cls"
+    args.cl_layer = f"cls_{args.sc_layer[4:]}" if cls else args.sc_layer
+    suffix = "-sc" * args.self_cond + "-aug" * args.aug + "-cl" * args.cl
+    args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-DDPM{suffix}"
+    return args
+
+
+def add_aug_args(p):
+    """The command line of augmentation and contrastive self-distillation (Sec. 4.2)."""
+    p.add_argument("--aug", action="store_true",
+                   help="EDM's non-leaky augmentation, CIFAR setting; the net sees its label")
+    p.add_argument("--cl", action="store_true",
+                   help="contrastive self-distillation from the EMA (needs --aug)")
+    p.add_argument("--cl-weight", type=float, default=0.01, help="gamma (Table 7d)")
+    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time",
+                   help="projection head (Table 7b)")
+    p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
+                   help="noise level of the target view (Table 7c)")
+
+
+def param_report(model):
+    """One line: the total and what each option adds (a token counts with its position row)."""
+    n_sc = 2 * model.dim if model.cls_token is not None else 0
+    n_aug = count_params(model.aug_embed) + (model.dim if model.aug_embed is not None else 0)
+    return (f"parameters: {count_params(model):,} total, {n_sc:,} self-conditioning, "
+            f"{n_aug:,} augment label, {count_params(getattr(model, 'cl_head', None)):,} "
+            f"contrastive head")
+
+
+def load_train_data(args, device):
+    """The training split, kept whole on the device: a batch is an index gather, no loader."""
+    images = load_pixels(args, "train")[0].to(device)  # (N, 3, H, W) uint8
+    layout = memory_format(device)
+
+    def batch(idx):  # (B,) -> (B, 3, H, W) in [-1, 1]; non_blocking: no wait for the GPU
+        x = images[idx.to(device, non_blocking=True)].float() / 127.5 - 1
+        return x.contiguous(memory_format=layout)
+    return SimpleNamespace(n=len(images), batch=batch, to_pixels=lambda x: x, state={})
+
+
+def fake_batch(args, device):
+    """A synthetic batch of the training shape, for --bench."""
+    x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
+    return (x * 2 - 1).contiguous(memory_format=memory_format(device))
+
+
+# Below: identical in all three trainers
+
+# ------------------------------------------------------------------------------------------------
+# Main: EDM's loop; the events (log, checkpoint, preview, stop) are helpers below
+
+def main(argv=None):
+    """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
+    args = get_args(argv)
+    if args.dry_run:
+        with torch.device("meta"):  # shapes only: even DiT-B builds at once
+            model = build_model(args)
+        print(json.dumps(vars(args), indent=2))
+        print(param_report(model))
+        return None
+    if args.bench:
+        return benchmark(args)
+    rank, world, device = setup_distributed()
+    out, log = Path(args.out), Log(args.out, rank)
+    ckpt_path = out / "ckpt.pt"
+    raise_on_any(check_out_dir(out) if rank == 0 else None)
+
+    # Data, and the run's length in images (paper epochs unless --train-images)
+    data = load_train_data(args, device)
+    if not world <= args.batch_size <= data.n or args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
+                         f"processes, at most the {data.n:,} training images")
+    args.train_images = args.train_images or args.epochs * data.n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+
+    # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
+    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
+    model = build_model(args).to(device, memory_format=memory_format(device))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = build_optimizer(model, args)
+    diffusion = build_diffusion(args, model)
+    step = images = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, images = ckpt["step"], ckpt["images"]
+        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
+    command = argv if argv is not None else sys.argv[1:]
+    log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
+    log(f"{param_report(model)}; {data.n:,} training images; world {world}")
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stop = []  # SIGTERM / SIGINT: finish the step, save, exit
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    sums, local_bs = LossSums(), args.batch_size // world
+    t_log = t_save = time.time()
+    images_log = images
+    bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
+               disable=rank != 0)
+    model.train()
+    try:
+        while images < args.train_images:
+            # One step; its randomness is a function of (seed, step, rank): resume is exact
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+            idx = batch_indices(images + rank * local_bs, local_bs, data.n, args.seed)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (images + 1) / max(args.warmup_images, 1))
+            batch = data.batch(idx)
+            loss, level, extra = train_step(net, model, ema, opt, diffusion, batch, step, args)
+            sums.add(loss, level, extra)
+            step, images = step + 1, images + args.batch_size
+            bar.update(args.batch_size)
+
+            # Events. Ranks agree on signals and the clock every 10 steps (reading the losses
+            # is a collective), without a sync at every step.
+            crossed = lambda every: images // every > (images - args.batch_size) // every
+            done = images >= args.train_images
+            halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
+            if world > 1 and (step % 10 == 0 or done):
+                flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
+                dist.all_reduce(flags)
+                halt, due = (flags > 0).tolist()
+            elif world > 1:
+                halt = due = False
+            log_now = crossed(args.log_every) or done
+            save_now = crossed(args.ckpt_every) or done or halt or due
+
+            # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
+            if log_now or save_now:
+                rec = sums.read(world)
+                terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
+                bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
+                if save_now and not all(p.isfinite().all() for p in model.parameters()):
+                    bad = bad or "the weights are not finite"
+                if bad:
+                    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+                            else "no checkpoint was written")
+                    log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
+                             f"lower --lr or check the data")
+            if log_now:
+                rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
+                       "img_per_s": (images - images_log) / (time.time() - t_log)}
+                if rank == 0:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
+                                for i in range(LossSums.BINS))
+                more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
+                log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
+                    f"{bins}){more} {rec['img_per_s']:.0f} img/s")
+                sums.reset()
+                t_log, images_log = time.time(), images
+
+            # Checkpoint: one self-describing file, written atomically by rank 0
+            if save_now and rank == 0:
+                atomic_save({"script": Path(__file__).name, "args": vars(args),
+                             "model": model.state_dict(), "ema": ema.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "images": images,
+                             **data.state}, ckpt_path)
+            t_save = time.time() if save_now else t_save
+
+            # Preview grid of the EMA model
+            if args.sample_every and (crossed(args.sample_every) or done) and rank == 0:
+                x = data.to_pixels(sample_preview(ema, diffusion, args, device))
+                save_grid(x, out / f"grid-{images:09d}.png")
+            if halt:
+                log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
+                    f"checkpoint saved, rerun the same command to resume")
+                break
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if world > 1:
+        dist.destroy_process_group()
+    return model, ema
+
+
+# ------------------------------------------------------------------------------------------------
+# Run plumbing: flags, processes, precision, batch order, EMA, checkpoints, logs
 
 def add_training_args(p):
     """The command line of the training loop: the same in every trainer."""
@@ -1006,7 +946,214 @@ class LossSums:
 
 
 # ------------------------------------------------------------------------------------------------
-# Benchmark
+# Data: pixel datasets by name or class folders, fetched once per node
+
+DATASETS = {  # pixel datasets known by name: classes, resolution
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+}
+CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+                 ["train"], ["test"], b"fine_labels"),
+}
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@functools.lru_cache(maxsize=4)
+def make_shapes(n, seed, res=32):
+    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
+    geometry alone. Every image holds four identical dots; the class is their constellation, under
+    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
+    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
+    constellations = np.array([  # four dots each, in units of the dot spacing
+        [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
+        [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
+        [(-2, 1), (0, 1), (2, 1), (0, -1.2)],  # T
+        [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],  # L
+        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)],  # diamond
+        [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],  # Y: a centre and three arms
+        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],  # arc
+        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)],  # zigzag
+        [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],  # trapezoid
+        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],  # triangle with a tail
+    ])
+    p = constellations - constellations.mean(1, keepdims=True)
+    p = p / np.sqrt((p**2).sum(2).mean(1))[:, None, None]  # the same spread in every class
+    g = np.random.default_rng(seed)
+    y = g.permutation(np.arange(n) % 10)
+    p = p[y]  # (n, 4, 2)
+    p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
+    a = g.uniform(0, 2 * np.pi, n)
+    rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
+    size = g.uniform(0.22, 0.30, n) * res
+    centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
+    p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
+    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
+    yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
+    d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
+                for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
+    alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
+    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
+    img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
+
+
+def local_rank():
+    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def raise_on_any(error):
+    """Collective: when any rank has an error message, every rank exits with the first one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def fetch_once(path, fetch, failed):
+    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
+    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
+    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
+    error = None
+    if local_rank() == 0 and not path.exists():
+        try:
+            fetch(path)
+        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
+            if not path.exists():  # else another node's copy landed first (rename failed)
+                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
+    return path
+
+
+def download_cifar(url, md5, folder):
+    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
+    in the same file system: an interrupted fetch leaves nothing behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
+        archive = Path(tmp) / url.rsplit("/", 1)[1]
+        torch.hub.download_url_to_file(url, archive)
+        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
+            raise ValueError(f"wrong md5 checksum of {url}")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(Path(tmp) / folder.name, folder)
+
+
+def load_cifar(name, root, split):
+    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
+    url, md5, folder, train_files, test_files, key = CIFAR[name]
+    root = Path(root)
+    root = root.parent if root.name == folder else root
+    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
+               f"{name} is not in {root / folder} and could not be downloaded; "
+               f"extract {url} there, or pass --data-path")
+    xs, ys = [], []
+    for f in train_files if split == "train" else test_files:
+        with open(root / folder / f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def center_crop(img, res):
+    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
+    x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
+    return img.crop((x, y, x + res, y + res))
+
+
+def image_files(args, split):
+    """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
+    class folders <root>/<class>/*, or <root>/train/<class>/* and <root>/val/<class>/*."""
+    root = Path(args.data_path)
+    if args.dataset == "tiny-imagenet":
+        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
+        if not (root / "wnids.txt").exists():
+            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: "
+                             f"unzip tiny-imagenet-200.zip there")
+        wnids = (root / "wnids.txt").read_text().split()
+        if split == "train":
+            return [(f, i) for i, w in enumerate(wnids)
+                    for f in sorted((root / "train" / w / "images").iterdir())]
+        rows = (root / "val" / "val_annotations.txt").read_text().splitlines()
+        index = {w: i for i, w in enumerate(wnids)}
+        return [(root / "val" / "images" / f, index[w]) for f, w, *_ in map(str.split, rows)]
+    sub = {"train": "train", "test": "val"}[split]
+    if (root / sub).is_dir():
+        root = root / sub
+    elif split == "test":
+        raise SystemExit(f"dataset {args.dataset!r} has no test split: "
+                         f"expected class folders under {root / sub}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMG_EXT]
+    if not files:
+        raise SystemExit(f"no images found for dataset {args.dataset!r} under {root}: point "
+                         f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
+    '' or the reason the file could not be read."""
+
+    def __init__(self, files, res):
+        self.files, self.res = files, res
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i][0]
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(center_crop(im.convert("RGB"), self.res)).transpose(2, 0, 1)
+            return i, torch.from_numpy(img.copy()), ""
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
+            return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
+
+
+def decode_images(files, res, workers, skip_bad):
+    """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
+    xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
+    ok = torch.ones(len(files), dtype=torch.bool)
+    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
+                                         num_workers=workers)
+    for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
+        xs[idx] = img
+        for i, error in zip(idx.tolist(), errors):
+            if error and not skip_bad:
+                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
+            ok[i] = not error
+    if not ok.all():
+        print(f"skipped {int((~ok).sum())} unreadable images")
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return xs[ok], labels[ok]
+
+
+def load_pixels(args, split="train"):
+    """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
+    if args.dataset == "shapes":
+        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+        return make_shapes(n, seed, args.resolution)
+    if args.dataset in CIFAR:
+        return load_cifar(args.dataset, args.data_path, split)
+    return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark: --bench times the real training step
 
 def sync(device):
     if device.type == "cuda":
@@ -1089,147 +1236,6 @@ def benchmark(args, rounds=5):
           f"(median of {rounds} interleaved rounds of {n} steps)")
     print(json.dumps(rec))
     return rec
-
-
-# ------------------------------------------------------------------------------------------------
-# Main: the same in every trainer; it calls this file's own build_model, train_step, ...
-
-def main(argv=None):
-    """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
-    args = get_args(argv)
-    if args.dry_run:
-        with torch.device("meta"):  # shapes only: even DiT-B builds at once
-            model = build_model(args)
-        print(json.dumps(vars(args), indent=2))
-        print(param_report(model))
-        return None
-    if args.bench:
-        return benchmark(args)
-    rank, world, device = setup_distributed()
-    out, log = Path(args.out), Log(args.out, rank)
-    ckpt_path = out / "ckpt.pt"
-    raise_on_any(check_out_dir(out) if rank == 0 else None)
-
-    # Data, and the run's length in images (paper epochs unless --train-images)
-    data = load_train_data(args, device)
-    if not world <= args.batch_size <= data.n or args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
-                         f"processes, at most the {data.n:,} training images")
-    args.train_images = args.train_images or args.epochs * data.n
-    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
-        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
-
-    # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
-    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
-    model = build_model(args).to(device, memory_format=memory_format(device))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = build_optimizer(model, args)
-    diffusion = build_diffusion(args, model)
-    step = images = 0
-    if ckpt_path.exists():
-        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, images = ckpt["step"], ckpt["images"]
-        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
-    command = argv if argv is not None else sys.argv[1:]
-    log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
-    log(f"{param_report(model)}; {data.n:,} training images; world {world}")
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    stop = []  # SIGTERM / SIGINT: finish the step, save, exit
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    sums, local_bs = LossSums(), args.batch_size // world
-    t_log = t_save = time.time()
-    images_log = images
-    bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
-               disable=rank != 0)
-    model.train()
-    try:
-        while images < args.train_images:
-            # One step; its randomness is a function of (seed, step, rank): resume is exact
-            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
-            idx = batch_indices(images + rank * local_bs, local_bs, data.n, args.seed)
-            for group in opt.param_groups:
-                group["lr"] = args.lr * min(1.0, (images + 1) / max(args.warmup_images, 1))
-            batch = data.batch(idx)
-            loss, level, extra = train_step(net, model, ema, opt, diffusion, batch, step, args)
-            sums.add(loss, level, extra)
-            step, images = step + 1, images + args.batch_size
-            bar.update(args.batch_size)
-
-            # Events. Ranks agree on signals and the clock every 10 steps (reading the losses
-            # is a collective), without a sync at every step.
-            crossed = lambda every: images // every > (images - args.batch_size) // every
-            done = images >= args.train_images
-            halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
-            if world > 1 and (step % 10 == 0 or done):
-                flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
-                dist.all_reduce(flags)
-                halt, due = (flags > 0).tolist()
-            elif world > 1:
-                halt = due = False
-            log_now = crossed(args.log_every) or done
-            save_now = crossed(args.ckpt_every) or done or halt or due
-
-            # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
-            if log_now or save_now:
-                rec = sums.read(world)
-                terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
-                bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
-                if save_now and not all(p.isfinite().all() for p in model.parameters()):
-                    bad = bad or "the weights are not finite"
-                if bad:
-                    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
-                            else "no checkpoint was written")
-                    log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
-                             f"lower --lr or check the data")
-            if log_now:
-                rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
-                       "img_per_s": (images - images_log) / (time.time() - t_log)}
-                if rank == 0:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
-                                for i in range(LossSums.BINS))
-                more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
-                log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
-                    f"{bins}){more} {rec['img_per_s']:.0f} img/s")
-                sums.reset()
-                t_log, images_log = time.time(), images
-
-            # Checkpoint: one self-describing file, written atomically by rank 0
-            if save_now and rank == 0:
-                atomic_save({"script": Path(__file__).name, "args": vars(args),
-                             "model": model.state_dict(), "ema": ema.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "images": images,
-                             **data.state}, ckpt_path)
-            t_save = time.time() if save_now else t_save
-
-            # Preview grid of the EMA model
-            if args.sample_every and (crossed(args.sample_every) or done) and rank == 0:
-                x = data.to_pixels(sample_preview(ema, diffusion, args, device))
-                save_grid(x, out / f"grid-{images:09d}.png")
-            if halt:
-                log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
-                    f"checkpoint saved, rerun the same command to resume")
-                break
-    finally:
-        bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if world > 1:
-        dist.destroy_process_group()
-    return model, ema
 
 
 if __name__ == "__main__":
