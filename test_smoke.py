@@ -128,6 +128,20 @@ def test_copy_rule_shared_blocks_are_identical(tmp_path):
         "norm is defined in train_unet.py, train_dit.py but not declared shared by them"]
 
 
+def test_every_trainer_defines_the_args_its_shared_tail_reads():
+    # the shared main and its helpers read args.<name>: each trainer's get_args must define it
+    # (train_dit.py once lacked warmup_epochs; only --warmup-images 0 kept the read away)
+    import re
+    for f in TRAINERS:
+        defs = _top_level(ROOT / f)
+        tail = "\n".join(src for name, src in defs.items()
+                         if SHARED.get(name) == TRAINERS)
+        read = set(re.findall(r"\bargs\.(\w+)", tail))
+        written = set(re.findall(r"\bargs\.(\w+) =", tail))
+        mod = {"train_unet.py": train_unet, "train_uvit.py": train_uvit, "train_dit.py": train_dit}[f]
+        assert read - written - set(vars(mod.get_args([]))) == set(), f
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train_unet.py
 
@@ -1041,9 +1055,9 @@ def test_dit_self_cond_starts_as_noop_and_returns_features():
     base = train_dit.build_model(args)
     args.self_cond = True
     sc = train_dit.build_model(args)
-    assert sc.sc_layer == 3 and sc.sc.scale is not None
+    assert sc.sc_layer == 3 and sc.self_cond.scale is not None
     missing = sc.load_state_dict(base.state_dict(), strict=False).missing_keys
-    assert missing and all(k.startswith("sc.") for k in missing)
+    assert missing and all(k.startswith("self_cond.") for k in missing)
     for p in list(base.final.parameters()) + [b.ada[-1].weight for b in base.blocks]:  # leave AdaLN-zero
         p.data.normal_(0, 0.1)
     sc.load_state_dict(base.state_dict(), strict=False)
@@ -1056,6 +1070,37 @@ def test_dit_self_cond_starts_as_noop_and_returns_features():
     assert v.shape == x.shape and set(f) == {"block_2"}
     with pytest.raises(ValueError):
         sc(x, t, y, feats=("out_1",))
+
+
+@pytest.mark.parametrize("mod", [train_unet, train_dit])
+def test_self_cond_owns_its_zero_init_after_any_model_init(mod):
+    # the module is `self_cond` in every model, and re-initialising every Linear (as DiT's own
+    # init does) then calling reset_parameters() restores the zero projection
+    torch.manual_seed(0)
+    if mod is train_unet:
+        args = mod.get_args(["--net", "tiny", "--dataset", "shapes", "--self-cond"])
+    else:
+        args = _dit_args("--net", "tiny", "--latent", "none", "--dataset", "shapes", "--self-cond")
+    model = mod.build_model(args)
+    proj = model.self_cond.proj
+    assert not proj.weight.any() and not proj.bias.any()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+    assert proj.weight.any()
+    model.self_cond.reset_parameters()
+    assert not proj.weight.any() and not proj.bias.any()
+
+
+def test_dit_class_folders_size_the_label_table_from_get_args(tmp_path):
+    # get_args counts the training split's class folders, so build_model needs no data loading
+    for c in ("cat", "dog", "owl"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+    args = _dit_args("--latent", "none", "--dataset", "toy", "--data-path", str(tmp_path),
+                     "--net", "tiny", "--class-cond")
+    assert args.num_classes == 3
+    assert train_dit.build_model(args).y_embed.weight.shape == (4, 64)  # + the null class
+    assert _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "absent")).num_classes is None
 
 
 def test_dit_label_dropout_rate_and_null_class():

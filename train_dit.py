@@ -44,14 +44,18 @@ from tqdm import tqdm
 
 class SelfCond(nn.Module):
     """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)); "add" drops the time-dependent scale
-    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b)."""
+    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b).
+    A model that re-initialises its Linears must call reset_parameters() after doing so."""
 
     def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
         super().__init__()
         self.scale = time_mlp(freq_dim, emb_dim) if mode == "adaptive" else None
         self.proj = nn.Linear(feat_dim, emb_dim)
-        # The paper states no init. Zero: a self-conditioned net starts as exactly its baseline
-        # and learns how much of its own feature to use.
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The paper states no init. Zero projection: a self-conditioned net starts as exactly
+        its baseline and learns how much of its own feature to use."""
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -211,18 +215,19 @@ class DiT(nn.Module):
         self.final = FinalLayer(width, patch * patch * in_ch)
         self.feature_layers = [f"block_{i}" for i in range(1, depth + 1)]
         self.sc_layer = sc_layer  # 1-based block index, 0 = no self-conditioning
-        self.sc = SelfCond(width, width, 256, sc_mode) if sc_layer else None
+        self.self_cond = SelfCond(width, width, 256, sc_mode) if sc_layer else None
         self._init_weights()
 
     def _init_weights(self):
         for m in self.modules():
-            if isinstance(m, nn.Linear) and not (self.sc is not None and m is self.sc.proj):
+            if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        for mlp in [m for m in (self.t_embed, getattr(self.sc, "scale", None)) if m is not None]:
+        scale = getattr(self.self_cond, "scale", None)  # TimeMLP_sc: as the backbone's
+        for mlp in [m for m in (self.t_embed, scale) if m is not None]:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
         if self.y_embed is not None:
@@ -232,6 +237,8 @@ class DiT(nn.Module):
             nn.init.zeros_(ada[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        if self.self_cond is not None:  # after the Linear loop above
+            self.self_cond.reset_parameters()
 
     def forward(self, x, t, y=None, feats=()):
         """x (N, C, S, S), t (N,) in [0, 1] with 1 = noise, y (N,) labels (num_classes = null;
@@ -255,7 +262,7 @@ class DiT(nn.Module):
             if f"block_{i}" in feats or i == self.sc_layer:
                 pooled[f"block_{i}"] = h.float().mean(1)  # (N, D): GAP over tokens, in fp32
             if i == self.sc_layer:  # later blocks and the final layer read emb'
-                emb = self.sc(emb, pooled[f"block_{i}"], t_freq)
+                emb = self.self_cond(emb, pooled[f"block_{i}"], t_freq)
         h = self.final(h, emb)  # (N, T, p*p*C)
         x = h.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, S, S)
         return x, {k: v for k, v in pooled.items() if k in feats}
@@ -419,8 +426,8 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (LightningDiT's recipe)")
     p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--warmup-images", type=int, default=0,
-                   help="linear lr warm-up (the latent recipe has none)")
+    p.add_argument("--warmup-images", type=int,
+                   help="linear lr warm-up (default: none, as the latent recipe)")
     add_training_args(p)
     args = p.parse_args(argv)
     if args.latent != "none" and args.dataset in DATASETS:
@@ -429,7 +436,8 @@ def get_args(argv=None):
     imagenet = args.dataset in IMAGENET
     args.class_cond = imagenet if args.class_cond is None else args.class_cond  # Tables 5, 6
     pixel_classes = DATASETS.get(args.dataset, (None,))[0] if args.latent == "none" else None
-    args.num_classes = IMAGENET.get(args.dataset, pixel_classes)  # folders: from the data
+    args.num_classes = IMAGENET.get(args.dataset, pixel_classes) or folder_classes(args)
+    args.warmup_epochs = 0  # Table 11: the latent recipe has no warm-up
     if args.batch_size is None:
         args.batch_size = 128 if args.net == "tiny" else 1024
     if args.latent == "none":  # as the pixel models; shapes: minutes on a CPU
@@ -455,9 +463,20 @@ def get_args(argv=None):
     return args
 
 
+def folder_classes(args):
+    """The class count of a class-folder dataset: its training split's folders (not their files),
+    else a latent cache's labels; None when neither is there (--dry-run without data)."""
+    root = Path(args.data_path)
+    root = root / "train" if (root / "train").is_dir() else root
+    if root.is_dir():
+        return sum(d.is_dir() for d in root.iterdir()) or None
+    labels = cache_dir(args, "train") / "labels.npy"
+    return int(np.load(labels, mmap_mode="r").max()) + 1 if labels.exists() else None
+
+
 def param_report(model):
     """One line: the total and what each option adds."""
-    return (f"parameters: {count_params(model):,} total, {count_params(model.sc):,} "
+    return (f"parameters: {count_params(model):,} total, {count_params(model.self_cond):,} "
             f"self-conditioning, {count_params(model.y_embed):,} label table")
 
 
@@ -475,7 +494,9 @@ def load_train_data(args, device):
     else:
         data, labels = load_pixels(args, "train")
         data = data.to(device)
-    args.num_classes = args.num_classes or int(labels.max()) + 1
+    if args.class_cond and not args.num_classes:
+        raise SystemExit(f"the classes of {args.dataset!r} are unknown: point --data-path at its "
+                         f"class folders, or pass --no-class-cond")
     labels, layout = labels.to(device), memory_format(device)
 
     def batch(idx):  # non_blocking copies: the host does not wait for the GPU's queue

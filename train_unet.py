@@ -42,14 +42,18 @@ from tqdm import tqdm
 
 class SelfCond(nn.Module):
     """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)); "add" drops the time-dependent scale
-    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b)."""
+    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b).
+    A model that re-initialises its Linears must call reset_parameters() after doing so."""
 
     def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
         super().__init__()
         self.scale = time_mlp(freq_dim, emb_dim) if mode == "adaptive" else None
         self.proj = nn.Linear(feat_dim, emb_dim)
-        # The paper states no init. Zero: a self-conditioned net starts as exactly its baseline
-        # and learns how much of its own feature to use.
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The paper states no init. Zero projection: a self-conditioned net starts as exactly
+        its baseline and learns how much of its own feature to use."""
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
