@@ -72,6 +72,7 @@ SHARED = {  # top-level definition -> the trainers that hold a copy of it, chara
         "load_pixels", "add_training_args", "setup_distributed", "use_bf16", "autocast", "memory_format",
         "epoch_order", "batch_indices", "update_ema", "count_params", "save_grid", "atomic_save", "check_out_dir",
         "load_checkpoint_for_resume", "Log", "LossSums", "sync", "matmul_tflops", "benchmark", "main",
+        "crossed", "is_gate", "agree", "Meter", "check_finite", "log_metrics", "save_checkpoint",
         "timestep_embedding"], TRAINERS),
     **dict.fromkeys(["time_mlp", "SelfCond"], ("train_unet.py", "train_dit.py")),  # adaptive-norm nets
     **dict.fromkeys([  # the pixel trainers: DDPM, augmentation, contrastive, and their step
@@ -636,7 +637,8 @@ def test_checkpoints_by_wall_clock_and_no_previews(tmp_path, monkeypatch):
     _unet(tmp_path / "a", "--ckpt-every", "1000000", "--sample-every", "0", images=128)  # 4 steps, ckpt at the end
     assert saves == [4] and not list((tmp_path / "a" / "run").glob("grid-*"))
     saves.clear()
-    _unet(tmp_path / "b", "--ckpt-every", "1000000", "--ckpt-minutes", "0", images=128)  # the clock is always due
+    # the clock is always due; ranks read it at gates, here every step (a log line per step)
+    _unet(tmp_path / "b", "--ckpt-every", "1000000", "--ckpt-minutes", "0", images=128, log=32)
     assert saves == [1, 2, 3, 4]
 
 

@@ -783,8 +783,7 @@ def main(argv=None):
     if args.bench:
         return benchmark(args)
     rank, world, device = setup_distributed()
-    out, log = Path(args.out), Log(args.out, rank)
-    ckpt_path = out / "ckpt.pt"
+    out, log, ckpt_path = Path(args.out), Log(args.out, rank), Path(args.out, "ckpt.pt")
     raise_on_any(check_out_dir(out) if rank == 0 else None)
 
     # Data, and the run's length in images (paper epochs unless --train-images)
@@ -821,12 +820,10 @@ def main(argv=None):
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    stop = []  # SIGTERM / SIGINT: finish the step, save, exit
+    stop = []  # SIGTERM / SIGINT: save at the next gate, exit
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    sums, local_bs = LossSums(), args.batch_size // world
-    t_log = t_save = time.time()
-    images_log = images
+    sums, local_bs, meter = LossSums(), args.batch_size // world, Meter(images)
     bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
                disable=rank != 0)
     model.train()
@@ -842,59 +839,26 @@ def main(argv=None):
             sums.add(loss, level, extra)
             step, images = step + 1, images + args.batch_size
             bar.update(args.batch_size)
+            if not is_gate(step, images, args):
+                continue  # the hot path: no host sync, no collective
 
-            # Events. Ranks agree on signals and the clock every 10 steps (reading the losses
-            # is a collective), without a sync at every step.
-            crossed = lambda every: images // every > (images - args.batch_size) // every
+            # Events, at a gate every rank computes alike: ranks agree on signals and the clock
+            due = meter.since_save() > 60 * args.ckpt_minutes
+            halt, due = agree([bool(stop), due], world, device)
+            at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
-            halt, due = bool(stop), time.time() - t_save > 60 * args.ckpt_minutes
-            if world > 1 and (step % 10 == 0 or done):
-                flags = torch.tensor([halt, due], device=device, dtype=torch.float32)
-                dist.all_reduce(flags)
-                halt, due = (flags > 0).tolist()
-            elif world > 1:
-                halt = due = False
-            log_now = crossed(args.log_every) or done
-            save_now = crossed(args.ckpt_every) or done or halt or due
-
-            # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
-            if log_now or save_now:
+            log_now = at(args.log_every) or done
+            save_now = at(args.ckpt_every) or done or halt or due
+            if log_now or save_now:  # a non-finite loss or weight stops before saving
                 rec = sums.read(world)
-                terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
-                bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
-                if save_now and not all(p.isfinite().all() for p in model.parameters()):
-                    bad = bad or "the weights are not finite"
-                if bad:
-                    kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
-                            else "no checkpoint was written")
-                    log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
-                             f"lower --lr or check the data")
+                check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
             if log_now:
-                rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
-                       "img_per_s": (images - images_log) / (time.time() - t_log)}
-                if rank == 0:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
-                                for i in range(LossSums.BINS))
-                more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
-                log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
-                    f"{bins}){more} {rec['img_per_s']:.0f} img/s")
+                log_metrics(rec, step, images, opt, meter, out, log, bar, extra)
                 sums.reset()
-                t_log, images_log = time.time(), images
-
-            # Checkpoint: one self-describing file, written atomically by rank 0
-            if save_now and rank == 0:
-                atomic_save({"script": Path(__file__).name, "args": vars(args),
-                             "model": model.state_dict(), "ema": ema.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "images": images,
-                             **data.state}, ckpt_path)
-            t_save = time.time() if save_now else t_save
-
-            # Preview grid of the EMA model
-            if args.sample_every and (crossed(args.sample_every) or done) and rank == 0:
-                x = data.to_pixels(sample_preview(ema, diffusion, args, device))
+            if save_now:
+                save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter)
+            if rank == 0 and args.sample_every and (at(args.sample_every) or done):
+                x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # EMA preview
                 save_grid(x, out / f"grid-{images:09d}.png")
             if halt:
                 log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
@@ -907,6 +871,83 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     return model, ema
+
+
+def crossed(images, batch, every):
+    """Whether the step that brought the count to `images` passed a multiple of `every`."""
+    return bool(every) and images // every > (images - batch) // every
+
+
+def is_gate(step, images, args):
+    """The steps where ranks meet for events: every 10th, a log, checkpoint or preview boundary,
+    the last. A function of (step, images) alone, so every rank reaches the same gates."""
+    return (step % 10 == 0 or images >= args.train_images
+            or any(crossed(images, args.batch_size, every)
+                   for every in (args.log_every, args.ckpt_every, args.sample_every)))
+
+
+def agree(flags, world, device):
+    """The flags, true on every rank if true on any (a collective: call at gates only)."""
+    if world > 1:
+        t = torch.tensor(flags, device=device, dtype=torch.float32)
+        dist.all_reduce(t)
+        flags = (t > 0).tolist()
+    return flags
+
+
+class Meter:
+    """The wall clock since the last log line (for img/s) and since the last checkpoint."""
+
+    def __init__(self, images):
+        self.t_log = self.t_save = time.time()
+        self.images_log = images
+
+    def since_save(self):
+        return time.time() - self.t_save
+
+    def img_per_s(self, images):
+        """Images per second since the last call (or the start), which it restarts."""
+        rate = (images - self.images_log) / (time.time() - self.t_log)
+        self.t_log, self.images_log = time.time(), images
+        return rate
+
+
+def check_finite(rec, model, ckpt_path, step, images, log):
+    """Stop every rank if a loss (or, given a model, a weight) is not finite, before a save."""
+    terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
+    bad = None if all(map(math.isfinite, terms)) else f"loss is {rec['loss']}"
+    if model is not None and not all(p.isfinite().all() for p in model.parameters()):
+        bad = bad or "the weights are not finite"
+    if bad:
+        kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+                else "no checkpoint was written")
+        log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
+                 f"lower --lr or check the data")
+
+
+def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
+    """One line of the losses (overall, by noise level, extra terms) to log.txt, metrics.jsonl."""
+    rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
+           "img_per_s": meter.img_per_s(images)}
+    if log.rank == 0:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+    bins = " ".join("-" if rec[f"loss_bin{i}"] is None else f"{rec[f'loss_bin{i}']:.3f}"
+                    for i in range(LossSums.BINS))
+    more = "".join(f" {k} {rec[k]:.4f}" for k in extra)
+    log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
+        f"{bins}){more} {rec['img_per_s']:.0f} img/s")
+
+
+def save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter):
+    """One self-describing file, written atomically by rank 0; restarts the checkpoint clock."""
+    if rank == 0:
+        atomic_save({"script": Path(__file__).name, "args": vars(args),
+                     "model": model.state_dict(), "ema": ema.state_dict(),
+                     "opt": opt.state_dict(), "step": step, "images": images,
+                     **data.state}, ckpt_path)
+    meter.t_save = time.time()
 
 
 # ------------------------------------------------------------------------------------------------
