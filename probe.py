@@ -8,11 +8,15 @@ layer (paper Fig. 4-5) and prints the flags that self-condition on the best cell
     python probe.py --ckpt runs/X/ckpt.pt --init --raw-pixels    # Table 10 cell, at init, raw pixels
     python probe.py --ckpt runs/X/ckpt.pt --grid                  # every (t, layer)
     python probe.py --ckpt runs/*/ckpt.pt --grid --loss           # several runs: mean +- std per arm
-    torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # extraction on 8 GPUs
+    torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # 8 GPUs, data-parallel
 
+Memory, so that ImageNet-1k fits a node: the noise levels are probed one after another (a forward per
+level either way); each rank extracts and keeps only its own rows (the extraction batches rank,
+rank + world, ...) as float16, and the heads train data-parallel on them (BatchNorm statistics and
+gradients all-reduced: every rank takes the steps one process holding all rows would). Latents are
+read from the memory-mapped VA-VAE cache a batch at a time, and only the EMA weights are loaded.
 Output: tables on stdout, <out>/probe.json and (several layers) <out>/probe.png; with several
-checkpoints also <out>/summary.json and <out>/layers.png. Cached features live in host memory: train
-images x 2 flips x (sum of the probed layers' widths) x noise levels float32, plus the test set.
+checkpoints also <out>/summary.json and <out>/layers.png.
 """
 import argparse
 import contextlib
@@ -43,6 +47,12 @@ GRIDS = {
     'EDM': [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
     'RF': [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6],
 }
+# Table 11's probe: Adam, cosine, flip; lr 4e-3 pixel / 2e-3 latent; 15 epochs on CIFAR, 30 elsewhere.
+# Its global batch: 1440 for latents, where the table gives pre-training and probing a batch each
+# (1024, 1440); for pixels it prints one batch row across both columns, which we read as shared:
+# 512 ddpm, 256 ddpmpp and UViT-S. (DDAE, whose probe the paper simplifies, ran 128 per GPU on
+# 4 GPUs, 512 for every net.) The CPU presets ('tiny') are not in the paper: 128.
+PROBE_BATCH = {'ddpm': 512, 'ddpmpp': 256, 'uvit_s': 256}
 MAX_PIXEL_DIM = 12288  # raw pixels: flattened up to 64x64x3 (and 16x16x32 latents), pooled above
 
 
@@ -72,9 +82,11 @@ def get_args(argv=None):
     p.add_argument('--feature-mode', choices=['cached', 'fresh'], default='cached',
                    help='cached: 2 flips x fixed noise, extracted once; fresh: new noise and flips '
                         'every epoch (the paper)')
-    p.add_argument('--epochs', type=int, help='default 15 on CIFAR, 30 otherwise')
-    p.add_argument('--lr', type=float, help='default 4e-3 pixel, 2e-3 latent')
-    p.add_argument('--batch-size', type=int, help='probe batch, default 128 pixel, 1440 latent')
+    p.add_argument('--epochs', type=int, help='default 15 on CIFAR, 30 otherwise (Table 11)')
+    p.add_argument('--lr', type=float, help='default 4e-3 pixel, 2e-3 latent (Table 11)')
+    p.add_argument('--batch-size', type=int,
+                   help='global probe batch, default 512 ddpm, 256 ddpmpp / UViT-S, 1440 latent '
+                        '(Table 11), 128 tiny')
     p.add_argument('--extract-batch', type=int, default=256,
                    help='images per forward; batches are dealt round-robin to ranks')
     p.add_argument('--limit', type=int, help='probe a fixed random subset of this many images')
@@ -84,28 +96,62 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# Distributed helpers (torchrun: every rank extracts a shard, all ranks get all features)
+# Data-parallel bookkeeping: rank r owns the rows of extraction batches r, r + world, ...
 
 def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def owned(i, block):
+    """Which of the rows i (N,) this rank owns, for extraction batches of `block` rows."""
+    rank, size = world()
+    return i // block % size == rank
+
+
+def local_rows(i, block):
+    """This rank's storage row of each owned row i: its batches are stored one after another."""
+    return i // block // world()[1] * block + i % block
+
+
 # ----------------------------------------------------------------------------
-# Features
+# Data and features
 
-def to_model_space(x):
-    """uint8 pixels -> [-1, 1]; float latents are already normalised."""
-    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+class Data:
+    """A labelled split read a batch at a time in model space: uint8 pixels (N, 3, H, W) in memory,
+    or the VA-VAE cache (N, 2 flips, 32, 16, 16) float16, memory-mapped, normalised per batch with
+    the training latents' statistics. `rows` picks a subset (--limit)."""
+
+    def __init__(self, x, y, stats=None, rows=None):
+        self.x, self.stats = x, stats
+        self.rows = torch.arange(len(y)) if rows is None else rows
+        self.y = y[self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, i, flip):
+        """Positions i (B,) -> (B, C, H, W) float32, horizontally flipped where flip (B,) is True."""
+        idx = self.rows[i]
+        if self.stats is None:
+            x = self.x[idx].float() / 127.5 - 1
+            return torch.where(flip[:, None, None, None], x.flip(3), x)
+        # a flipped latent grid is not the latent of the flipped image: the cache holds both
+        z = torch.from_numpy(np.asarray(self.x[idx.numpy(), flip.long().numpy()], np.float32))
+        mean, std = (self.stats[k][:, None, None] for k in ('mean', 'std'))
+        return (z - mean) / std
 
 
-def flipped(x, flip):
-    """Horizontally flip the images where flip (N,) is True."""
-    return x if flip is None else torch.where(flip[:, None, None, None], x.flip(3), x)
+def load_split(mod, args, ckpt, split):
+    """The split's Data: pixels through the trainer's loader, latents from its cache."""
+    if getattr(args, 'latent', 'none') == 'none':
+        return Data(*mod.load_pixels(args, split))
+    d = mod.latent_cache(args, split)
+    y = torch.from_numpy(np.load(d / 'labels.npy'))
+    return Data(np.load(d / 'latents.npy', mmap_mode='r'), y, ckpt['latent_stats'])
 
 
-def pixel_features(x, flip=None):
-    """Raw-pixel features (N, D): model-space pixels, 2x2-pooled until D <= MAX_PIXEL_DIM."""
-    x = to_model_space(flipped(x, flip))
+def pixel_features(x):
+    """Raw-pixel features (N, D) of model-space x (N, C, H, W): 2x2-pooled until D <= MAX_PIXEL_DIM."""
     while x[0].numel() > MAX_PIXEL_DIM:
         x = F.avg_pool2d(x, 2)
     return x.flatten(1)
@@ -116,93 +162,184 @@ def _seed(*ints):
     return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
 
 
+def _rows(n, width, spill):
+    """(n, width) float16 zeros: in memory when they take under half of this node's available memory
+    shared among its ranks, else in a file under the folder `spill`, unlinked at once (the mapping
+    keeps it until the array is freed, so nothing is left behind even by a kill)."""
+    need = 2 * n * width
+    with contextlib.suppress(OSError, StopIteration):
+        with open('/proc/meminfo') as f:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable'))
+        if need > avail / 2 / int(os.environ.get('LOCAL_WORLD_SIZE', 1)) and spill is not None:
+            spill.mkdir(parents=True, exist_ok=True)
+            path = spill / f'.features-{os.getpid()}-{time.time_ns()}.npy'
+            rows = np.lib.format.open_memmap(path, 'w+', np.float16, (n, width))
+            path.unlink()
+            return torch.from_numpy(rows)
+    return torch.zeros(n, width, dtype=torch.float16)
+
+
+class Features:
+    """One rank's rows of the pooled features of several layers, in one or more views (the flips of
+    an image), float16 around a float32 shift per column: the mean of its first batch, since
+    pooled features can sit far from zero, where float16 is coarse (a shift per rank is harmless:
+    every row is read back with its own rank's)."""
+
+    def __init__(self, n, views=1, spill=None):
+        self.n, self.views, self.spill, self.data, self.cols = n, views, spill, None, {}
+
+    def put(self, rows, view, feats):  # rows: a slice of this rank's rows; feats {layer: (B, C)}
+        f = torch.cat(list(feats.values()), 1).float().cpu()
+        if self.data is None:
+            self.data = _rows(self.views * self.n, f.shape[1], self.spill)
+            self.shift = f.mean(0)
+            bounds = np.cumsum([0] + [v.shape[1] for v in feats.values()])
+            self.cols = {k: slice(a, b) for k, a, b in zip(feats, bounds[:-1], bounds[1:])}
+        self.data[rows.start + view * self.n:rows.stop + view * self.n] = (f - self.shift).half()
+
+    def get(self, rows, view=None):  # (B,), the view of each row (B,) -> {layer: (B, C) float32}
+        f = torch.add(self.data[rows if view is None else rows + view.long() * self.n], self.shift)
+        return {k: f[:, c] for k, c in self.cols.items()}
+
+
 @torch.no_grad()
-def extract(model, diffusion, x, ts, layers, *, seed, flip=None, batch_size=256, desc=None,
-            autocast=contextlib.nullcontext()):
-    """Pooled features {(t, layer): (N, C) float32 CPU} of x (N, C, H, W) at every t and layer:
-    one forward per t. The noise of image i depends on (seed, i // batch_size) alone, not on t,
-    the layer set or the number of ranks: a pair probed alone sees the features of a grid."""
+def extract(models, diffusion, data, t, layers, *, seed, views=(None,), batch_size=256, spill=None,
+            desc=None, autocast=contextlib.nullcontext()):
+    """{model name: Features} of this rank's rows of data at noise level t, every layer, in each view
+    (flips (N,): which images it flips; None: none). The noise of a batch depends on (seed, its first
+    row) alone, not on t, the view, the layers or the number of ranks: a pair probed alone sees the
+    features of a grid."""
     rank, size = world()
-    device = next(model.parameters()).device
-    starts = list(range(0, len(x), batch_size))
-    feats = []
-    rounds = range(math.ceil(len(starts) / size))
-    for r in tqdm(rounds, desc=desc, disable=rank > 0 or desc is None, leave=False):
-        part = None
-        if r * size + rank < len(starts):
-            b = starts[r * size + rank]
-            fb = None if flip is None else flip[b:b + batch_size]
-            xb = to_model_space(flipped(x[b:b + batch_size], fb))
-            g = torch.Generator().manual_seed(_seed(seed, b))
-            noise = torch.randn(xb.shape, generator=g).to(device)
-            xb = xb.to(device)
-            part = {}
-            for t in ts:
-                tt = torch.full((len(xb),), t, device=device)  # int64 for DDPM, float otherwise
-                xt = diffusion.add_noise(xb, tt, noise)
+    device = next(models['trained'].parameters()).device
+    starts = list(range(0, len(data), batch_size))[rank::size]
+    n = sum(min(batch_size, len(data) - b) for b in starts)
+    out = {name: Features(n, len(views), spill) for name in models}
+    row = 0
+    for b in tqdm(starts, desc=desc, disable=rank > 0 or desc is None, leave=False):
+        i = torch.arange(b, min(b + batch_size, len(data)))
+        for v, flips in enumerate(views):
+            x = data.batch(i, torch.zeros(len(i), dtype=torch.bool) if flips is None else flips[i])
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(_seed(seed, b)))
+            tt = torch.full((len(x),), t, device=device)  # int64 for DDPM, float otherwise
+            xt = diffusion.add_noise(x.to(device), tt, noise.to(device))
+            for name, m in models.items():
                 with autocast:  # unconditional (a conditional DiT: the null class), no augment label
-                    f = diffusion.pred(model, xt, tt, feats=tuple(layers))[1]
-                part.update({(t, l): f[l].float().cpu() for l in layers})
-        if size == 1:
-            feats.append(part)
-        else:  # a small all_gather per round keeps memory flat; batches interleave in order
-            parts = [None] * size
-            dist.all_gather_object(parts, part)
-            feats += [p for p in parts if p is not None]
-    return {k: torch.cat([p[k] for p in feats]) for k in feats[0]}
+                    f = diffusion.pred(m, xt, tt, feats=tuple(layers))[1]
+                out[name].put(slice(row, row + len(i)), v, {l: f[l] for l in layers})
+        row += len(i)
+    return out
 
 
 # ----------------------------------------------------------------------------
-# Linear probes: one head per feature key, all trained in the same loop
+# Linear probes: one head per feature key, all trained in the same loop, data-parallel
+
+class Split:
+    """A split as one rank sees it: every label (N,), the width of each feature key, and epoch(e) ->
+    feats(i), which gives {key: (len(i), C) float32} for rows i this rank owns (see owned())."""
+
+    def __init__(self, y, dims, epoch, block):
+        self.y, self.dims, self.epoch, self.block = y, dims, epoch, block
+
+    def owned(self, i):
+        return owned(i, self.block)
+
 
 class Probe(nn.Module):
-    """BatchNorm without affine (feature scales differ by orders of magnitude across t and layers) + Linear."""
+    """BatchNorm without affine (feature scales differ by orders of magnitude across t and layers) + Linear.
+    Its batch statistics come from the caller, summed over every rank's part of the batch."""
 
     def __init__(self, dim, classes):
         super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False)
+        self.register_buffer('mean', torch.zeros(dim))  # running statistics, as nn.BatchNorm1d's
+        self.register_buffer('var', torch.ones(dim))
         self.fc = nn.Linear(dim, classes)
         nn.init.zeros_(self.fc.weight)  # the problem is convex: zero init loses nothing and needs no RNG,
         nn.init.zeros_(self.fc.bias)    # so a head in a grid starts exactly like its single run
 
-    def forward(self, f):
-        return self.fc(self.bn(f))
+    def forward(self, f, mean=None, var=None):  # training: the batch's statistics; eval: running
+        mean, var = (self.mean, self.var) if mean is None else (mean, var)
+        return self.fc((f - mean) / (var + 1e-5).sqrt())
+
+    def track(self, mean, var, n):  # nn.BatchNorm1d's update: momentum 0.1, unbiased variance
+        self.mean.lerp_(mean, 0.1)
+        self.var.lerp_(var * n / (n - 1), 0.1)
 
 
-def train_probes(epoch_feats, y, test_feats, y_test, *, lr, epochs, batch_size, seed=0, device='cpu',
-                 log=None):
-    """Train one probe per key of test_feats; epoch_feats(epoch) -> {key: (N, C)} for the N train labels y.
+def all_sum(t):
+    """t summed over all ranks (in place)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
 
-    One Adam over all heads equals one Adam per head (it is per-parameter) and the summed loss gives each head
-    exactly its own gradient, so every head trains as if alone. Returns {key: test top-1 accuracy in %}."""
-    classes = int(max(y.max(), y_test.max())) + 1
-    heads = {k: Probe(f.shape[1], classes).to(device) for k, f in test_feats.items()}
-    opt = torch.optim.Adam([p for h in heads.values() for p in h.parameters()], lr=lr)
-    total = epochs * math.ceil(len(y) / batch_size)
+
+def batch_stats(f, n):
+    """{key: (mean, biased var)} of a batch of n rows over all ranks, from float64 sums of each
+    rank's rows f {key: (m, C)}: the statistics of the whole batch, as one process would see it."""
+    sums = [torch.stack([v.double().sum(0), v.double().square().sum(0)]) for v in f.values()]
+    flat = all_sum(torch.cat([s.flatten() for s in sums]))
+    out = {}
+    for k, s in zip(f, flat.split([s.numel() for s in sums])):
+        s1, s2 = s.view(2, -1) / n
+        out[k] = (s1.float(), (s2 - s1.square()).clamp(min=0).float())
+    return out
+
+
+def train_probes(train, test, *, lr, epochs, batch_size, seed=0, device='cpu', log=None):
+    """Train one probe per feature key of the Splits train and test; returns {key: test top-1 %}.
+
+    One Adam over all heads equals one Adam per head (it is per-parameter) and the summed loss gives
+    each head exactly its own gradient, so every head trains as if alone. Each rank takes the loss of
+    the batch members it owns, over the whole batch's size; BatchNorm statistics are summed over the
+    ranks and so are the gradients, so the steps do not depend on the number of ranks."""
+    classes = int(max(train.y.max(), test.y.max())) + 1
+    heads = {k: Probe(d, classes).to(device) for k, d in train.dims.items()}
+    params = [p for h in heads.values() for p in h.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    total = epochs * math.ceil(len(train.y) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        feats = epoch_feats(epoch)
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), batch_size):
+        feats = train.epoch(epoch)
+        perm = torch.randperm(len(train.y), generator=g)
+        for i in range(0, len(train.y), batch_size):
             idx = perm[i:i + batch_size]
             if len(idx) > 1:  # BatchNorm cannot train on a single sample
-                yb = y[idx].to(device)
-                loss = sum(F.cross_entropy(h(feats[k][idx].to(device)), yb) for k, h in heads.items())
-                opt.zero_grad(set_to_none=True)
+                mine = idx[train.owned(idx)]
+                f = {k: v.to(device) for k, v in feats(mine).items()}
+                stats = batch_stats(f, len(idx))
+                yb = train.y[mine].to(device)
+                loss = sum(F.cross_entropy(h(f[k], *stats[k]), yb, reduction='sum')
+                           for k, h in heads.items()) / len(idx)
+                opt.zero_grad(set_to_none=False)
                 loss.backward()
+                grads = all_sum(torch.cat([p.grad.flatten() for p in params]))
+                for p, g_ in zip(params, grads.split([p.numel() for p in params])):
+                    p.grad.copy_(g_.view_as(p))
                 opt.step()
+                for k, h in heads.items():
+                    h.track(*stats[k], len(idx))
             sched.step()
         if log:
-            log(f"epoch {epoch + 1}/{epochs} last-batch loss per head {loss.item() / len(heads):.4f}")
-    acc = {}
-    with torch.no_grad():
-        for k, h in heads.items():
+            loss = all_sum(loss.detach().reshape(1)).item()
+            log(f"epoch {epoch + 1}/{epochs} last-batch loss per head {loss / len(heads):.4f}")
+    return evaluate(heads, test, device)
+
+
+@torch.no_grad()
+def evaluate(heads, test, device):
+    """{key: top-1 accuracy in %} of the heads on the test split, counted over all ranks."""
+    feats = test.epoch(0)
+    rows = torch.arange(len(test.y))
+    rows = rows[test.owned(rows)]
+    correct = torch.zeros(len(heads), dtype=torch.float64, device=device)
+    for i in range(0, len(rows), 4096):
+        r = rows[i:i + 4096]
+        f, y = feats(r), test.y[r].to(device)
+        for j, (k, h) in enumerate(heads.items()):
             h.eval()
-            pred = torch.cat([h(test_feats[k][i:i + 4096].to(device)).argmax(1).cpu()
-                              for i in range(0, len(y_test), 4096)])
-            acc[k] = 100.0 * (pred == y_test).float().mean().item()
-    return acc
+            correct[j] += (h(f[k].to(device)).argmax(1) == y).sum()
+    correct = all_sum(correct).cpu()
+    return {k: 100.0 * c.item() / len(test.y) for k, c in zip(heads, correct)}
 
 
 # ----------------------------------------------------------------------------
@@ -273,7 +410,7 @@ def layer_series(acc, ts, layers):
 
 
 @torch.no_grad()
-def heldout_loss(model, diffusion, x, y, sums, *, seed, batch_size, autocast, repeats=4):
+def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, repeats=4):
     """The plain denoising loss of held-out images (no augmentation, no EDM uncertainty weight,
     so arms compare alike) per noise-level bin, binned by the trainer's own LossSums (`sums`,
     empty) as its training log is: `repeats` draws of t and noise per image, the same for every
@@ -281,9 +418,10 @@ def heldout_loss(model, diffusion, x, y, sums, *, seed, batch_size, autocast, re
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     for _ in range(repeats):
-        for i in range(0, len(x), batch_size):
-            xb = to_model_space(x[i:i + batch_size]).to(device)
-            cond = {'y': y[i:i + batch_size].to(device)} if getattr(model, 'num_classes', 0) else {}
+        for i in range(0, len(data), batch_size):
+            i = torch.arange(i, min(i + batch_size, len(data)))
+            xb = data.batch(i, torch.zeros(len(i), dtype=torch.bool)).to(device)
+            cond = {'y': data.y[i].to(device)} if getattr(model, 'num_classes', 0) else {}
             with autocast:
                 loss, level = diffusion.loss(model, xb, **cond)[:2]
             sums.add(loss.float(), level, {})
@@ -330,71 +468,84 @@ def probe_checkpoint(a, path, out, device, log):
 
     # data (labels required), optional fixed subset
     latent = getattr(args, 'latent', 'none') != 'none'
-    load = mod.load_latents if latent else mod.load_pixels
-    (x, y), (x_test, y_test) = load(args, 'train'), load(args, 'test')
+    train, test = (load_split(mod, args, ckpt, s) for s in ('train', 'test'))
     if a.limit:
-        pick = lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))[:a.limit]
-        (i, j) = pick(len(y)), pick(len(y_test))
-        x, y, x_test, y_test = x[i], y[i], x_test[j], y_test[j]
+        pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
+            len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
+        train, test = pick(train), pick(test)
     lr = a.lr or (2e-3 if latent else 4e-3)
     epochs = a.epochs or (15 if args.dataset in ('cifar10', 'cifar100') else 30)
-    batch_size = a.batch_size or (1440 if latent else 128)
+    batch_size = a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128))
     log(f"probing {path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
-        f"{len(y)} train / {len(y_test)} test, t {ts}, layers {layers}, {a.feature_mode} "
+        f"{len(train)} train / {len(test)} test, t {ts}, layers {layers}, {a.feature_mode} "
         f"features, lr {lr:g} epochs {epochs} batch {batch_size}")
 
-    # features. Flips only for pixels: a flipped latent grid is not the latent of the flipped
-    # image. Noise streams: 0 test, 1 cached train (both flips alike), 2 + epoch fresh train.
+    # One noise level at a time: the same forwards as all at once, a level's features in memory.
+    # Noise streams: 0 test, 1 cached train (both flips alike), 2 + epoch fresh train.
     timer = {'images': 0, 'seconds': 0.0}
-    autocast = mod.autocast(device, a.precision)
+    block = a.extract_batch
+    kw = dict(layers=layers, batch_size=block, spill=out, autocast=mod.autocast(device, a.precision))
+    names = lambda name, t: {l: (t, l) if name == 'trained' else (name, t, l) for l in layers}
 
-    def run(x_, stream, flip=None, desc=None):  # {(t, layer) or ('init', t, layer): (N, C)}
+    def run(data, t, stream, views=(None,), desc=None):  # {model name: Features}
         if device.type == 'cuda':
             torch.cuda.synchronize()
-        t0, f = time.time(), {}
-        for name, m in models.items():
-            fm = extract(m, diffusion, x_, ts, layers, seed=_seed(a.seed, stream), flip=flip,
-                         batch_size=a.extract_batch, desc=desc, autocast=autocast)
-            f.update({k if name == 'trained' else (name, *k): v for k, v in fm.items()})
-        timer['images'] += len(x_) * len(ts) * len(models)
+        t0 = time.time()
+        stores = extract(models, diffusion, data, t, seed=_seed(a.seed, stream), views=views,
+                         desc=desc, **kw)
+        timer['images'] += len(data) * len(models) * len(views)
         timer['seconds'] += time.time() - t0
-        if a.raw_pixels:
-            f[(None, 'pixels')] = pixel_features(x_, flip)
-        return f
+        return stores
+
+    def getter(stores, t, data, pick=None):  # rows i -> {key: (len(i), C)}; pick: each row's view
+        def feats(i):
+            rows, view, out_ = local_rows(i, block), None if pick is None else pick[i], {}
+            for name, store in stores.items():
+                out_.update({names(name, t)[l]: f for l, f in store.get(rows, view).items()})
+            if a.raw_pixels and t == ts[0]:
+                flip = torch.zeros(len(i), dtype=torch.bool) if pick is None else pick[i]
+                out_[(None, 'pixels')] = pixel_features(data.batch(i, flip))
+            return out_
+        return feats
 
     def flips(stream):
-        g = torch.Generator().manual_seed(_seed(a.seed, stream))
-        return None if latent else torch.rand(len(y), generator=g) < 0.5
+        return torch.rand(len(train), generator=torch.Generator().manual_seed(_seed(a.seed, stream))) < 0.5
 
-    test_feats = run(x_test, 0, desc='test features')
-    if a.feature_mode == 'cached':
-        views = [run(x, 1, None if latent else torch.full((len(y),), v == 1),
-                     desc=f'train features (flip {v})') for v in range(1 if latent else 2)]
+    x0 = train.batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device)
+    dims = {l: f.shape[1] for l, f in diffusion.pred(
+        model, x0, torch.full((1,), ts[0], device=device), feats=tuple(layers))[1].items()}
+    def level(t):  # {key: accuracy} of every head at noise level t; its features freed after
+        keys = {k: dims[l] for name in models for l, k in names(name, t).items()}
+        if a.raw_pixels and t == ts[0]:
+            keys[(None, 'pixels')] = pixel_features(x0).shape[1]
+        test_feats = getter(run(test, t, 0, desc=f't={fmt_t(t)} test features'), t, test)
+        if a.feature_mode == 'cached':  # each epoch, each image takes one of its two flips
+            both = (torch.zeros(len(train), dtype=torch.bool), torch.ones(len(train), dtype=torch.bool))
+            stores = run(train, t, 1, both, desc=f't={fmt_t(t)} train features (both flips)')
+            epoch = lambda e: getter(stores, t, train, flips(2 + e))
+        else:  # the paper's protocol: new noise and flips every epoch (an extraction per epoch)
+            epoch = lambda e: getter(run(train, t, 2 + e, (flips(2 + e),), desc=f'epoch {e + 1} features'),
+                                     t, train)
+        return train_probes(Split(train.y, keys, epoch, block),
+                            Split(test.y, keys, lambda e: test_feats, block), lr=lr, epochs=epochs,
+                            batch_size=batch_size, seed=a.seed, device=device, log=log)
 
-        def epoch_feats(e):  # each image takes one of its cached views at random: no new forwards
-            if latent:
-                return views[0]
-            pick = flips(2 + e)
-            return {k: torch.where(pick[:, None], views[1][k], f) for k, f in views[0].items()}
-    else:  # the paper's protocol: new noise and flips every epoch (an extraction per epoch)
-        epoch_feats = lambda e: run(x, 2 + e, flips(2 + e), desc=f'epoch {e + 1} features')
-    acc = train_probes(epoch_feats, y, test_feats, y_test, lr=lr, epochs=epochs,
-                       batch_size=batch_size, seed=a.seed, device=device, log=log)
+    acc = {k: v for t in ts for k, v in level(t).items()}
     at_init = {k[1:]: acc.pop(k) for k in list(acc) if k[0] == 'init'}
-    losses = heldout_loss(model, diffusion, x_test, y_test, mod.LossSums(), seed=_seed(a.seed, 3),
-                          batch_size=a.extract_batch, autocast=autocast) if a.loss else None
+    losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, 3),
+                          batch_size=block, autocast=kw['autocast']) if a.loss else None
     speed = timer['images'] / max(timer['seconds'], 1e-9)
 
     best = max((k for k in acc if k[0] is not None), key=acc.get)
     cell = (args.probe_t, args.sc_layer) if (args.probe_t, args.sc_layer) in acc else best
-    classes = int(max(y.max(), y_test.max())) + 1
+    classes = int(max(train.y.max(), test.y.max())) + 1
     flags = f"--sc-layer {best[1].replace('cls_', 'out_')} --probe-t {fmt_t(best[0])}"
     record = {'ckpt': str(path), 'script': ckpt['script'], 'kind': diffusion.kind,
               'weights': 'online' if a.raw else 'ema', 'dataset': args.dataset,
-              'args': ckpt['args'], 'train_images': len(y), 'test_images': len(y_test),
-              'classes': classes, 'feature_mode': a.feature_mode, 'lr': lr, 'epochs': epochs,
-              'batch_size': batch_size, 'seed': a.seed, 'ts': ts, 'layers': layers,
-              'extract_img_per_s': speed, 'chance': 100 / classes,
+              'args': ckpt['args'], 'images': ckpt.get('images'), 'train_images': len(train),
+              'test_images': len(test), 'classes': classes, 'feature_mode': a.feature_mode,
+              'lr': lr, 'epochs': epochs, 'batch_size': batch_size, 'seed': a.seed, 'ts': ts,
+              'layers': layers, 'extract_img_per_s': speed, 'chance': 100 / classes,
               'raw_pixels': acc.get((None, 'pixels')), 'heldout_loss_by_level': losses,
               'cell': {'t': cell[0], 'layer': cell[1], 'acc': acc[cell],
                        'init': at_init.get(cell)},

@@ -1724,9 +1724,15 @@ def _probe_blobs(n, dim=32, classes=10, noise=0.3, seed=0):
     return means[y] + noise * torch.randn(n, dim, generator=g), y
 
 
+def _probe_split(feats, y):
+    """In-memory features {key: (N, C)} as the Split of one process."""
+    return probe.Split(y, {k: v.shape[1] for k, v in feats.items()},
+                       lambda e: lambda i: {k: v[i] for k, v in feats.items()}, len(y))
+
+
 def _probe_train(feats, y, feats_test, y_test, **kw):
     kw = dict(lr=4e-3, epochs=10, batch_size=128) | kw
-    return probe.train_probes(lambda e: feats, y, feats_test, y_test, **kw)
+    return probe.train_probes(_probe_split(feats, y), _probe_split(feats_test, y_test), **kw)
 
 
 def test_probe_separable_synthetic_reaches_100():
@@ -1751,9 +1757,10 @@ def test_probe_grid_heads_equal_single_runs():
 
 def test_probe_pixel_features_pool_large_images():
     x = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
-    f = probe.pixel_features(x, torch.tensor([True, False, True, False]))
+    data = probe.Data(x, torch.zeros(4, dtype=torch.long))
+    f = probe.pixel_features(data.batch(torch.arange(4), torch.tensor([True, False, True, False])))
     assert f.shape == (4, 3 * 64 * 64) and f.abs().max() <= 1
-    assert probe.pixel_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 3072)
+    assert probe.pixel_features(torch.zeros(2, 3, 32, 32)).shape == (2, 3072)
 
 
 @pytest.fixture(scope="module")
@@ -1769,28 +1776,38 @@ def _probe_ckpt(tmp_path_factory):
     return path, train_unet, args, model
 
 
+def _probe_shapes(args, split):
+    """300/150 shapes instead of 10k/2k: the CLI tests exercise plumbing, not accuracy."""
+    return train_unet.make_shapes(300 if split == "train" else 150, seed=0 if split == "train" else 1,
+                                  res=args.resolution)
+
+
 @pytest.fixture
-def _probe_small_shapes(_probe_ckpt, monkeypatch):
-    """Serve 300/150 shapes instead of 10k/2k: the CLI tests exercise plumbing, not accuracy."""
-    train_unet = _probe_ckpt[1]
-    monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: train_unet.make_shapes(
-        300 if split == "train" else 150, seed=0 if split == "train" else 1, res=args.resolution))
+def _probe_small_shapes(monkeypatch):
+    monkeypatch.setattr(train_unet, "load_pixels", _probe_shapes)
 
 
 def test_probe_features_deterministic(_probe_ckpt):
     _, train_unet, args, model = _probe_ckpt
     model.eval()
     diffusion = train_unet.build_diffusion(args)
-    x = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
+    data = probe.Data(torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8), torch.zeros(20, dtype=torch.long))
     layers = model.feature_layers[:2]
-    kw = dict(seed=7, batch_size=8, flip=torch.arange(20) % 2 == 0)
-    f1 = probe.extract(model, diffusion, x, [11, 66], layers, **kw)
-    f2 = probe.extract(model, diffusion, x, [66], layers[1:], **kw)  # a pair alone sees the features it sees in a grid
+    kw = dict(seed=7, batch_size=8, views=(torch.arange(20) % 2 == 0,))
+
+    def extract(ts, layers, **extra):  # {(t, layer): (20, C)} as train_probes reads them back
+        out = {}
+        for t in ts:
+            f = probe.extract({"trained": model}, diffusion, data, t, layers, **(kw | extra))["trained"]
+            out.update({(t, l): v for l, v in f.get(torch.arange(20)).items()})
+        return out
+    f1 = extract([11, 66], layers)
+    f2 = extract([66], layers[1:])  # a pair alone sees the features it sees in a grid
     assert set(f1) == {(t, l) for t in (11, 66) for l in layers}
     assert f1[(11, layers[0])].shape[0] == 20 and f1[(11, layers[0])].dtype == torch.float32
     assert torch.equal(f1[(66, layers[1])], f2[(66, layers[1])])
     assert not torch.equal(f1[(11, layers[1])], f1[(66, layers[1])])
-    f3 = probe.extract(model, diffusion, x, [11], layers[:1], **(kw | {"seed": 8}))
+    f3 = extract([11], layers[:1], seed=8)
     assert not torch.equal(f1[(11, layers[0])], f3[(11, layers[0])])  # the seed is really used
 
 
@@ -1805,6 +1822,60 @@ def test_probe_cli_grid_matches_single_and_raw_pixels(_probe_ckpt, _probe_small_
     best = res["best"]
     single = probe.main(common + ["--t", str(best["t"]), "--layer", best["layer"], "--out", str(tmp_path / "s")])
     assert abs(single[(best["t"], best["layer"])] - acc[(best["t"], best["layer"])]) <= 0.5
+
+
+def _probe_rank_worker(rank, argv, port, result_dir):
+    """One of two gloo ranks of a probe.py run, as torchrun would start it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train_unet.load_pixels = _probe_shapes
+    acc = probe.main(argv)
+    (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps([[*k, v] for k, v in acc.items()]))
+
+
+def test_probe_grid_on_two_ranks_equals_one(_probe_ckpt, _probe_small_shapes, tmp_path, _one_thread):
+    """Each rank extracts and holds only its own rows and the heads train data-parallel: the
+    accuracies of every (t, layer) and of raw pixels are those of one process."""
+    import socket
+    path, *_ = _probe_ckpt
+    argv = ["--ckpt", str(path), "--grid", "--t", "11", "66", "--layer", "1", "4", "--raw-pixels", "--limit", "120",
+            "--epochs", "3", "--extract-batch", "16", "--batch-size", "32", "--out", str(tmp_path / "p")]
+    one = probe.main(argv)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_probe_rank_worker, args=(argv, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and len(r0) == len(one) == 5
+    for t, layer, acc in r0:
+        assert acc == pytest.approx(one[(t, layer)], abs=1e-9), (t, layer)
+
+
+def test_probe_reads_latents_by_memory_map_with_both_flips(tmp_path):
+    """A latent DiT is probed from its VA-VAE cache: memory-mapped, normalised a batch at a time with
+    the run's latent statistics, the cached flipped latent as the flipped view; Table 11's latent
+    batch and lr."""
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", "--no-class-cond",
+                        script="train_dit.py", cache_dir=str(tmp_path / "cache"))
+    g, lat = np.random.default_rng(0), {}
+    for split, n in (("train", 40), ("val", 16)):
+        (tmp_path / "cache" / split).mkdir(parents=True)
+        y = np.arange(n) % 4
+        lat[split] = (g.normal(size=(n, 2, 32, 16, 16)) + y[:, None, None, None, None]).astype(np.float16)
+        np.save(tmp_path / "cache" / split / "latents.npy", lat[split])
+        np.save(tmp_path / "cache" / split / "labels.npy", y)
+        (tmp_path / "cache" / split / "complete").write_text("{}")
+    mod, args, _, _, ck = sample.load_checkpoint(ckpt)
+    ck["latent_stats"] = {"mean": torch.full((32,), 0.5), "std": torch.full((32,), 2.0)}
+    data = probe.load_split(mod, args, ck, "train")
+    assert isinstance(data.x, np.memmap) and len(data) == 40 and data.y.tolist()[:5] == [0, 1, 2, 3, 0]
+    z = data.batch(torch.tensor([3, 5]), torch.tensor([False, True]))
+    assert torch.equal(z, (torch.from_numpy(lat["train"][[3, 5], [0, 1]].astype(np.float32)) - 0.5) / 2)
+    probe.main(["--ckpt", str(ckpt), "--epochs", "2", "--extract-batch", "8", "--out", str(tmp_path / "p")])
+    rec = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert (rec["batch_size"], rec["lr"], rec["train_images"], rec["cell"]["layer"]) == (1440, 2e-3, 40, "block_3")
+    assert 0 <= rec["cell"]["acc"] <= 100
 
 
 def test_probe_bad_layer_is_a_clear_error(_probe_ckpt):
@@ -1828,13 +1899,13 @@ def test_probe_init_probes_untrained_weights_of_the_right_architecture(_probe_ck
     ckpt["ema"] = {k: v + 0.01 * torch.randn_like(v) for k, v in ckpt["ema"].items()}  # "trained" weights
     torch.save(ckpt, tmp_path / "ckpt.pt")
     seen, extract = [], probe.extract
-    monkeypatch.setattr(probe, "extract", lambda m, *a, **k: seen.append(
-        {n: v.clone() for n, v in m.state_dict().items()}) or extract(m, *a, **k))
+    monkeypatch.setattr(probe, "extract", lambda ms, *a, **k: seen.append(
+        {name: {n: v.clone() for n, v in m.state_dict().items()} for name, m in ms.items()}) or extract(ms, *a, **k))
     probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--init", "--limit", "60", "--epochs", "2",
                 "--out", str(tmp_path / "p")])
     torch.manual_seed(3)
     fresh = train_unet.build_model(args).state_dict()
-    trained, init = seen[0], seen[1]  # the test features: trained, then at init
+    trained, init = seen[0]["trained"], seen[0]["init"]  # the test features of both models
     assert all(torch.equal(trained[k], ckpt["ema"][k]) for k in trained)
     assert all(torch.equal(init[k], fresh[k]) for k in fresh) and set(init) == set(fresh)
     rec = json.loads((tmp_path / "p" / "probe.json").read_text())
@@ -1867,3 +1938,112 @@ def test_probe_several_checkpoints_summarise_arms_over_seeds(tmp_path, _probe_sm
     assert rows[0]["cell_acc"][1] >= 0 and len(rows[0]["heldout_loss_by_level"]) == 5
     assert (tmp_path / "p" / "layers.png").exists() and (tmp_path / "p" / "base1" / "probe.json").exists()
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory of the evaluation at ImageNet scale: `python test_smoke.py memory` (a few minutes)
+
+class _StubDiT(nn.Module):
+    """DiT-B's pooled features (12 blocks x 768) from a fixed projection of the latent: what the
+    probe holds per image does not depend on the network's compute, which this skips."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 768)
+        self.feature_layers = [f"block_{i}" for i in range(1, 13)]
+        self.num_classes, self.in_ch = 0, 32
+
+    def forward(self, x, t, y=None, feats=()):
+        f = self.proj(x.mean((2, 3)))  # (N, 768)
+        return x, {name: f + i for i, name in enumerate(self.feature_layers) if name in feats}
+
+
+def _memory_data(root, n):
+    """A fake ImageNet-1k latent cache (n train, n / 25 val images, 1000 classes, the real
+    (2 flips, 32, 16, 16) float16 rows) and a stub DiT-B checkpoint that probes it."""
+    g = np.random.default_rng(0)
+    for split, m in (("train", n), ("val", max(n // 25, 100))):
+        d = root / "cache" / split
+        d.mkdir(parents=True)
+        lat = np.lib.format.open_memmap(d / "latents.npy", "w+", np.float16, (m, 2, 32, 16, 16))
+        for i in range(0, m, 1000):
+            lat[i:i + 1000] = g.normal(size=lat[i:i + 1000].shape)
+        lat.flush()
+        np.save(d / "labels.npy", np.arange(m) % 1000)
+        (d / "complete").write_text("{}")
+    args = train_dit.get_args(["--dataset", "in1k", "--no-class-cond", "--cache-dir", str(root / "cache")])
+    sd = _StubDiT().state_dict()
+    torch.save({"script": "train_dit.py", "args": vars(args), "model": sd, "ema": sd, "step": 0, "images": 0,
+                "latent_stats": {"mean": torch.zeros(32), "std": torch.ones(32)}}, root / "ckpt.pt")
+
+
+def _peak_anon(fn):
+    """fn() while a thread samples this process's anonymous memory (RssAnon, what a node's memory must
+    hold; memory-mapped files are not in it) every 2 ms: the peak in bytes."""
+    import threading
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            with open("/proc/self/status") as f:
+                peak[0] = max(peak[0], next(int(l.split()[1]) for l in f if l.startswith("RssAnon")) * 1024)
+            done.wait(0.002)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0]
+
+
+_MEMORY_STEPS = {  # step -> (what it runs on the data under root, world)
+    "probe.py default cell": lambda root, w: probe.main(
+        ["--ckpt", str(root / "ckpt.pt"), "--epochs", "1", "--out", str(root / f"p{w}")]),
+    "probe.py --grid": lambda root, w: probe.main(
+        ["--ckpt", str(root / "ckpt.pt"), "--grid", "--epochs", "1", "--out", str(root / f"g{w}")]),
+}
+
+
+def _memory_worker(rank, world, step, root, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    train_dit.build_model = lambda args: _StubDiT()
+    peak = _peak_anon(lambda: _MEMORY_STEPS[step](Path(root), world))
+    (Path(root) / f"peak-{world}-{rank}").write_text(str(peak))
+
+
+def memory_benchmark(sizes=(4000, 12000), worlds=(1, 2), steps=tuple(_MEMORY_STEPS)):
+    """Peak anonymous memory per rank of each evaluation step on fake ImageNet-shaped data of two sizes,
+    on 1 and 2 gloo ranks: its growth per image, and that growth extrapolated to ImageNet-1k's train split."""
+    import socket
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            _memory_data(Path(tmp) / str(n), n)
+        for step in steps:
+            for world in worlds:
+                peaks = []
+                for n in sizes:
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", 0))
+                        port = sock.getsockname()[1]
+                    mp.spawn(_memory_worker, args=(world, step, str(Path(tmp) / str(n)), port), nprocs=world)
+                    peaks.append(max(int((Path(tmp) / str(n) / f"peak-{world}-{r}").read_text())
+                                     for r in range(world)))
+                growth = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+                rows.append(dict(step=step, world=world, sizes=list(sizes), peak_mib=[p / 2**20 for p in peaks],
+                                 kib_per_image=growth / 1024,
+                                 in1k_gib=(peaks[0] + growth * (1_281_167 - sizes[0])) / 2**30))
+                print(f"{step:24s} {world} rank(s): peak {peaks[0] / 2**20:.0f} / {peaks[1] / 2**20:.0f} MiB at "
+                      f"{sizes[0]} / {sizes[1]} images: {growth / 1024:.2f} KiB per image per rank, "
+                      f"ImageNet-1k ({1_281_167:,} images) {rows[-1]['in1k_gib']:.1f} GiB per rank", flush=True)
+    print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["memory"]:
+    memory_benchmark()

@@ -106,7 +106,7 @@ def get_args(argv=None):
     if args.batch_size is None:
         args.batch_size = 128 if args.net == "tiny" else 1024
     if args.latent == "none":  # as the pixel models; shapes: minutes on a CPU
-        args.epochs = 40 if args.dataset == "shapes" else 2000
+        args.epochs = 40 if args.dataset in SHAPES else 2000
     else:  # other folders: as ImageNet-100
         key = (args.dataset, args.class_cond)
         args.epochs = EPOCHS.get(key, EPOCHS[("in100", args.class_cond)])
@@ -651,8 +651,16 @@ def decode(vae, z, latent_stats):
 # ------------------------------------------------------------------------------------------------
 # Data: pixel datasets as in train_unet.py; latent datasets as a VA-VAE cache of both flips
 
+SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
+    # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
+    "shapes": ((0, 0.45), (0.55, 1), (0.07, 0.09), (0.22, 0.30)),
+    "shapes-fixed": ((0.225, 0.225), (0.775, 0.775), (0.08, 0.08), (0.26, 0.26)),  # no nuisances
+}
+
+
 DATASETS = {  # pixel datasets known by name: classes, resolution
-    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64),
+    **dict.fromkeys(SHAPES, (10, 32)),
 }
 CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -666,11 +674,13 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @functools.lru_cache(maxsize=4)
-def make_shapes(n, seed, res=32):
+def make_shapes(n, seed, res=32, name="shapes"):
     """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
     geometry alone. Every image holds four identical dots; the class is their constellation, under
     random position, size, rotation, mirroring and colours. Colour, area and local texture carry
-    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
+    no class, so a probe sees only what the model learns of the arrangement, which is slow.
+    'shapes-fixed' draws the same classes and poses with one colour pair, radius and size."""
+    bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
         [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
@@ -691,15 +701,15 @@ def make_shapes(n, seed, res=32):
     p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
     a = g.uniform(0, 2 * np.pi, n)
     rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
-    size = g.uniform(0.22, 0.30, n) * res
+    size = g.uniform(*size_range, n) * res
     centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
     p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
-    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
+    radius = g.uniform(*radius_range, (n, 1, 1)) * res
     yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
     d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
                 for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
     alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
-    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
+    bg, fg = g.uniform(*bg_range, (n, 3, 1, 1)), g.uniform(*fg_range, (n, 3, 1, 1))
     img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
     return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
 
@@ -847,9 +857,9 @@ def decode_images(files, res, workers, skip_bad):
 
 def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
-    if args.dataset == "shapes":
+    if args.dataset in SHAPES:
         n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-        return make_shapes(n, seed, args.resolution)
+        return make_shapes(n, seed, args.resolution, args.dataset)
     if args.dataset in CIFAR:
         return load_cifar(args.dataset, args.data_path, split)
     return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
