@@ -67,7 +67,7 @@ TRAINERS = ("train_unet.py", "train_uvit.py", "train_dit.py")
 PIXEL = ("train_unet.py", "train_uvit.py")
 SHARED = {  # top-level definition -> the trainers that hold a copy of it, character for character
     **dict.fromkeys([  # data, training infrastructure, benchmark, main: the spine of every trainer
-        "DATASETS", "CIFAR", "IMG_EXT", "make_shapes", "local_rank", "raise_on_any", "fetch_once",
+        "DATASETS", "CIFAR", "IMG_EXT", "SHAPES", "make_shapes", "local_rank", "raise_on_any", "fetch_once",
         "download_cifar", "load_cifar", "center_crop", "image_files", "ImageFiles", "decode_images",
         "load_pixels", "add_training_args", "setup_distributed", "use_bf16", "autocast", "memory_format",
         "epoch_order", "batch_indices", "update_ema", "count_params", "save_grid", "atomic_save", "check_out_dir",
