@@ -89,9 +89,13 @@ def get_args(argv=None):
                         '(Table 11), 128 tiny')
     p.add_argument('--extract-batch', type=int, default=256,
                    help='images per forward; batches are dealt round-robin to ranks')
+    p.add_argument('--dataset',
+                   help='transfer: probe the frozen model on this labelled dataset instead (a name the '
+                        'trainers know, or class folders), resized to the model\'s input')
+    p.add_argument('--data-path', help="--dataset's folder (default: the run's)")
     p.add_argument('--limit', type=int, help='probe a fixed random subset of this many images')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', help='default <ckpt dir>/probe (several: <common parent>/probe)')
+    p.add_argument('--out', help='default <ckpt dir>/probe[-<dataset>] (several: <common parent>/...)')
     return p.parse_args(argv)
 
 
@@ -142,9 +146,14 @@ class Data:
 
 
 def load_split(mod, args, ckpt, split):
-    """The split's Data: pixels through the trainer's loader, latents from its cache."""
+    """The split's Data: pixels through the trainer's loader (resized to the model's input if they
+    differ: a transfer probe), latents from the cache of the VA-VAE's encoding."""
     if getattr(args, 'latent', 'none') == 'none':
-        return Data(*mod.load_pixels(args, split))
+        x, y = mod.load_pixels(args, split)
+        if x.shape[-1] != args.resolution:
+            x = F.interpolate(x.float(), size=args.resolution, mode='bicubic', antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        return Data(x, y)
     d = mod.latent_cache(args, split)
     y = torch.from_numpy(np.load(d / 'labels.npy'))
     return Data(np.load(d / 'latents.npy', mmap_mode='r'), y, ckpt['latent_stats'])
@@ -451,6 +460,9 @@ def probe_checkpoint(a, path, out, device, log):
     """Probe one checkpoint: (accuracy {(t, layer): %}, the record written to out/probe.json)."""
     rank = world()[0]
     mod, args, model, diffusion, ckpt = load_checkpoint(path, raw=a.raw, device=device)
+    trained_on = args.dataset
+    if a.dataset:  # transfer ("transferable representations", abstract): another labelled dataset
+        vars(args).update(dataset=a.dataset, data_path=a.data_path or args.data_path, cache_dir=None)
     models = {'trained': model}
     if a.init:  # what training starts from: the trainer seeds with --seed, then builds
         torch.manual_seed(args.seed)
@@ -542,6 +554,7 @@ def probe_checkpoint(a, path, out, device, log):
     flags = f"--sc-layer {best[1].replace('cls_', 'out_')} --probe-t {fmt_t(best[0])}"
     record = {'ckpt': str(path), 'script': ckpt['script'], 'kind': diffusion.kind,
               'weights': 'online' if a.raw else 'ema', 'dataset': args.dataset,
+              'trained_on': trained_on,
               'args': ckpt['args'], 'images': ckpt.get('images'), 'train_images': len(train),
               'test_images': len(test), 'classes': classes, 'feature_mode': a.feature_mode,
               'lr': lr, 'epochs': epochs, 'batch_size': batch_size, 'seed': a.seed, 'ts': ts,
@@ -561,6 +574,12 @@ def probe_checkpoint(a, path, out, device, log):
         report += [f"at init {at_init[cell]:.2f}%"] if at_init else []
         report += [f"raw pixels {acc[(None, 'pixels')]:.2f}%"] if a.raw_pixels else []
         log(f"t={fmt_t(cell[0])} {cell[1]}: {', '.join(report)}, chance {100 / classes:.2f}%")
+        home = Path(path).parent / 'probe' / 'probe.json'  # the in-domain figure, beside a transfer
+        if a.dataset and home.exists():
+            r = json.loads(home.read_text())
+            same_cell = [e['acc'] for e in r['results'] if [e['t'], e['layer']] == list(cell)]
+            if same_cell:
+                log(f"in-domain ({r['dataset']}, {home}): {same_cell[0]:.2f}% at the same cell")
         if losses:
             log("held-out loss by noise level " + " ".join(f"{v:.4f}" for v in losses))
         log(f"best {acc[best]:.2f}% at t={fmt_t(best[0])} {best[1]}; feature extraction "
@@ -584,12 +603,27 @@ def mean_std(values):
 
 
 def summarize(records, out, log):
-    """Mean +- std over the seeds of each arm (checkpoints whose training settings differ in more
-    than the seed), a table and out/layers.png: accuracy by layer at each arm's cell's t."""
+    """Accuracy along each run given by several snapshots, and which is best; mean +- std over the
+    seeds of each arm (runs whose training settings differ in more than the seed), a table and
+    out/layers.png: accuracy by layer at each arm's cell's t."""
     # an arm is what is trained: seeds are its replicates, and bookkeeping does not count
     same = {'seed', 'out', 'log_every', 'ckpt_every', 'ckpt_minutes', 'sample_every', 'workers',
-            'data_path', 'cache_dir', 'extract_batch'}
+            'data_path', 'cache_dir', 'extract_batch', 'train_images', 'keep_every'}
     key = lambda r: json.dumps({k: v for k, v in r['args'].items() if k not in same}, sort_keys=True)
+    runs = {}  # snapshots of one run (--keep-every): the run counts with its best (App. A)
+    for r in records:
+        runs.setdefault(f"{key(r)} {r['args']['seed']}", []).append(r)
+    trajectories = []
+    for rs in (rs for rs in runs.values() if len(rs) > 1):
+        rs.sort(key=lambda r: r['images'] or 0)
+        best = max(rs, key=lambda r: r['cell']['acc'])
+        trajectories.append({'ckpts': [r['ckpt'] for r in rs], 'images': [r['images'] for r in rs],
+                             'cell_acc': [r['cell']['acc'] for r in rs], 'best': best['ckpt']})
+        log(f"along {Path(rs[0]['ckpt']).parent} at t={fmt_t(best['cell']['t'])} "
+            f"{best['cell']['layer']}: " + ", ".join(f"{r['images']:,} images {r['cell']['acc']:.2f}%"
+                                                     for r in rs))
+        log(f"    best snapshot {best['ckpt']} ({best['images']:,} images)")
+    records = [max(rs, key=lambda r: r['cell']['acc']) for rs in runs.values()]
     arms = {}
     for r in records:
         arms.setdefault(key(r), []).append(r)
@@ -627,7 +661,7 @@ def summarize(records, out, log):
             log("    held-out loss by noise level " + ", ".join(f(ms, 4) for ms in
                                                              row['heldout_loss_by_level']))
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'summary.json').write_text(json.dumps(rows, indent=1))
+    (out / 'summary.json').write_text(json.dumps({'arms': rows, 'runs': trajectories}, indent=1))
     pixels = mean_std(r['raw_pixels'] for r in records)
     chart(out / 'layers.png', series, f"{records[0]['script']} {records[0]['dataset']}",
           pixels[0] if pixels else None)
@@ -640,11 +674,12 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *_: None)
     paths = [Path(p) for p in a.ckpt]
     name = lambda p: p.parent.name if p.stem == 'ckpt' else f"{p.parent.name}-{p.stem}"
+    folder = 'probe' + (f'-{Path(a.dataset).name}' if a.dataset else '')
     if len(paths) == 1:
-        out = Path(a.out or paths[0].parent / 'probe')
+        out = Path(a.out or paths[0].parent / folder)
         outs = [out]
     else:  # one folder per checkpoint, the summary beside them
-        out = Path(a.out or Path(os.path.commonpath([p.parent for p in paths])) / 'probe')
+        out = Path(a.out or Path(os.path.commonpath([p.parent for p in paths])) / folder)
         outs = [out / name(p) for p in paths]
     results = [probe_checkpoint(a, p, o, device, log) for p, o in zip(paths, outs)]
     if len(results) > 1 and rank == 0:

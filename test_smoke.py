@@ -1779,7 +1779,7 @@ def _probe_ckpt(tmp_path_factory):
 def _probe_shapes(args, split):
     """300/150 shapes instead of 10k/2k: the CLI tests exercise plumbing, not accuracy."""
     return train_unet.make_shapes(300 if split == "train" else 150, seed=0 if split == "train" else 1,
-                                  res=args.resolution)
+                                  res=args.resolution, name=args.dataset)
 
 
 @pytest.fixture
@@ -1933,11 +1933,50 @@ def test_probe_several_checkpoints_summarise_arms_over_seeds(tmp_path, _probe_sm
     accs = probe.main(["--ckpt", *map(str, paths), "--loss", "--raw-pixels", "--limit", "60", "--epochs", "2",
                        "--out", str(tmp_path / "p")])
     assert len(accs) == 3
-    rows = json.loads((tmp_path / "p" / "summary.json").read_text())
+    rows = json.loads((tmp_path / "p" / "summary.json").read_text())["arms"]
     assert [(r["arm"], r["n"], r["seeds"]) for r in rows] == [("self_cond=False", 2, [0, 1]), ("self_cond=True", 1, [0])]
     assert rows[0]["cell_acc"][1] >= 0 and len(rows[0]["heldout_loss_by_level"]) == 5
     assert (tmp_path / "p" / "layers.png").exists() and (tmp_path / "p" / "base1" / "probe.json").exists()
 
+
+
+def test_probe_snapshots_of_one_run_print_the_trajectory_and_its_best(tmp_path, _probe_small_shapes, capsys):
+    """ckpt-<images>.pt snapshots of one run are a trajectory, not seeds: accuracy per snapshot, the best
+    named (App. A), and the run enters its arm once, with its best snapshot."""
+    torch.manual_seed(0)
+    paths = []
+    for i, images in enumerate((64, 32, 96)):  # given out of order
+        ckpt = torch.load(_sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16"), weights_only=True)
+        ckpt["ema"] = {k: v + 0.05 * i * torch.randn_like(v) for k, v in ckpt["ema"].items()}
+        ckpt["images"] = images
+        torch.save(ckpt, tmp_path / f"ckpt-{images:09d}.pt")
+        paths.append(str(tmp_path / f"ckpt-{images:09d}.pt"))
+    accs = probe.main(["--ckpt", *paths, "--limit", "60", "--epochs", "2", "--out", str(tmp_path / "p")])
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    (run,), (arm,) = summary["runs"], summary["arms"]
+    assert run["images"] == [32, 64, 96] and run["ckpts"] == [paths[1], paths[0], paths[2]]
+    cell = [next(iter(a.values())) for a in accs]  # one cell each, in the order given
+    assert run["cell_acc"] == [cell[1], cell[0], cell[2]] and arm["n"] == 1
+    assert run["best"] == paths[cell.index(max(cell))] and arm["cell_acc"][0] == max(cell)
+    out = capsys.readouterr().out
+    assert "32 images" in out and f"best snapshot {run['best']}" in out
+
+
+def test_probe_transfer_to_another_dataset_resized_beside_the_in_domain_figure(tmp_path, _probe_small_shapes,
+                                                                               capsys, monkeypatch):
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16")
+    common = ["--ckpt", str(ckpt), "--limit", "60", "--epochs", "2"]
+    probe.main(common)  # in-domain: <run>/probe/probe.json
+    served = []
+    monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: served.append(args.dataset) or
+                        train_unet.make_shapes(300 if split == "train" else 150, int(split != "train"), 32,
+                                               args.dataset))  # 32x32: resized to the model's 16
+    acc = probe.main(common + ["--dataset", "shapes-fixed"])
+    rec = json.loads((tmp_path / "probe-shapes-fixed" / "probe.json").read_text())
+    assert served == ["shapes-fixed"] * 2 and (rec["dataset"], rec["trained_on"]) == ("shapes-fixed", "shapes")
+    assert rec["cell"]["acc"] == next(iter(acc.values()))
+    home = json.loads((tmp_path / "probe" / "probe.json").read_text())["cell"]["acc"]
+    assert f"in-domain (shapes, {tmp_path / 'probe' / 'probe.json'}): {home:.2f}% at the same cell" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------
