@@ -630,12 +630,17 @@ def test_checkpoints_by_wall_clock_and_no_previews(tmp_path, monkeypatch):
 # Data
 
 def test_shapes_deterministic_and_balanced():
-    x, y = train_unet.make_shapes(200, seed=3)
-    x2, y2 = train_unet.make_shapes.__wrapped__(200, seed=3)
+    x, y, masks, nuisance = train_unet.make_shapes(200, seed=3)
+    x2, y2 = train_unet.make_shapes.__wrapped__(200, seed=3)[:2]
     assert x.shape == (200, 3, 32, 32) and x.dtype == torch.uint8 and torch.equal(x, x2) and torch.equal(y, y2)
     assert torch.bincount(y).tolist() == [20] * 10
     means = torch.stack([x[y == c].float().std(dim=0).mean() for c in range(10)])
     assert (means > 10).all()  # varied within a class: pose, size and colour change
+    # a dot's pixels carry 1 + its class, the rest 0; 8 nuisance draws per image, none in shapes-fixed
+    assert masks.shape == (200, 32, 32) and ((masks == 0) | (masks == y[:, None, None] + 1)).all()
+    assert 0.03 < (masks > 0).float().mean() < 0.2 and nuisance.shape == (200, 8) and nuisance.std(0).min() > 0
+    xf, yf, _, fixed = train_unet.make_shapes(200, seed=3, name="shapes-fixed")
+    assert torch.equal(yf, y) and np.ptp(fixed, 0).max() == 0 and len(xf.flatten(1).unique(dim=0)) == 200
 
 
 def test_cifar_loader_reads_official_pickles(tmp_path):
@@ -1779,7 +1784,7 @@ def _probe_ckpt(tmp_path_factory):
 def _probe_shapes(args, split):
     """300/150 shapes instead of 10k/2k: the CLI tests exercise plumbing, not accuracy."""
     return train_unet.make_shapes(300 if split == "train" else 150, seed=0 if split == "train" else 1,
-                                  res=args.resolution, name=args.dataset)
+                                  res=args.resolution, name=args.dataset)[:2]
 
 
 @pytest.fixture
@@ -1970,7 +1975,7 @@ def test_probe_transfer_to_another_dataset_resized_beside_the_in_domain_figure(t
     served = []
     monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: served.append(args.dataset) or
                         train_unet.make_shapes(300 if split == "train" else 150, int(split != "train"), 32,
-                                               args.dataset))  # 32x32: resized to the model's 16
+                                               args.dataset)[:2])  # 32x32: resized to the model's 16
     acc = probe.main(common + ["--dataset", "shapes-fixed"])
     rec = json.loads((tmp_path / "probe-shapes-fixed" / "probe.json").read_text())
     assert served == ["shapes-fixed"] * 2 and (rec["dataset"], rec["trained_on"]) == ("shapes-fixed", "shapes")

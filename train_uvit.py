@@ -541,11 +541,13 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
-    geometry alone. Every image holds four identical dots; the class is their constellation, under
-    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
-    no class, so a probe sees only what the model learns of the arrangement, which is slow.
-    'shapes-fixed' draws the same classes and poses with one colour pair, radius and size."""
+    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds four
+    identical dots; the class is their constellation, under random position, size, rotation,
+    mirroring and colours. Colour, area and local texture carry no class, so a probe sees only what
+    the model learns of the arrangement, which is slow. 'shapes-fixed' draws the same classes and
+    poses with one colour pair, radius and size. Returns uint8 images (n, 3, res, res), labels
+    (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense probing) and the
+    nuisance draws (n, 8): background and dot colour, constellation size, dot radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
@@ -577,7 +579,9 @@ def make_shapes(n, seed, res=32, name="shapes"):
     alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
     bg, fg = g.uniform(*bg_range, (n, 3, 1, 1)), g.uniform(*fg_range, (n, 3, 1, 1))
     img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
-    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
+    masks = np.where(alpha[:, 0] >= 0.5, y[:, None, None] + 1, 0).astype(np.uint8)
+    nuisance = np.concatenate([bg[:, :, 0, 0], fg[:, :, 0, 0], size[:, None], radius[:, 0]], 1)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks), nuisance
 
 
 def local_rank():
@@ -725,7 +729,7 @@ def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
     if args.dataset in SHAPES:
         n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-        return make_shapes(n, seed, args.resolution, args.dataset)
+        return make_shapes(n, seed, args.resolution, args.dataset)[:2]
     if args.dataset in CIFAR:
         return load_cifar(args.dataset, args.data_path, split)
     return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
