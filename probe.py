@@ -73,6 +73,10 @@ def get_args(argv=None):
                    help="also probe the same network at its initial weights (the run's seed)")
     p.add_argument('--loss', action='store_true',
                    help='also the held-out denoising loss per noise-level bin (test split)')
+    p.add_argument('--sc-stats', action='store_true',
+                   help='also what the self-conditioning term adds to emb (UNet, DiT): its norm per '
+                        'noise-level bin, and the share of its variance explained by class (and, '
+                        'on shapes, by the toy\'s nuisance draws) at the probe level')
     p.add_argument('--precision', choices=['auto', 'bf16', 'fp32'], default='auto',
                    help='bf16 autocast (auto: on CUDA) or fp32')
     # Measured once (shapes, tiny DDPM UNet after 32k images, --limit 2000 --epochs 15, out_2):
@@ -438,6 +442,50 @@ def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, re
     return [rec[f'loss_bin{i}'] for i in range(sums.BINS)]
 
 
+def explained(target, x):
+    """The share of the variance of target (N, D) explained by a linear map of x (N, k) + intercept."""
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    target = target.double()
+    residual = target - x @ torch.linalg.lstsq(x, target).solution
+    return 1 - (residual.square().sum() / (target - target.mean(0)).square().sum()).item()
+
+
+@torch.no_grad()
+def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast):
+    """What self-conditioning adds to the conditioning vector: the term d = TimeMLP_sc(t) *
+    Linear(GAP(h_k)) (Sec. 4.1), seen by a hook on the model's SelfCond. Its norm over emb's per
+    noise-level bin, for t drawn as in training; and at noise level t, the share of d's variance
+    across images explained linearly by class and by `nuisance` (N, k), when given."""
+    if getattr(model, 'self_cond', None) is None:
+        raise SystemExit("--sc-stats needs a UNet or DiT trained with --self-cond (UViT's [CLS] "
+                         "token adds no term to measure)")
+    seen = []  # (d, emb) of each forward
+    hook = model.self_cond.register_forward_hook(
+        lambda m, inputs, out: seen.append(((out - inputs[0]).float().cpu(), inputs[0].float().cpu())))
+    device, bins, terms = next(model.parameters()).device, [[] for _ in range(5)], []
+    torch.manual_seed(seed)
+    try:
+        for i in range(0, len(data), batch_size):
+            i = torch.arange(i, min(i + batch_size, len(data)))
+            x = data.batch(i, torch.zeros(len(i), dtype=torch.bool)).to(device)
+            with autocast:  # t drawn as training draws it
+                level = diffusion.loss(model, x)[1].cpu()
+            d, emb = seen.pop()
+            ratios = (d.norm(dim=1) / emb.norm(dim=1)).tolist()
+            for b, r in zip((level * 5).long().clamp(max=4).tolist(), ratios):
+                bins[b].append(r)
+            tt = torch.full((len(x),), t, device=device)
+            with autocast:  # at the probe level
+                diffusion.pred(model, diffusion.add_noise(x, tt, torch.randn_like(x)), tt)
+            terms.append(seen.pop()[0])
+    finally:
+        hook.remove()
+    d = torch.cat(terms)
+    return {'norm_ratio_by_level': [float(np.mean(b)) if b else None for b in bins],
+            'r2_class': explained(d, F.one_hot(data.y).float()),
+            'r2_nuisance': None if nuisance is None else explained(d, torch.as_tensor(nuisance))}
+
+
 # ----------------------------------------------------------------------------
 # Main
 
@@ -546,6 +594,12 @@ def probe_checkpoint(a, path, out, device, log):
     at_init = {k[1:]: acc.pop(k) for k in list(acc) if k[0] == 'init'}
     losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, 3),
                           batch_size=block, autocast=kw['autocast']) if a.loss else None
+    sc = None
+    if a.sc_stats:
+        shapes = args.dataset in getattr(mod, 'SHAPES', ())
+        nuisance = mod.shapes_split(args, 'test')[3][test.rows.numpy()] if shapes else None
+        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, 4),
+                      batch_size=block, autocast=kw['autocast'])
     speed = timer['images'] / max(timer['seconds'], 1e-9)
 
     best = max((k for k in acc if k[0] is not None), key=acc.get)
@@ -560,6 +614,7 @@ def probe_checkpoint(a, path, out, device, log):
               'lr': lr, 'epochs': epochs, 'batch_size': batch_size, 'seed': a.seed, 'ts': ts,
               'layers': layers, 'extract_img_per_s': speed, 'chance': 100 / classes,
               'raw_pixels': acc.get((None, 'pixels')), 'heldout_loss_by_level': losses,
+              'sc_stats': sc,
               'cell': {'t': cell[0], 'layer': cell[1], 'acc': acc[cell],
                        'init': at_init.get(cell)},
               'best': {'t': best[0], 'layer': best[1], 'acc': acc[best], 'flags': flags},
@@ -582,6 +637,11 @@ def probe_checkpoint(a, path, out, device, log):
                 log(f"in-domain ({r['dataset']}, {home}): {same_cell[0]:.2f}% at the same cell")
         if losses:
             log("held-out loss by noise level " + " ".join(f"{v:.4f}" for v in losses))
+        if sc:
+            log("self-conditioning term / emb norm by noise level " + " ".join(
+                '-' if r is None else f"{r:.3f}" for r in sc['norm_ratio_by_level']) +
+                f"; at t={fmt_t(args.probe_t)} its variance explained by class {sc['r2_class']:.1%}" +
+                ('' if sc['r2_nuisance'] is None else f", by the nuisance draws {sc['r2_nuisance']:.1%}"))
         log(f"best {acc[best]:.2f}% at t={fmt_t(best[0])} {best[1]}; feature extraction "
             f"{speed:.1f} img/s (one image at one t)")
         if a.grid:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer

@@ -67,7 +67,7 @@ TRAINERS = ("train_unet.py", "train_uvit.py", "train_dit.py")
 PIXEL = ("train_unet.py", "train_uvit.py")
 SHARED = {  # top-level definition -> the trainers that hold a copy of it, character for character
     **dict.fromkeys([  # data, training infrastructure, benchmark, main: the spine of every trainer
-        "DATASETS", "CIFAR", "IMG_EXT", "SHAPES", "make_shapes", "local_rank", "raise_on_any", "fetch_once",
+        "DATASETS", "CIFAR", "IMG_EXT", "SHAPES", "make_shapes", "shapes_split", "local_rank", "raise_on_any", "fetch_once",
         "download_cifar", "load_cifar", "center_crop", "image_files", "ImageFiles", "decode_images",
         "load_pixels", "add_training_args", "setup_distributed", "use_bf16", "autocast", "memory_format",
         "epoch_order", "batch_indices", "update_ema", "count_params", "save_grid", "atomic_save", "check_out_dir",
@@ -1881,6 +1881,26 @@ def test_probe_reads_latents_by_memory_map_with_both_flips(tmp_path):
     rec = json.loads((tmp_path / "p" / "probe.json").read_text())
     assert (rec["batch_size"], rec["lr"], rec["train_images"], rec["cell"]["layer"]) == (1440, 2e-3, 40, "block_3")
     assert 0 <= rec["cell"]["acc"] <= 100
+
+
+def test_probe_sc_stats_measures_the_self_conditioning_term(tmp_path, _probe_small_shapes):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    assert probe.explained(x @ torch.randn(3, 5, generator=g) + 1, x) == pytest.approx(1, abs=1e-9)
+    assert probe.explained(torch.randn(200, 5, generator=g), x) < 0.1
+    ckpt = torch.load(_sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16", "--self-cond"),
+                      weights_only=True)
+    ckpt["ema"]["self_cond.proj.weight"] = torch.randn_like(ckpt["ema"]["self_cond.proj.weight"])  # else d = 0
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--sc-stats", "--limit", "60", "--epochs", "1",
+                "--out", str(tmp_path / "p")])
+    sc = json.loads((tmp_path / "p" / "probe.json").read_text())["sc_stats"]
+    assert len(sc["norm_ratio_by_level"]) == 5 and all(r is None or r > 0 for r in sc["norm_ratio_by_level"])
+    assert 0 <= sc["r2_class"] <= 1 and 0 <= sc["r2_nuisance"] <= 1
+    (tmp_path / "u").mkdir()
+    uvit = _sample_ckpt(tmp_path / "u", "--dataset", "shapes", script="train_uvit.py")
+    with pytest.raises(SystemExit, match="--sc-stats needs a UNet or DiT"):
+        probe.main(["--ckpt", str(uvit), "--sc-stats", "--limit", "20", "--epochs", "1", "--out", str(tmp_path / "q")])
 
 
 def test_probe_bad_layer_is_a_clear_error(_probe_ckpt):
