@@ -71,6 +71,10 @@ def get_args(argv=None):
     p.add_argument('--raw-pixels', action='store_true', help='also probe raw pixels (the baseline)')
     p.add_argument('--init', action='store_true',
                    help="also probe the same network at its initial weights (the run's seed)")
+    p.add_argument('--dense', action='store_true',
+                   help='dense probe instead: a linear classifier per location on the unpooled '
+                        'features of one (t, layer), scored by mIoU and pixel accuracy (shapes: its '
+                        'masks; else --data-path with images/ and annotations/, ignore index 255)')
     p.add_argument('--loss', action='store_true',
                    help='also the held-out denoising loss per noise-level bin (test split)')
     p.add_argument('--sc-stats', action='store_true',
@@ -127,10 +131,11 @@ def local_rows(i, block):
 class Data:
     """A labelled split read a batch at a time in model space: uint8 pixels (N, 3, H, W) in memory,
     or the VA-VAE cache (N, 2 flips, 32, 16, 16) float16, memory-mapped, normalised per batch with
-    the training latents' statistics. `rows` picks a subset (--limit)."""
+    the training latents' statistics. `rows` picks a subset (--limit); `encode` maps pixels to the
+    network's input (a latent DiT's dense probe encodes its 256x256 images on the fly)."""
 
-    def __init__(self, x, y, stats=None, rows=None):
-        self.x, self.stats = x, stats
+    def __init__(self, x, y, stats=None, rows=None, encode=None):
+        self.x, self.stats, self.encode = x, stats, encode
         self.rows = torch.arange(len(y)) if rows is None else rows
         self.y = y[self.rows]
 
@@ -142,7 +147,8 @@ class Data:
         idx = self.rows[i]
         if self.stats is None:
             x = self.x[idx].float() / 127.5 - 1
-            return torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            return x if self.encode is None else self.encode(x)
         # a flipped latent grid is not the latent of the flipped image: the cache holds both
         z = torch.from_numpy(np.asarray(self.x[idx.numpy(), flip.long().numpy()], np.float32))
         mean, std = (self.stats[k][:, None, None] for k in ('mean', 'std'))
@@ -217,11 +223,11 @@ class Features:
 
 @torch.no_grad()
 def extract(models, diffusion, data, t, layers, *, seed, views=(None,), batch_size=256, spill=None,
-            desc=None, autocast=contextlib.nullcontext()):
+            desc=None, autocast=contextlib.nullcontext(), pool=True):
     """{model name: Features} of this rank's rows of data at noise level t, every layer, in each view
     (flips (N,): which images it flips; None: none). The noise of a batch depends on (seed, its first
     row) alone, not on t, the view, the layers or the number of ranks: a pair probed alone sees the
-    features of a grid."""
+    features of a grid. pool=False: the unpooled maps, flattened."""
     rank, size = world()
     device = next(models['trained'].parameters()).device
     starts = list(range(0, len(data), batch_size))[rank::size]
@@ -237,8 +243,8 @@ def extract(models, diffusion, data, t, layers, *, seed, views=(None,), batch_si
             xt = diffusion.add_noise(x.to(device), tt, noise.to(device))
             for name, m in models.items():
                 with autocast:  # unconditional (a conditional DiT: the null class), no augment label
-                    f = diffusion.pred(m, xt, tt, feats=tuple(layers))[1]
-                out[name].put(slice(row, row + len(i)), v, {l: f[l] for l in layers})
+                    f = diffusion.pred(m, xt, tt, feats=tuple(layers), **({} if pool else {'pool': False}))[1]
+                out[name].put(slice(row, row + len(i)), v, {l: f[l].flatten(1) for l in layers})
         row += len(i)
     return out
 
@@ -353,6 +359,117 @@ def evaluate(heads, test, device):
             correct[j] += (h(f[k].to(device)).argmax(1) == y).sum()
     correct = all_sum(correct).cpu()
     return {k: 100.0 * c.item() / len(test.y) for k, c in zip(heads, correct)}
+
+
+# ----------------------------------------------------------------------------
+# Dense probing: the usual linear segmentation protocol on frozen features, per location
+
+SEG_SPLITS = {'train': ('training', 'train'), 'test': ('validation', 'val')}  # ADE20K's, plain
+
+
+def crop_mask(mask, res):
+    """A label map cropped as the trainers' center_crop crops its image, but nearest-neighbour:
+    labels must not blend."""
+    while min(mask.size) >= 2 * res:
+        mask = mask.resize(tuple(s // 2 for s in mask.size), Image.NEAREST)
+    scale = res / min(mask.size)
+    mask = mask.resize(tuple(round(s * scale) for s in mask.size), Image.NEAREST)
+    x, y = (mask.size[0] - res) // 2, (mask.size[1] - res) // 2
+    return mask.crop((x, y, x + res, y + res))
+
+
+def load_segmentation(mod, args, split, res):
+    """(uint8 images (N, 3, res, res), uint8 label maps (N, res, res), 255 ignored): the toy's masks
+    for shapes; else <data-path>/images/<split>/* with <data-path>/annotations/<split>/<stem>.png
+    (ADE20K's layout, split 'training'/'validation' or 'train'/'val')."""
+    if args.dataset in getattr(mod, 'SHAPES', ()):
+        x, _, masks, _ = mod.shapes_split(args, split)
+        return x, masks
+    root = Path(args.data_path)
+    found = [n for n in SEG_SPLITS[split] if (root / 'images' / n).is_dir()]
+    if not found:
+        raise SystemExit(f"--dense: no {root / 'images'}/{' or '.join(SEG_SPLITS[split])}: point "
+                         f"--data-path at a folder with images/ and annotations/ (ADE20K's layout)")
+    xs, ms = [], []
+    for f in sorted((root / 'images' / found[0]).iterdir()):
+        mask = root / 'annotations' / found[0] / f'{f.stem}.png'
+        if not mask.exists():
+            raise SystemExit(f"--dense: {f} has no label map {mask}")
+        with Image.open(f) as im, Image.open(mask) as m:
+            xs.append(np.asarray(mod.center_crop(im.convert('RGB'), res)).transpose(2, 0, 1))
+            ms.append(np.asarray(crop_mask(m, res)))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms))
+
+
+def dense_probe(models, diffusion, train, test, t, layer, *, seed, block, epochs, lr, batch_size,
+                device, autocast, log):
+    """{model name: (mIoU %, pixel accuracy %)} of a per-location BatchNorm + Linear on the (C, h, w)
+    features at (t, layer), its logits upsampled bilinearly to the label map (the same as upsampling
+    the features: both maps are linear), cross-entropy over the labelled pixels. train, test: (Data,
+    label maps); flips: two cached views, one picked per image and epoch, its label map flipped
+    alike. Data-parallel as train_probes."""
+    (data, masks), (data_test, masks_test) = train, test
+    classes = int(max(masks[masks != 255].max(), masks_test[masks_test != 255].max())) + 1
+    x0 = data.batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device)
+    t0 = torch.full((1,), t, device=device)
+    shape = diffusion.pred(models['trained'], x0, t0, feats=(layer,), pool=False)[1][layer].shape[1:]
+    ex = dict(t=t, layers=[layer], batch_size=block, autocast=autocast, pool=False)
+    both = (torch.zeros(len(data), dtype=torch.bool), torch.ones(len(data), dtype=torch.bool))
+    stores = extract(models, diffusion, data, seed=_seed(seed, 1), views=both, **ex)
+    stores_test = extract(models, diffusion, data_test, seed=_seed(seed, 0), **ex)
+    heads = {name: Probe(shape[0], classes).to(device) for name in models}
+    params = [q for h in heads.values() for q in h.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    total = epochs * math.ceil(len(data) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    g, n_loc = torch.Generator().manual_seed(seed), shape[1] * shape[2]
+
+    def maps(store, i, view=None):  # owned images i -> their feature rows (m * h * w, C)
+        f = store.get(local_rows(i, block), view)[layer].view(len(i), *shape)
+        return f.permute(0, 2, 3, 1).reshape(-1, shape[0]).to(device)
+
+    def logits(out, size):  # (m * h * w, K) -> (m, K, H, W)
+        out = out.view(-1, shape[1], shape[2], classes).permute(0, 3, 1, 2)
+        return F.interpolate(out, size=size, mode='bilinear', align_corners=False)
+
+    for epoch in range(epochs):
+        pick = torch.rand(len(data), generator=torch.Generator().manual_seed(_seed(seed, 2 + epoch))) < 0.5
+        perm = torch.randperm(len(data), generator=g)
+        for i in range(0, len(data), batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) > 1:  # BatchNorm cannot train on a single sample
+                mine = idx[owned(idx, block)]
+                y = torch.where(pick[mine, None, None], masks[mine].flip(-1), masks[mine]).long().to(device)
+                f = {k: maps(s, mine, pick[mine]) for k, s in stores.items()}
+                stats = batch_stats(f, len(idx) * n_loc)
+                labelled = all_sum((y != 255).sum().double().reshape(1)).item()
+                loss = sum(F.cross_entropy(logits(heads[k](v, *stats[k]), y.shape[1:]), y, ignore_index=255,
+                                           reduction='sum') for k, v in f.items()) / max(labelled, 1)
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+                grads = all_sum(torch.cat([q.grad.flatten() for q in params]))
+                for q, g_ in zip(params, grads.split([q.numel() for q in params])):
+                    q.grad.copy_(g_.view_as(q))
+                opt.step()
+                for k, h in heads.items():
+                    h.track(*stats[k], len(idx) * n_loc)
+            sched.step()
+        log(f"dense epoch {epoch + 1}/{epochs} last-batch loss per head {loss.item() / len(heads):.4f}")
+    conf = {k: torch.zeros(classes * classes, dtype=torch.float64, device=device) for k in heads}
+    rows = torch.arange(len(data_test))
+    with torch.no_grad():
+        for i in rows[owned(rows, block)].split(256):
+            y = masks_test[i].long().to(device)
+            valid = y != 255
+            for k, h in heads.items():
+                pred = logits(h.eval()(maps(stores_test[k], i)), y.shape[1:]).argmax(1)
+                conf[k] += torch.bincount(y[valid] * classes + pred[valid], minlength=classes ** 2)
+    out = {}
+    for k, c in conf.items():  # IoU per class present, mean; pixel accuracy
+        c = all_sum(c).view(classes, classes).cpu()
+        tp, union = c.diag(), c.sum(0) + c.sum(1) - c.diag()
+        out[k] = (100 * (tp[union > 0] / union[union > 0]).mean().item(), 100 * (tp.sum() / c.sum()).item())
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -526,16 +643,21 @@ def probe_checkpoint(a, path, out, device, log):
                          f"(0, {hi}] (DDPM step of T, EDM sigma, RF t with 1 = noise)")
     layers = resolve_layers(a.layer or (['all'] if a.grid else [args.sc_layer]), model)
 
-    # data (labels required), optional fixed subset
     latent = getattr(args, 'latent', 'none') != 'none'
+    lr = a.lr or (2e-3 if latent else 4e-3)
+    epochs = a.epochs or (15 if args.dataset in ('cifar10', 'cifar100') else 30)
+    batch_size = a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128))
+    autocast = mod.autocast(device, a.precision)
+    if a.dense:
+        return dense(a, path, mod, args, ckpt, models, diffusion, ts[0], layers[0], out, device, log,
+                     dict(epochs=epochs, lr=lr, batch_size=batch_size, autocast=autocast))
+
+    # data (labels required), optional fixed subset
     train, test = (load_split(mod, args, ckpt, s) for s in ('train', 'test'))
     if a.limit:
         pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
             len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
         train, test = pick(train), pick(test)
-    lr = a.lr or (2e-3 if latent else 4e-3)
-    epochs = a.epochs or (15 if args.dataset in ('cifar10', 'cifar100') else 30)
-    batch_size = a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128))
     log(f"probing {path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
         f"{len(train)} train / {len(test)} test, t {ts}, layers {layers}, {a.feature_mode} "
         f"features, lr {lr:g} epochs {epochs} batch {batch_size}")
@@ -544,7 +666,7 @@ def probe_checkpoint(a, path, out, device, log):
     # Noise streams: 0 test, 1 cached train (both flips alike), 2 + epoch fresh train.
     timer = {'images': 0, 'seconds': 0.0}
     block = a.extract_batch
-    kw = dict(layers=layers, batch_size=block, spill=out, autocast=mod.autocast(device, a.precision))
+    kw = dict(layers=layers, batch_size=block, spill=out, autocast=autocast)
     names = lambda name, t: {l: (t, l) if name == 'trained' else (name, t, l) for l in layers}
 
     def run(data, t, stream, views=(None,), desc=None):  # {model name: Features}
@@ -593,13 +715,13 @@ def probe_checkpoint(a, path, out, device, log):
     acc = {k: v for t in ts for k, v in level(t).items()}
     at_init = {k[1:]: acc.pop(k) for k in list(acc) if k[0] == 'init'}
     losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, 3),
-                          batch_size=block, autocast=kw['autocast']) if a.loss else None
+                          batch_size=block, autocast=autocast) if a.loss else None
     sc = None
     if a.sc_stats:
         shapes = args.dataset in getattr(mod, 'SHAPES', ())
         nuisance = mod.shapes_split(args, 'test')[3][test.rows.numpy()] if shapes else None
         sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, 4),
-                      batch_size=block, autocast=kw['autocast'])
+                      batch_size=block, autocast=autocast)
     speed = timer['images'] / max(timer['seconds'], 1e-9)
 
     best = max((k for k in acc if k[0] is not None), key=acc.get)
@@ -655,6 +777,34 @@ def probe_checkpoint(a, path, out, device, log):
                   f"{record['script']} {diffusion.kind} {args.dataset}", acc.get((None, 'pixels')))
         log(f"wrote {out / 'probe.json'}")
     return acc, record
+
+
+def dense(a, path, mod, args, ckpt, models, diffusion, t, layer, out, device, log, train_kw):
+    """--dense on one checkpoint: ({model name: mIoU}, the record written to out/probe.json)."""
+    res, encode = args.resolution, None
+    if getattr(args, 'latent', 'none') != 'none':  # images at 256, through the run's VA-VAE
+        vae, stats = mod.load_vae(args, device), ckpt['latent_stats']
+        mean, std = (stats[k].to(device)[None, :, None, None] for k in ('mean', 'std'))
+        encode, res = lambda x: (vae.encode(x.to(device)).float() - mean) / std, mod.IMAGE_SIZE
+    if a.limit:
+        log("--limit does not apply to --dense")
+    split = lambda s: (lambda x, m: (Data(x, torch.zeros(len(x), dtype=torch.long), encode=encode), m))(
+        *load_segmentation(mod, args, s, res))
+    train, test = split('train'), split('test')
+    log(f"dense probe of {path} at t={fmt_t(t)} {layer} on {args.dataset}: {len(train[0])} train / "
+        f"{len(test[0])} test images, lr {train_kw['lr']:g} epochs {train_kw['epochs']} batch "
+        f"{train_kw['batch_size']}")
+    res_ = dense_probe(models, diffusion, train, test, t, layer, seed=a.seed, block=a.extract_batch,
+                       device=device, log=log, **train_kw)
+    record = {'ckpt': str(path), 'dataset': args.dataset, 't': t, 'layer': layer,
+              'images': ckpt.get('images'),
+              **{name: {'miou': m, 'pixel_acc': acc} for name, (m, acc) in res_.items()}}
+    if world()[0] == 0:
+        for name, (m, acc) in res_.items():
+            log(f"dense t={fmt_t(t)} {layer} {name}: mIoU {m:.2f}%, pixel accuracy {acc:.2f}%")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / 'probe.json').write_text(json.dumps(record, indent=1))
+    return {name: m for name, (m, _) in res_.items()}, record
 
 
 def mean_std(values):
@@ -734,7 +884,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *_: None)
     paths = [Path(p) for p in a.ckpt]
     name = lambda p: p.parent.name if p.stem == 'ckpt' else f"{p.parent.name}-{p.stem}"
-    folder = 'probe' + (f'-{Path(a.dataset).name}' if a.dataset else '')
+    folder = 'probe' + '-dense' * a.dense + (f'-{Path(a.dataset).name}' if a.dataset else '')
     if len(paths) == 1:
         out = Path(a.out or paths[0].parent / folder)
         outs = [out]
@@ -742,7 +892,7 @@ def main(argv=None):
         out = Path(a.out or Path(os.path.commonpath([p.parent for p in paths])) / folder)
         outs = [out / name(p) for p in paths]
     results = [probe_checkpoint(a, p, o, device, log) for p, o in zip(paths, outs)]
-    if len(results) > 1 and rank == 0:
+    if len(results) > 1 and rank == 0 and not a.dense:
         summarize([r for _, r in results], out, log)
     if dist.is_initialized():
         dist.destroy_process_group()
