@@ -303,6 +303,24 @@ def batch_stats(f, n):
     return out
 
 
+def optimizer(heads, lr, steps):
+    """Adam over every head's parameters with a cosine schedule over `steps` (Table 11)."""
+    opt = torch.optim.Adam([p for h in heads.values() for p in h.parameters()], lr=lr)
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+
+
+def step(opt, loss):
+    """Backward, the gradients summed over the ranks, an Adam step."""
+    params = [p for group in opt.param_groups for p in group['params']]
+    opt.zero_grad(set_to_none=False)  # a rank with no rows in the batch still sends zeros
+    loss.backward()
+    grads = all_sum(torch.cat([p.grad.flatten() for p in params]))
+    for p, g in zip(params, grads.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+    opt.step()
+
+
 def train_probes(train, test, *, lr, epochs, batch_size, seed=0, device='cpu', log=None):
     """Train one probe per feature key of the Splits train and test; returns {key: test top-1 %}.
 
@@ -312,10 +330,7 @@ def train_probes(train, test, *, lr, epochs, batch_size, seed=0, device='cpu', l
     ranks and so are the gradients, so the steps do not depend on the number of ranks."""
     classes = int(max(train.y.max(), test.y.max())) + 1
     heads = {k: Probe(d, classes).to(device) for k, d in train.dims.items()}
-    params = [p for h in heads.values() for p in h.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
-    total = epochs * math.ceil(len(train.y) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    opt, sched = optimizer(heads, lr, epochs * math.ceil(len(train.y) / batch_size))
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         feats = train.epoch(epoch)
@@ -329,12 +344,7 @@ def train_probes(train, test, *, lr, epochs, batch_size, seed=0, device='cpu', l
                 yb = train.y[mine].to(device)
                 loss = sum(F.cross_entropy(h(f[k], *stats[k]), yb, reduction='sum')
                            for k, h in heads.items()) / len(idx)
-                opt.zero_grad(set_to_none=False)
-                loss.backward()
-                grads = all_sum(torch.cat([p.grad.flatten() for p in params]))
-                for p, g_ in zip(params, grads.split([p.numel() for p in params])):
-                    p.grad.copy_(g_.view_as(p))
-                opt.step()
+                step(opt, loss)
                 for k, h in heads.items():
                     h.track(*stats[k], len(idx))
             sched.step()
@@ -418,10 +428,7 @@ def dense_probe(models, diffusion, train, test, t, layer, *, seed, block, epochs
     stores = extract(models, diffusion, data, seed=_seed(seed, 1), views=both, **ex)
     stores_test = extract(models, diffusion, data_test, seed=_seed(seed, 0), **ex)
     heads = {name: Probe(shape[0], classes).to(device) for name in models}
-    params = [q for h in heads.values() for q in h.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
-    total = epochs * math.ceil(len(data) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    opt, sched = optimizer(heads, lr, epochs * math.ceil(len(data) / batch_size))
     g, n_loc = torch.Generator().manual_seed(seed), shape[1] * shape[2]
 
     def maps(store, i, view=None):  # owned images i -> their feature rows (m * h * w, C)
@@ -445,12 +452,7 @@ def dense_probe(models, diffusion, train, test, t, layer, *, seed, block, epochs
                 labelled = all_sum((y != 255).sum().double().reshape(1)).item()
                 loss = sum(F.cross_entropy(logits(heads[k](v, *stats[k]), y.shape[1:]), y, ignore_index=255,
                                            reduction='sum') for k, v in f.items()) / max(labelled, 1)
-                opt.zero_grad(set_to_none=False)
-                loss.backward()
-                grads = all_sum(torch.cat([q.grad.flatten() for q in params]))
-                for q, g_ in zip(params, grads.split([q.numel() for q in params])):
-                    q.grad.copy_(g_.view_as(q))
-                opt.step()
+                step(opt, loss)
                 for k, h in heads.items():
                     h.track(*stats[k], len(idx) * n_loc)
             sched.step()
@@ -669,7 +671,7 @@ def probe_checkpoint(a, path, out, device, log):
     kw = dict(layers=layers, batch_size=block, spill=out, autocast=autocast)
     names = lambda name, t: {l: (t, l) if name == 'trained' else (name, t, l) for l in layers}
 
-    def run(data, t, stream, views=(None,), desc=None):  # {model name: Features}
+    def run(data, t, stream, views=(None,), desc=None):  # {model name: Features}, timed
         if device.type == 'cuda':
             torch.cuda.synchronize()
         t0 = time.time()
