@@ -7,6 +7,7 @@ part runs on its own: one that fails is recorded as an error and the others stil
     .ci/gpu bench sample       # only these parts (a rerun after a failure, in the little GPU time there is)
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -206,7 +207,7 @@ def _ddp_order_worker(rank, world, port, argv, backend, steps, result):
     dist.destroy_process_group()
 
 
-def ddp_order(gpus, tmp, argv=DDP_ORDER_NET, backend="inductor", steps=10, world=2):
+def ddp_order(gpus, tmp, argv=DDP_ORDER_NET, backend="inductor", steps=10, world=2, timeout=400):
     """Which order is faster, over 2 ranks. The trainers wrap DDP(torch.compile(model))."""
     if gpus < world and torch.cuda.is_available():
         return {"not_measured": f"{gpus} GPU: the order needs {world} ranks"}
@@ -215,8 +216,14 @@ def ddp_order(gpus, tmp, argv=DDP_ORDER_NET, backend="inductor", steps=10, world
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = Path(tmp) / "ddp-order.json"
-    mp.spawn(_ddp_order_worker, args=(world, port, list(argv), backend, steps, str(result)),
-             nprocs=world, join=True)
+    ranks = mp.spawn(_ddp_order_worker, args=(world, port, list(argv), backend, steps, str(result)),
+                     nprocs=world, join=False)
+    deadline = time.time() + timeout
+    while not ranks.join(timeout=5):  # raises if a rank failed; a hang (a collective) must not stall the check
+        if time.time() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            raise TimeoutError(f"no result within {timeout} s")
     return json.loads(result.read_text())
 
 
@@ -245,7 +252,8 @@ def measure(figures, name, fn, *args):
     log(f"{name} ...")
     t = time.perf_counter()
     try:
-        figures[name] = fn(*args)
+        with contextlib.redirect_stdout(sys.stderr):  # sample.py's lines: stdout is for the JSON line alone
+            figures[name] = fn(*args)
     except Exception as e:  # noqa: BLE001  (a subprocess's exit, a timeout, a CUDA error: all the same here)
         figures[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
     log(f"{name} done in {time.perf_counter() - t:.0f} s")
