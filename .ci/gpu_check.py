@@ -120,7 +120,8 @@ def bench_figures(rec, peak):
 def fid_speed(device, n=1000, batch=200, rounds=5):
     """fid.py's feature extraction in images/s: random Inception weights loaded from a file as the
     official ones are, 32x32 uint8 images on the host (resized to 299 inside the network), so on a
-    GPU the pinned-memory copies are part of what is timed. fid.py --bench times the CPU (below)."""
+    GPU the pinned-memory copies are part of what is timed (fid.py --bench builds its network on the
+    CPU, on a GPU machine too)."""
     import fid
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,6 +267,23 @@ def failed(figures):
     return bad + (["tests"] if figures.get("tests", {}).get("failed") else [])
 
 
+def readme_table(figures):
+    """The README performance table's GPU figures, in its own units, ready to paste."""
+    peak = figures["datasheet_bf16_tflops"]
+    mfu = f"MFU (of {peak:g} TFLOP/s bf16 dense)" if peak else "MFU (of the measured bf16 matmul peak)"
+    lines = [f"{figures['gpu']}, {figures['date'][:10]}, torch {figures['torch']}, --bench {BENCH_STEPS}:",
+             f"| net | batch per GPU | img/s per GPU | {mfu} | self-cond step time |", "|---|---|---|---|---|"]
+    for name, r in figures.get("bench", {}).items():
+        if "error" not in r:
+            lines.append(f"| {name} | {r['batch']} | {r['img_per_s']:.0f} | "
+                         f"{100 * r.get('mfu_datasheet', r['mfu']):.1f}% | x{r['self_cond_overhead']:.3f} |")
+    if "fid_features_per_s" in figures.get("fid", {}):
+        lines.append(f"FID features: {figures['fid']['fid_features_per_s']:.0f} images/s")
+    if "img_per_s" in figures.get("sample_dit_b1", {}):
+        lines.append(f"DiT-B/1 sampling, Euler-250 + CFG: {figures['sample_dit_b1']['img_per_s']:.1f} images/s")
+    return "\n".join(lines)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("parts", nargs="*", metavar="PART", help=f"only these: {', '.join(PARTS)} (default: all)")
@@ -299,6 +317,7 @@ def main(argv=None):
         if "ddp-order" in args.parts:
             measure(figures, "ddp_order", ddp_order, env["gpus"], tmp)
     figures["seconds"] = round(time.perf_counter() - t0)
+    print(readme_table(figures), file=sys.stderr)
     print(json.dumps(rounded(figures)))
     bad = failed(figures)
     if bad:
