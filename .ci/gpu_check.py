@@ -61,10 +61,9 @@ def last_json(text):
     raise ValueError("no JSON line in the output")
 
 
-def run(cmd, timeout, env=None):
+def run(cmd, timeout):
     """A subprocess in the repository root; its output, or an error carrying the output's tail."""
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise RuntimeError(f"exit {p.returncode}: {(p.stdout + p.stderr)[-2000:]}")
     return p.stdout
