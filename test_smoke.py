@@ -1921,7 +1921,7 @@ def _gpu_runs(tmp_path_factory):
             log = p.communicate(timeout=300)[0]
             runs[name] = out, p.returncode, log
     finally:  # a run past its time must not hold the GPU for the rest of the check
-        for out, p in procs.values():
+        for _, p in procs.values():
             p.kill()
     return runs
 
@@ -1932,8 +1932,7 @@ def _gpu_runs(tmp_path_factory):
 def test_gpu_trainers_train_with_gpu_defaults_and_sample(_gpu_runs, tmp_path, name):
     out, rc, log = _gpu_runs[name]
     assert rc == 0, log[-3000:]
-    assert gpu_check.last_json(log) == {"backend": "nccl", "tf32": True, "fused_adam": True,
-                                                        "channels_last": True}
+    assert gpu_check.last_json(log) == {"backend": "nccl", "tf32": True, "fused_adam": True, "channels_last": True}
     m = _metrics(out)
     assert len(m) == 2 and all(math.isfinite(v) for r in m for k, v in r.items() if "loss" in k and v is not None)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -1947,7 +1946,7 @@ def test_gpu_trainers_train_with_gpu_defaults_and_sample(_gpu_runs, tmp_path, na
     assert x.shape == (4, 16, 16, 3) and x.std() > 0
 
 
-# bf16 rounds each operand to 8 significant bits (0.4%); the four paper nets read 0.4-1.1% relative L2 error
+# bf16 rounds each operand to 8 significant bits (steps of 0.4%); the four paper nets read 0.4-1.1% relative L2 error
 # of their output on CPU (ddpm 0.99%, ddpmpp 1.07%, UViT-S 0.71%, DiT-B/1 0.41%), so 3% leaves room for the
 # GPU's other kernels while a layer in the wrong dtype or a broken kernel shows as tens of percent.
 _BF16_TOL = 0.03
