@@ -2005,6 +2005,235 @@ def test_probe_transfer_to_another_dataset_resized_beside_the_in_domain_figure(t
 
 
 # ----------------------------------------------------------------------------------------------------------
+# .ci/gpu: the GPU check. The `gpu` tests need CUDA (skipped here; `.ci/gpu` runs them with `-m gpu`) and run
+# with the real GPU defaults: bf16 autocast, fused Adam, TF32, channels_last, torch.compile on inductor,
+# flash attention, 1-rank nccl. The CPU tests after them cover the check's own logic and parts.
+
+sys.path.insert(0, str(ROOT / ".ci"))
+import gpu_check  # noqa: E402  (by name: its DDP workers are spawned processes that import it too)
+
+with warnings.catch_warnings():  # no conftest.py or pytest.ini to register it in; `-m gpu` selects it all the same
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    _GPU = pytest.mark.gpu
+_NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: .ci/gpu runs it")
+
+# A trainer's main() in a process of its own, then what it left set: the backend, TF32, the optimizer's
+# fused kernel and the weights' layout. World 1 keeps the process group up after main() returns.
+_GPU_TRAIN = """import json, sys, torch, torch.distributed as dist
+mod = __import__(sys.argv[1])
+model, ema = mod.main(sys.argv[2:])
+print(json.dumps({"backend": dist.get_backend(),
+                  "tf32": torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32,
+                  "fused_adam": mod.build_optimizer(model, mod.get_args(sys.argv[2:])).defaults["fused"],
+                  "channels_last": all(p.is_contiguous(memory_format=torch.channels_last)
+                                       for p in model.parameters() if p.dim() == 4)}))
+dist.destroy_process_group()
+"""
+_GPU_TRAINERS = {"train_unet": ["--model", "RF", "--self-cond"], "train_uvit": ["--self-cond", "--aug", "--cl"],
+                 "train_dit": ["--latent", "none", "--self-cond", "--class-cond"]}
+
+
+@pytest.fixture(scope="module")
+def _gpu_runs(tmp_path_factory):
+    """The three trainers' tiny presets, 4 steps each with the GPU defaults (--precision auto, --compile on
+    inductor), each as a 1-rank nccl world as torchrun starts it; side by side, so their compilations overlap."""
+    import socket
+    procs = {}
+    for name, extra in _GPU_TRAINERS.items():
+        out = tmp_path_factory.mktemp(name) / "run"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        argv = ["--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "8", "--train-images",
+                "32", "--log-every", "16", "--sample-every", "0", "--compile", "--out", str(out), *extra]
+        procs[name] = out, subprocess.Popen(
+            [sys.executable, "-c", _GPU_TRAIN, name, *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env={**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    runs = {}
+    try:
+        for name, (out, p) in procs.items():
+            log = p.communicate(timeout=300)[0]
+            runs[name] = out, p.returncode, log
+    finally:  # a run past its time must not hold the GPU for the rest of the check
+        for _, p in procs.values():
+            p.kill()
+    return runs
+
+
+@_GPU
+@_NEEDS_CUDA
+@pytest.mark.parametrize("name", list(_GPU_TRAINERS))
+def test_gpu_trainers_train_with_gpu_defaults_and_sample(_gpu_runs, tmp_path, name):
+    out, rc, log = _gpu_runs[name]
+    assert rc == 0, log[-3000:]
+    assert gpu_check.last_json(log) == {"backend": "nccl", "tf32": True, "fused_adam": True, "channels_last": True}
+    m = _metrics(out)
+    assert len(m) == 2 and all(math.isfinite(v) for r in m for k, v in r.items() if "loss" in k and v is not None)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for k in ("model", "ema") for v in ckpt[k].values() if v.is_floating_point())
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])  # clean names
+    steps = ["--steps", "3"] if name == "train_uvit" else ["--sampler", "euler", "--steps", "3"]  # rk45: fp32 only
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--num-samples", "4", "--batch-size", "4", "--out",
+                 str(tmp_path / "samples"), *steps])  # --precision auto: bf16 on CUDA
+    assert json.loads((tmp_path / "samples" / "config.json").read_text())["bf16"] is True
+    x = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
+    assert x.shape == (4, 16, 16, 3) and x.std() > 0
+
+
+# bf16 rounds each operand to 8 significant bits (steps of 0.4%); the four paper nets read 0.4-1.1% relative L2 error
+# of their output on CPU (ddpm 0.99%, ddpmpp 1.07%, UViT-S 0.71%, DiT-B/1 0.41%), so 3% leaves room for the
+# GPU's other kernels while a layer in the wrong dtype or a broken kernel shows as tens of percent.
+_BF16_TOL = 0.03
+
+
+def _bf16_error(mod, argv, shape, device):
+    """Relative L2 error of the bf16 autocast forward (flash attention kernels only, so a model whose
+    attention cannot use them fails here) against the true fp32 forward (TF32 off) of the same weights.
+    Zero-initialised tensors (DiT's adaLN-zero, the output layers) get small random values: at init
+    their output is exactly 0 and every error would be relative to nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = mod.build_model(mod.get_args([*argv, "--self-cond"])).to(device, memory_format=mod.memory_format(device))
+    for p in model.parameters():
+        if not p.detach().any():
+            nn.init.normal_(p, std=0.02)
+    x = torch.randn(4, *shape, device=device).contiguous(memory_format=mod.memory_format(device))
+    t = torch.rand(4, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with torch.no_grad():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            ref = model.eval()(x, t)[0]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast(device.type, torch.bfloat16):
+            low = model(x, t)[0]
+    assert low.dtype == torch.bfloat16  # autocast reached the output layer
+    return ((low.float() - ref).norm() / ref.norm()).item()
+
+
+@_GPU
+@_NEEDS_CUDA
+@pytest.mark.parametrize("mod,argv,shape", [(train_unet, ["--net", "ddpm"], (3, 32, 32)),
+                                            (train_unet, ["--net", "ddpmpp"], (3, 32, 32)),
+                                            (train_uvit, [], (3, 32, 32)),
+                                            (train_dit, ["--no-class-cond"], (32, 16, 16))])
+def test_gpu_bf16_forward_matches_fp32_on_flash_attention(mod, argv, shape):
+    assert _bf16_error(mod, argv, shape, torch.device("cuda")) < _BF16_TOL
+
+
+def test_gpu_check_bf16_comparison_runs_on_cpu_tiny_nets():
+    """The comparison above, on the tiny presets on CPU (where flash attention has a kernel too)."""
+    for mod, argv in [(train_unet, []), (train_uvit, []), (train_dit, ["--latent", "none"])]:
+        err = _bf16_error(mod, ["--net", "tiny", "--dataset", "shapes", *argv], (3, 32, 32), torch.device("cpu"))
+        assert 1e-4 < err < _BF16_TOL  # not zero: bf16 did run
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    p = subprocess.run([str(ROOT / ".ci" / "gpu")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0
+    assert p.stdout == "gpu check: no CUDA device (torch.cuda.is_available() is False); nothing to run\n"
+
+
+def test_gpu_check_arguments_name_parts():
+    assert gpu_check.get_args([]).parts == list(gpu_check.PARTS)
+    assert gpu_check.get_args(["bench", "ddp-order"]).parts == ["bench", "ddp-order"]
+    with pytest.raises(SystemExit):
+        gpu_check.get_args(["bench", "speed"])  # argparse's usage error (exit 2), before any GPU work
+
+
+def test_gpu_check_benchmarks_run_the_papers_per_gpu_batch():
+    """Table 11's global batch (the trainers' default) over the paper's GPUs: 4, and 6 for DiT-B/1."""
+    gpus = {"ddpm": 4, "ddpmpp": 4, "uvit_s": 4, "dit_b1": 6}
+    for name, (script, argv) in gpu_check.BENCHES.items():
+        mod = importlib.import_module(script[:-3])
+        args = mod.get_args([*argv, "--self-cond", "--bench", str(gpu_check.BENCH_STEPS)])  # the flags exist
+        assert argv[-2] == "--batch-size" and args.batch_size == mod.get_args(argv[:-2]).batch_size // gpus[name]
+        assert args.net == {"ddpm": "ddpm", "ddpmpp": "ddpmpp", "uvit_s": "uvit_s", "dit_b1": "B"}[name]
+
+
+def test_gpu_check_assembles_one_json_line(monkeypatch, capsys):
+    """main() on fake parts: every figure in one line, MFU against the datasheet, a failed part recorded
+    without stopping the others, and the exit status saying so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    rec = {"batch": 128, "img_per_s": 2000.0, "ms_per_step": 64.0, "peak_mem_gib": 20.0, "gflop_per_img": 36.3,
+           "tflops": 296.7, "mfu": 0.45, "matmul_peak_tflops": 659.3, "self_cond_overhead": 1.012, "device": "x"}
+
+    def bench(script, argv):
+        if "ddpmpp" in argv:
+            raise RuntimeError("exit 1: CUDA error: an illegal memory access was encountered")
+        return rec
+    monkeypatch.setattr(gpu_check, "bench", bench)
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda tmp: {"passed": 7, "failed": 0, "skipped": 0,
+                                                             "failed_tests": []})
+    monkeypatch.setattr(gpu_check, "fid_speed", lambda device: {"fid_features_per_s": 4321.0, "batch": 200})
+    monkeypatch.setattr(gpu_check, "sample_speed", lambda tmp: {"img_per_s": 12.34567})
+    assert gpu_check.main([]) == 1
+    cap = capsys.readouterr()
+    out = cap.out.splitlines()
+    assert len(out) == 1
+    fig = json.loads(out[0])
+    assert fig["gpu"] == "NVIDIA H100 80GB HBM3" and fig["gpus"] == 1 and fig["datasheet_bf16_tflops"] == 989
+    assert fig["tests"]["passed"] == 7 and fig["fid"]["fid_features_per_s"] == 4321
+    assert fig["sample_dit_b1"] == {"img_per_s": 12.35}  # 4 significant digits
+    assert fig["bench"]["ddpm"]["mfu_datasheet"] == 0.3 and fig["bench"]["ddpm"]["self_cond_overhead"] == 1.012
+    assert "device" not in fig["bench"]["ddpm"] and set(fig["bench"]) == set(gpu_check.BENCHES)
+    assert fig["bench"]["ddpmpp"] == {"error": "RuntimeError: exit 1: CUDA error: an illegal memory access was "
+                                               "encountered"}
+    assert fig["ddp_order"] == {"not_measured": "1 GPU: the order needs 2 ranks"}
+    assert ("| ddpm | 128 | 2000 | 30.0% | x1.012 |\n| uvit_s | 128 | 2000 | 30.0% | x1.012 |\n"  # for the README,
+            "| dit_b1 | 128 | 2000 | 30.0% | x1.012 |\nFID features: 4321 images/s\n"     # the failed bench left out
+            "DiT-B/1 sampling, Euler-250 + CFG: 12.3 images/s\n") in cap.err
+    assert cap.err.endswith("gpu check: failed: bench ddpmpp\n")
+    assert gpu_check.main(["fid", "sample"]) == 0  # the parts that work, alone
+    assert set(json.loads(capsys.readouterr().out)) == {"date", "gpu", "gpus", "torch", "cuda",
+                                                        "datasheet_bf16_tflops", "fid", "sample_dit_b1", "seconds"}
+
+
+def test_gpu_check_datasheet_peaks():
+    assert gpu_check.datasheet_bf16_tflops("NVIDIA H200") == 989
+    assert gpu_check.datasheet_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
+    for other in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB"):
+        assert gpu_check.datasheet_bf16_tflops(other) is None
+
+
+def test_gpu_check_runs_the_gpu_tests_and_counts_them(tmp_path, monkeypatch, capfd):
+    """The real `pytest -m gpu` of the check, here with CUDA hidden: it selects exactly the gpu tests (all
+    skipped), with no unknown-marker warning; failures are counted and named from pytest's junit report."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_check.gpu_tests(tmp_path) == {"passed": 0, "failed": 0, "skipped": 7, "failed_tests": []}
+    assert "PytestUnknownMarkWarning" not in capfd.readouterr().err
+    junit = ('<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="2" tests="9">'
+             '<testcase name="test_a"><failure message="x"/></testcase><testcase name="test_b"/>'
+             '<testcase name="test_c"><error message="y"/></testcase></testsuite></testsuites>')
+    assert gpu_check.junit_counts(junit) == {"passed": 5, "failed": 2, "skipped": 2,
+                                             "failed_tests": ["test_a", "test_c"]}
+
+
+def test_gpu_check_parts_measure_on_cpu(tmp_path, _one_thread):
+    """Each measuring part end to end on tiny configurations: the same calls the GPU run makes."""
+    rec = gpu_check.bench_part("train_dit.py", ["--net", "tiny", "--latent", "none", "--dataset", "shapes",
+                                                "--resolution", "16", "--batch-size", "4"], None)
+    assert rec["batch"] == 4 and rec["img_per_s"] > 0 and rec["self_cond_overhead"] > 0 and "mfu_datasheet" not in rec
+    assert gpu_check.fid_speed(torch.device("cpu"), n=4, batch=2, rounds=1)["fid_features_per_s"] > 0
+    s = gpu_check.sample_speed(tmp_path, ("--net", "tiny", "--dataset", "in100"), "tiny", batch=2, steps=2)
+    assert s["img_per_s"] > 0 and s["cfg_scale"] == 1.5  # class-conditional: guided by default
+    assert np.load(tmp_path / "n4" / "samples.npz")["arr_0"].shape == (4, 256, 256, 3)  # decoded by the VA-VAE
+
+
+def test_gpu_check_ddp_order_two_ranks_on_cpu(tmp_path):
+    """Both orders train over 2 gloo ranks (eager backend: dynamo's capture, DDP's graph split, no codegen)."""
+    r = gpu_check.ddp_order(0, tmp_path, ["--net", "tiny", "--dataset", "shapes", "--resolution", "16",
+                                          "--self-cond", "--batch-size", "4"], backend="eager", steps=1)
+    assert r["world"] == 2 and set(r["ms_per_step"]) == {"compile(DDP)", "DDP(compile)"}
+    assert r["faster"] in r["ms_per_step"] and r["ratio_compile_ddp_over_ddp_compile"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Memory of the evaluation at ImageNet scale: `python test_smoke.py memory` (a few minutes)
 
 class _StubDiT(nn.Module):
