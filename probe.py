@@ -243,7 +243,7 @@ def extract(models, diffusion, data, t, layers, *, seed, views=(None,), batch_si
             xt = diffusion.add_noise(x.to(device), tt, noise.to(device))
             for name, m in models.items():
                 with autocast:  # unconditional (a conditional DiT: the null class), no augment label
-                    f = diffusion.pred(m, xt, tt, feats=tuple(layers), **({} if pool else {'pool': False}))[1]
+                    f = diffusion.pred(m, xt, tt, feats=tuple(layers), pool=pool)[1]
                 out[name].put(slice(row, row + len(i)), v, {l: f[l].flatten(1) for l in layers})
         row += len(i)
     return out

@@ -2246,7 +2246,7 @@ class _StubDiT(nn.Module):
         self.feature_layers = [f"block_{i}" for i in range(1, 13)]
         self.num_classes, self.in_ch = 0, 32
 
-    def forward(self, x, t, y=None, feats=()):
+    def forward(self, x, t, y=None, feats=(), pool=True):
         f = self.proj(x.mean((2, 3)))  # (N, 768)
         return x, {name: f + i for i, name in enumerate(self.feature_layers) if name in feats}
 

@@ -43,6 +43,9 @@ from tqdm import tqdm
 
 NETS = {  # width, blocks, heads: 'B' is DiT-B (Table 9), 'tiny' is for the CPU tests
     "B": dict(width=768, depth=12, heads=12),
+    # DiT-L/1, which the authors' repository also trains with self-conditioning; the designated
+    # block scales with the depth (Table 10's 9 of 12 -> 18 of 24)
+    "L": dict(width=1024, depth=24, heads=16),
     "tiny": dict(width=64, depth=4, heads=4),
 }
 VAES = {  # LDM AutoencoderKL configs: 'f16d32' is the official VA-VAE, 'tiny' its layout, narrow
@@ -301,10 +304,10 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
-    def forward(self, x, t, y=None, feats=()):
+    def forward(self, x, t, y=None, feats=(), pool=True):
         """x (N, C, S, S), t (N,) in [0, 1] with 1 = noise, y (N,) labels (num_classes = null;
-        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of
-        the blocks in feats."""
+        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of the blocks in
+        feats (pool=False: their tokens as a grid (N, D, S/p, S/p), for dense probing)."""
         unknown = set(feats) - set(self.feature_layers)
         if unknown:
             raise ValueError(f"unknown feature layers {sorted(unknown)}; "
@@ -317,16 +320,19 @@ class DiT(nn.Module):
         if self.y_embed is not None:
             null = torch.full((N,), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.y_embed(null if y is None else y)
-        pooled = {}
+        pooled, out_feats = {}, {}
         for i, block in enumerate(self.blocks, 1):
             h = block(h, emb, self.rope)
             if f"block_{i}" in feats or i == self.sc_layer:
                 pooled[f"block_{i}"] = h.float().mean(1)  # (N, D): GAP over tokens, in fp32
+            if f"block_{i}" in feats:
+                grid = h.float().transpose(1, 2).reshape(N, -1, g, g)
+                out_feats[f"block_{i}"] = pooled[f"block_{i}"] if pool else grid
             if i == self.sc_layer:  # later blocks and the final layer read emb'
                 emb = self.sc(emb, pooled[f"block_{i}"], t_freq)
         h = self.final(h, emb)  # (N, T, p*p*C)
         x = h.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, S, S)
-        return x, {k: v for k, v in pooled.items() if k in feats}
+        return x, out_feats
 
 
 def build_model(args):
@@ -383,10 +389,10 @@ class LatentRF:
         drop = torch.rand(y.shape, device=y.device) < self.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def pred(self, model, x_t, t, y=None, feats=()):
-        """The velocity and the pooled features in feats. The net sees the paper's t in [0, 1]
-        (LightningDiT feeds its own t, 0 = noise, to the same sinusoid: a relabelling)."""
-        return model(x_t, t, y, feats)
+    def pred(self, model, x_t, t, y=None, feats=(), pool=True):
+        """The velocity and the features in feats (pooled or maps). The net sees the paper's t in
+        [0, 1] (LightningDiT feeds its own t, 0 = noise, to the same sinusoid: a relabelling)."""
+        return model(x_t, t, y, feats, pool)
 
     def loss(self, model, x0, y=None):
         """Per-sample loss (N,) and noise level (N,)."""

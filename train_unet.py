@@ -278,15 +278,15 @@ class UNet(nn.Module):
         if self_cond:
             self.self_cond = SelfCond(self.feature_ch[sc_layer], emb_dim, ch, sc_mode)
 
-    def forward(self, x, t, aug=None, feats=()):
+    def forward(self, x, t, aug=None, feats=(), pool=True):
         """x (N, 3, H, W), t (N,) the network's time input, aug (N, 9) or None.
         Returns the output (N, 3, H, W) and {layer: GAP feature (N, C) fp32}
-        of the layers in feats."""
+        of the layers in feats (pool=False: their maps (N, C, h, w), for dense probing)."""
         t_freq = ddpm_sinusoid(t, self.conv_in.out_channels)  # (N, ch)
         h_t = t_freq if aug is None or self.aug_emb is None else t_freq + self.aug_emb(aug)
         emb = self.time_mlp(h_t)  # (N, D): the label enters before the MLP, as in EDM
         h = self.conv_in(x)
-        skips, pooled, n = [h], {}, 0
+        skips, pooled, out_feats, n = [h], {}, {}, 0
         for blk in self.down:
             h = blk(h, emb)
             skips.append(h)
@@ -301,10 +301,12 @@ class UNet(nn.Module):
             name = f"out_{n}"
             if name in feats or name == self.sc_layer:
                 pooled[name] = h.float().mean(dim=(2, 3))  # GAP in fp32, also under bf16
+            if name in feats:
+                out_feats[name] = pooled[name] if pool else h.float()
             if name == self.sc_layer:  # every later block decodes with the self-conditioned emb
                 emb = self.self_cond(emb, pooled[name], t_freq)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return out, {k: v for k, v in pooled.items() if k in feats}
+        return out, out_feats
 
 
 def build_model(args):
@@ -368,9 +370,9 @@ class DDPM:
     def level(self, t):  # in [0, 1]: for the loss log and the contrastive head
         return t.float() / self.T
 
-    def pred(self, model, x, t, aug=None, feats=()):
-        """The noise eps (N, C, H, W) and the pooled features of the layers in feats."""
-        return model(x, self.level(t), aug, feats)
+    def pred(self, model, x, t, aug=None, feats=(), pool=True):
+        """The noise eps (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
+        return model(x, self.level(t), aug, feats, pool)
 
     def loss(self, model, x0, aug=None, feats=()):
         """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""
@@ -406,12 +408,12 @@ class EDM:
         z = (sigma.float().log() - self.p_mean) / (self.p_std * math.sqrt(2))
         return 0.5 * (1 + torch.erf(z))
 
-    def pred(self, model, x, sigma, aug=None, feats=()):
-        """The denoised x0 (N, C, H, W) and the pooled features of the layers in feats."""
+    def pred(self, model, x, sigma, aug=None, feats=(), pool=True):
+        """The denoised x0 (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
         s, sd = sigma.float().view(-1, 1, 1, 1), self.sigma_data
         c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
-        out, pooled = model(c_in * x, sigma.float().log() / 4, aug, feats)  # c_noise = ln(s)/4
+        out, pooled = model(c_in * x, sigma.float().log() / 4, aug, feats, pool)  # c_noise: ln(s)/4
         return c_skip * x + c_out * out.float(), pooled
 
     def loss(self, model, x0, aug=None, feats=()):
@@ -456,9 +458,9 @@ class RF:
     def level(self, t):
         return t.float()
 
-    def pred(self, model, x, t, aug=None, feats=()):
-        """The velocity (N, C, H, W) and the pooled features of the layers in feats."""
-        return model(x, t.float(), aug, feats)
+    def pred(self, model, x, t, aug=None, feats=(), pool=True):
+        """The velocity (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
+        return model(x, t.float(), aug, feats, pool)
 
     def loss(self, model, x0, aug=None, feats=()):
         """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""

@@ -212,9 +212,10 @@ class UViT(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)  # a small random start, as a position
 
-    def forward(self, x, t, aug=None, feats=()):
+    def forward(self, x, t, aug=None, feats=(), pool=True):
         """x (N, 3, H, W), t (N,) = DDPM step / T, aug (N, 9) or None. Returns eps (N, 3, H, W)
-        and {name: (N, dim) fp32} of the features in feats."""
+        and {name: (N, dim) fp32} of the features in feats (pool=False: an out-block's image
+        tokens as their grid (N, dim, H/p, W/p), for dense probing)."""
         want = {f: f"cls_{self.sc_layer[4:]}" if f == "cls" else f for f in feats}
         unknown = set(want.values()) - set(self.feature_layers + self.cls_layers)
         if unknown:
@@ -239,8 +240,10 @@ class UViT(nn.Module):
         for i, blk in enumerate(self.out_blocks, 1):
             h = blk(h, skips.pop(), mask=self.attn_mask)
             for name, layer in want.items():
-                if layer == f"out_{i}":
-                    pooled[name] = h[:, self.extras:].float().mean(1)  # image tokens only
+                if layer == f"out_{i}":  # image tokens only
+                    tok = h[:, self.extras:].float()  # (N, L, D)
+                    grid = tok.transpose(1, 2).reshape(n, -1, hh // self.patch, ww // self.patch)
+                    pooled[name] = tok.mean(1) if pool else grid
                 elif layer == f"cls_{i}":
                     pooled[name] = h[:, self.extras - 1].float()
         h = self.decoder_pred(self.norm(h))[:, self.extras:]  # (N, L, p*p*3): patches only
@@ -300,9 +303,9 @@ class DDPM:
     def level(self, t):  # in [0, 1]: for the loss log and the contrastive head
         return t.float() / self.T
 
-    def pred(self, model, x, t, aug=None, feats=()):
-        """The noise eps (N, C, H, W) and the pooled features of the layers in feats."""
-        return model(x, self.level(t), aug, feats)
+    def pred(self, model, x, t, aug=None, feats=(), pool=True):
+        """The noise eps (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
+        return model(x, self.level(t), aug, feats, pool)
 
     def loss(self, model, x0, aug=None, feats=()):
         """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""
