@@ -128,6 +128,19 @@ def test_copy_rule_shared_blocks_are_identical(tmp_path):
         "norm is defined in train_unet.py, train_dit.py but not declared shared by them"]
 
 
+def test_shared_main_reads_only_what_every_get_args_defines():
+    """The shared main reads args.<name> by name: each trainer's get_args must define every one (DiT's
+    lacked warmup_epochs; only a default keeping that branch untaken hid it)."""
+    import ast
+    for f in TRAINERS:
+        tree = ast.parse(_top_level(ROOT / f)["main"])
+        read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name) and n.value.id == "args"}
+        args = vars(importlib.import_module(f[:-3]).get_args(["--dataset", "shapes", "--latent", "none"]
+                                                               if f == "train_dit.py" else []))
+        assert read - set(args) == set(), f
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train_unet.py
 
@@ -227,6 +240,23 @@ def test_unet_resume_is_exact(tmp_path):
     assert "resumed from" in (out / "log.txt").read_text()
     for a, b in [(m_full, m), (e_full, e)]:
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_unet_keep_every_writes_snapshots_that_load_and_resume(tmp_path):
+    """--keep-every keeps ckpt-<images>.pt beside the rolling checkpoint: the same self-describing file
+    (weights-only loadable); a run resumed from a snapshot ends where the whole run ends."""
+    out, (model, ema) = _unet(tmp_path, "--keep-every", 128, images=320)
+    assert sorted(p.name for p in out.glob("ckpt-*.pt")) == ["ckpt-000000128.pt", "ckpt-000000256.pt"]
+    snap = torch.load(out / "ckpt-000000128.pt", weights_only=True)
+    assert (snap["step"], snap["images"], snap["script"]) == (4, 128, "train_unet.py") and "opt" in snap
+    assert train_unet.get_args(["--dataset", "shapes"]).keep_epochs == 0  # the quickstart keeps none
+    assert train_unet.get_args([]).keep_epochs == 200  # App. A: FID every 200 epochs
+    (tmp_path / "again" / "run").mkdir(parents=True)
+    (tmp_path / "again" / "run" / "ckpt.pt").write_bytes((out / "ckpt-000000128.pt").read_bytes())
+    _, (model2, ema2) = _unet(tmp_path / "again", "--keep-every", 128, images=320)
+    for a, b in zip(list(model.parameters()) + list(ema.parameters()),
+                    list(model2.parameters()) + list(ema2.parameters())):
+        assert torch.equal(a, b)
 
 
 def test_unet_resume_refuses_other_architecture(tmp_path):
@@ -1005,6 +1035,16 @@ def test_dit_param_counts_match_paper():
     assert _dit_count(cond) - _dit_count(base) == 1001 * 768  # 1000 classes + the null class
     assert base.feature_layers == [f"block_{i}" for i in range(1, 13)]
     assert tuple(base.rope.cos.shape) == (256, 64)  # one row per 16x16 patch token, head dim 64
+
+
+def test_dit_large_preset_counts_and_scaled_block():
+    """DiT-L/1 (24 blocks, width 1024, 16 heads); Table 10's designated block scaled by depth."""
+    with torch.device("meta"):
+        base = train_dit.build_model(_dit_args("--net", "L", "--no-class-cond"))
+        sc = train_dit.build_model(_dit_args("--net", "L", "--no-class-cond", "--self-cond"))
+    assert _dit_count(base) == 457_127_936 and _dit_count(sc) - _dit_count(base) == 2_362_368
+    assert [_dit_args("--net", "L", *f).sc_layer for f in (["--no-class-cond"], [], ["--dataset", "in100"])] == [
+        "block_18", "block_20", "block_16"]
 
 
 def test_dit_dry_run_prints_paper_counts(capsys):

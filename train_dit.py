@@ -95,8 +95,8 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (LightningDiT's recipe)")
     p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--warmup-images", type=int, default=0,
-                   help="linear lr warm-up (the latent recipe has none)")
+    p.add_argument("--warmup-images", type=int,
+                   help="linear lr warm-up (default none: the latent recipe has none, Table 11)")
     add_training_args(p)
     args = p.parse_args(argv)
     if args.latent != "none" and args.dataset in DATASETS:
@@ -113,6 +113,10 @@ def get_args(argv=None):
     else:  # other folders: as ImageNet-100
         key = (args.dataset, args.class_cond)
         args.epochs = EPOCHS.get(key, EPOCHS[("in100", args.class_cond)])
+    # kept snapshots: latents every 20 epochs (Table 6 and the authors' repository evaluate FID and
+    # accuracy there), pixels as the pixel trainers (App. A: every 200), none on shapes
+    args.keep_epochs = 0 if args.dataset in SHAPES else 20 if args.latent != "none" else 200
+    args.warmup_epochs = 0  # Table 11 lists no warm-up for latent pre-training
     depth = NETS[args.net]["depth"]
     # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
     # scaled to the net's depth
@@ -1082,6 +1086,9 @@ def add_training_args(p):
     p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
                                                   "shorter runs)")
     p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
+    p.add_argument("--keep-every", type=int,
+                   help="images between kept snapshots ckpt-<images>.pt (default: the paper's "
+                        "evaluation points, App. A and Table 6; none on shapes; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
     p.add_argument("--sample-every", type=int, default=5_000_000,
@@ -1394,6 +1401,8 @@ def main(argv=None):
     args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
     if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
         args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+    if args.keep_every is None:
+        args.keep_every = args.keep_epochs * data.n
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
     torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
@@ -1453,7 +1462,8 @@ def main(argv=None):
             elif world > 1:
                 halt = due = False
             log_now = crossed(args.log_every) or done
-            save_now = crossed(args.ckpt_every) or done or halt or due
+            keep_now = bool(args.keep_every) and crossed(args.keep_every)
+            save_now = crossed(args.ckpt_every) or done or halt or due or keep_now
 
             # Losses, all-reduced over ranks; a non-finite loss or weight stops before saving
             if log_now or save_now:
@@ -1482,12 +1492,15 @@ def main(argv=None):
                 sums.reset()
                 t_log, images_log = time.time(), images
 
-            # Checkpoint: one self-describing file, written atomically by rank 0
+            # Checkpoint: one self-describing file, written atomically by rank 0; a kept snapshot
+            # is the same file under its own name, for the evaluation along the run
             if save_now and rank == 0:
-                atomic_save({"script": Path(__file__).name, "args": vars(args),
-                             "model": model.state_dict(), "ema": ema.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "images": images,
-                             **data.state}, ckpt_path)
+                state = {"script": Path(__file__).name, "args": vars(args),
+                         "model": model.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "step": step, "images": images, **data.state}
+                atomic_save(state, ckpt_path)
+                if keep_now:
+                    atomic_save(state, out / f"ckpt-{images:09d}.pt")
             t_save = time.time() if save_now else t_save
 
             # Preview grid of the EMA model
