@@ -62,7 +62,7 @@ CELLS = {  # Table 10: probe noise level (DDPM step, EDM sigma, RF t) and design
     ("EDM", "ddpm", "in100"): (0.2964, "out_5"),
     # Not in the paper: the CPU quickstart's cell, by the same rule (probe.py --grid on a
     # baseline run; README)
-    ("RF", "tiny", "shapes"): (0.4, "out_1"),
+    ("RF", "tiny", "shapes"): (0.4, "out_1"), ("RF", "tiny", "shapes-fixed"): (0.4, "out_2"),
 }
 PROBE_T = {"DDPM": 11, "EDM": 0.06, "RF": 0.06}  # elsewhere: Table 10's CIFAR levels ...
 PROBE_T_64 = {"DDPM": 66, "EDM": 0.2964}  # ... and its Tiny-ImageNet / ImageNet-100 ones
