@@ -67,12 +67,13 @@ TRAINERS = ("train_unet.py", "train_uvit.py", "train_dit.py")
 PIXEL = ("train_unet.py", "train_uvit.py")
 SHARED = {  # top-level definition -> the trainers that hold a copy of it, character for character
     **dict.fromkeys([  # data, training infrastructure, benchmark, main: the spine of every trainer
-        "DATASETS", "CIFAR", "IMG_EXT", "make_shapes", "local_rank", "raise_on_any", "fetch_once",
+        "DATASETS", "CIFAR", "IMG_EXT", "SHAPES", "make_shapes", "shapes_split", "local_rank", "raise_on_any", "fetch_once",
         "download_cifar", "load_cifar", "center_crop", "image_files", "ImageFiles", "decode_images",
         "load_pixels", "add_training_args", "setup_distributed", "use_bf16", "autocast", "memory_format",
         "epoch_order", "batch_indices", "update_ema", "count_params", "save_grid", "atomic_save", "check_out_dir",
         "load_checkpoint_for_resume", "Log", "LossSums", "sync", "matmul_tflops", "benchmark", "main",
         "crossed", "is_gate", "agree", "Meter", "check_finite", "log_metrics", "save_checkpoint",
+        "resolve_length",
         "timestep_embedding"], TRAINERS),
     **dict.fromkeys(["time_mlp", "SelfCond"], ("train_unet.py", "train_dit.py")),  # adaptive-norm nets
     **dict.fromkeys([  # the pixel trainers: DDPM, augmentation, contrastive, and their step
@@ -129,18 +130,20 @@ def test_copy_rule_shared_blocks_are_identical(tmp_path):
         "norm is defined in train_unet.py, train_dit.py but not declared shared by them"]
 
 
-def test_every_trainer_defines_the_args_its_shared_tail_reads():
-    # the shared main and its helpers read args.<name>: each trainer's get_args must define it
-    # (train_dit.py once lacked warmup_epochs; only --warmup-images 0 kept the read away)
-    import re
+def test_shared_main_reads_only_what_every_get_args_defines():
+    """The shared main and its helpers read args.<name> by name: each trainer's get_args must define
+    every one (DiT's lacked warmup_epochs; only a default keeping that branch untaken hid it)."""
+    import ast
     for f in TRAINERS:
         defs = _top_level(ROOT / f)
-        tail = "\n".join(src for name, src in defs.items()
-                         if SHARED.get(name) == TRAINERS)
-        read = set(re.findall(r"\bargs\.(\w+)", tail))
-        written = set(re.findall(r"\bargs\.(\w+) =", tail))
-        mod = {"train_unet.py": train_unet, "train_uvit.py": train_uvit, "train_dit.py": train_dit}[f]
-        assert read - written - set(vars(mod.get_args([]))) == set(), f
+        tree = ast.parse("\n".join(src for name, src in defs.items() if SHARED.get(name) == TRAINERS))
+        read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name) and n.value.id == "args"}
+        written = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                   and isinstance(n.value, ast.Name) and n.value.id == "args" and isinstance(n.ctx, ast.Store)}
+        args = vars(importlib.import_module(f[:-3]).get_args(["--dataset", "shapes", "--latent", "none"]
+                                                               if f == "train_dit.py" else []))
+        assert read - written - set(args) == set(), f
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,6 +245,23 @@ def test_unet_resume_is_exact(tmp_path):
     assert "resumed from" in (out / "log.txt").read_text()
     for a, b in [(m_full, m), (e_full, e)]:
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_unet_keep_every_writes_snapshots_that_load_and_resume(tmp_path):
+    """--keep-every keeps ckpt-<images>.pt beside the rolling checkpoint: the same self-describing file
+    (weights-only loadable); a run resumed from a snapshot ends where the whole run ends."""
+    out, (model, ema) = _unet(tmp_path, "--keep-every", 128, images=320)
+    assert sorted(p.name for p in out.glob("ckpt-*.pt")) == ["ckpt-000000128.pt", "ckpt-000000256.pt"]
+    snap = torch.load(out / "ckpt-000000128.pt", weights_only=True)
+    assert (snap["step"], snap["images"], snap["script"]) == (4, 128, "train_unet.py") and "opt" in snap
+    assert train_unet.get_args(["--dataset", "shapes"]).keep_epochs == 0  # the quickstart keeps none
+    assert train_unet.get_args([]).keep_epochs == 200  # App. A: FID every 200 epochs
+    (tmp_path / "again" / "run").mkdir(parents=True)
+    (tmp_path / "again" / "run" / "ckpt.pt").write_bytes((out / "ckpt-000000128.pt").read_bytes())
+    _, (model2, ema2) = _unet(tmp_path / "again", "--keep-every", 128, images=320)
+    for a, b in zip(list(model.parameters()) + list(ema.parameters()),
+                    list(model2.parameters()) + list(ema2.parameters())):
+        assert torch.equal(a, b)
 
 
 def test_unet_resume_refuses_other_architecture(tmp_path):
@@ -646,12 +666,17 @@ def test_checkpoints_by_wall_clock_and_no_previews(tmp_path, monkeypatch):
 # Data
 
 def test_shapes_deterministic_and_balanced():
-    x, y = train_unet.make_shapes(200, seed=3)
-    x2, y2 = train_unet.make_shapes.__wrapped__(200, seed=3)
+    x, y, masks, nuisance = train_unet.make_shapes(200, seed=3)
+    x2, y2 = train_unet.make_shapes.__wrapped__(200, seed=3)[:2]
     assert x.shape == (200, 3, 32, 32) and x.dtype == torch.uint8 and torch.equal(x, x2) and torch.equal(y, y2)
     assert torch.bincount(y).tolist() == [20] * 10
     means = torch.stack([x[y == c].float().std(dim=0).mean() for c in range(10)])
     assert (means > 10).all()  # varied within a class: pose, size and colour change
+    # a dot's pixels carry 1 + its class, the rest 0; 8 nuisance draws per image, none in shapes-fixed
+    assert masks.shape == (200, 32, 32) and ((masks == 0) | (masks == y[:, None, None] + 1)).all()
+    assert 0.03 < (masks > 0).float().mean() < 0.2 and nuisance.shape == (200, 8) and nuisance.std(0).min() > 0
+    xf, yf, _, fixed = train_unet.make_shapes(200, seed=3, name="shapes-fixed")
+    assert torch.equal(yf, y) and np.ptp(fixed, 0).max() == 0 and len(xf.flatten(1).unique(dim=0)) == 200
 
 
 def test_cifar_loader_reads_official_pickles(tmp_path):
@@ -1016,6 +1041,16 @@ def test_dit_param_counts_match_paper():
     assert _dit_count(cond) - _dit_count(base) == 1001 * 768  # 1000 classes + the null class
     assert base.feature_layers == [f"block_{i}" for i in range(1, 13)]
     assert tuple(base.rope.cos.shape) == (256, 64)  # one row per 16x16 patch token, head dim 64
+
+
+def test_dit_large_preset_counts_and_scaled_block():
+    """DiT-L/1 (24 blocks, width 1024, 16 heads); Table 10's designated block scaled by depth."""
+    with torch.device("meta"):
+        base = train_dit.build_model(_dit_args("--net", "L", "--no-class-cond"))
+        sc = train_dit.build_model(_dit_args("--net", "L", "--no-class-cond", "--self-cond"))
+    assert _dit_count(base) == 457_127_936 and _dit_count(sc) - _dit_count(base) == 2_362_368
+    assert [_dit_args("--net", "L", *f).sc_layer for f in (["--no-class-cond"], [], ["--dataset", "in100"])] == [
+        "block_18", "block_20", "block_16"]
 
 
 def test_dit_dry_run_prints_paper_counts(capsys):
@@ -1771,9 +1806,15 @@ def _probe_blobs(n, dim=32, classes=10, noise=0.3, seed=0):
     return means[y] + noise * torch.randn(n, dim, generator=g), y
 
 
+def _probe_split(feats, y):
+    """In-memory features {key: (N, C)} as the Split of one process."""
+    return probe.Split(y, {k: v.shape[1] for k, v in feats.items()},
+                       lambda e: lambda i: {k: v[i] for k, v in feats.items()}, len(y))
+
+
 def _probe_train(feats, y, feats_test, y_test, **kw):
     kw = dict(lr=4e-3, epochs=10, batch_size=128) | kw
-    return probe.train_probes(lambda e: feats, y, feats_test, y_test, **kw)
+    return probe.train_probes(_probe_split(feats, y), _probe_split(feats_test, y_test), **kw)
 
 
 def test_probe_separable_synthetic_reaches_100():
@@ -1798,9 +1839,10 @@ def test_probe_grid_heads_equal_single_runs():
 
 def test_probe_pixel_features_pool_large_images():
     x = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
-    f = probe.pixel_features(x, torch.tensor([True, False, True, False]))
+    data = probe.Data(x, torch.zeros(4, dtype=torch.long))
+    f = probe.pixel_features(data.batch(torch.arange(4), torch.tensor([True, False, True, False])))
     assert f.shape == (4, 3 * 64 * 64) and f.abs().max() <= 1
-    assert probe.pixel_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 3072)
+    assert probe.pixel_features(torch.zeros(2, 3, 32, 32)).shape == (2, 3072)
 
 
 @pytest.fixture(scope="module")
@@ -1816,28 +1858,38 @@ def _probe_ckpt(tmp_path_factory):
     return path, train_unet, args, model
 
 
+def _probe_shapes(args, split):
+    """300/150 shapes instead of 10k/2k: the CLI tests exercise plumbing, not accuracy."""
+    return train_unet.make_shapes(300 if split == "train" else 150, seed=0 if split == "train" else 1,
+                                  res=args.resolution, name=args.dataset)[:2]
+
+
 @pytest.fixture
-def _probe_small_shapes(_probe_ckpt, monkeypatch):
-    """Serve 300/150 shapes instead of 10k/2k: the CLI tests exercise plumbing, not accuracy."""
-    train_unet = _probe_ckpt[1]
-    monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: train_unet.make_shapes(
-        300 if split == "train" else 150, seed=0 if split == "train" else 1, res=args.resolution))
+def _probe_small_shapes(monkeypatch):
+    monkeypatch.setattr(train_unet, "load_pixels", _probe_shapes)
 
 
 def test_probe_features_deterministic(_probe_ckpt):
     _, train_unet, args, model = _probe_ckpt
     model.eval()
     diffusion = train_unet.build_diffusion(args)
-    x = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
+    data = probe.Data(torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8), torch.zeros(20, dtype=torch.long))
     layers = model.feature_layers[:2]
-    kw = dict(seed=7, batch_size=8, flip=torch.arange(20) % 2 == 0)
-    f1 = probe.extract(model, diffusion, x, [11, 66], layers, **kw)
-    f2 = probe.extract(model, diffusion, x, [66], layers[1:], **kw)  # a pair alone sees the features it sees in a grid
+    kw = dict(seed=7, batch_size=8, views=(torch.arange(20) % 2 == 0,))
+
+    def extract(ts, layers, **extra):  # {(t, layer): (20, C)} as train_probes reads them back
+        out = {}
+        for t in ts:
+            f = probe.extract({"trained": model}, diffusion, data, t, layers, **(kw | extra))["trained"]
+            out.update({(t, l): v for l, v in f.get(torch.arange(20)).items()})
+        return out
+    f1 = extract([11, 66], layers)
+    f2 = extract([66], layers[1:])  # a pair alone sees the features it sees in a grid
     assert set(f1) == {(t, l) for t in (11, 66) for l in layers}
     assert f1[(11, layers[0])].shape[0] == 20 and f1[(11, layers[0])].dtype == torch.float32
     assert torch.equal(f1[(66, layers[1])], f2[(66, layers[1])])
     assert not torch.equal(f1[(11, layers[1])], f1[(66, layers[1])])
-    f3 = probe.extract(model, diffusion, x, [11], layers[:1], **(kw | {"seed": 8}))
+    f3 = extract([11], layers[:1], seed=8)
     assert not torch.equal(f1[(11, layers[0])], f3[(11, layers[0])])  # the seed is really used
 
 
@@ -1852,6 +1904,80 @@ def test_probe_cli_grid_matches_single_and_raw_pixels(_probe_ckpt, _probe_small_
     best = res["best"]
     single = probe.main(common + ["--t", str(best["t"]), "--layer", best["layer"], "--out", str(tmp_path / "s")])
     assert abs(single[(best["t"], best["layer"])] - acc[(best["t"], best["layer"])]) <= 0.5
+
+
+def _probe_rank_worker(rank, argv, port, result_dir):
+    """One of two gloo ranks of a probe.py run, as torchrun would start it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train_unet.load_pixels = _probe_shapes
+    acc = probe.main(argv)
+    (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps([[*k, v] for k, v in acc.items()]))
+
+
+def test_probe_grid_on_two_ranks_equals_one(_probe_ckpt, _probe_small_shapes, tmp_path, _one_thread):
+    """Each rank extracts and holds only its own rows and the heads train data-parallel: the
+    accuracies of every (t, layer) and of raw pixels are those of one process."""
+    import socket
+    path, *_ = _probe_ckpt
+    argv = ["--ckpt", str(path), "--grid", "--t", "11", "66", "--layer", "1", "4", "--raw-pixels", "--limit", "120",
+            "--epochs", "3", "--extract-batch", "16", "--batch-size", "32", "--out", str(tmp_path / "p")]
+    one = probe.main(argv)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_probe_rank_worker, args=(argv, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and len(r0) == len(one) == 5
+    for t, layer, acc in r0:
+        assert acc == pytest.approx(one[(t, layer)], abs=1e-9), (t, layer)
+
+
+def test_probe_reads_latents_by_memory_map_with_both_flips(tmp_path):
+    """A latent DiT is probed from its VA-VAE cache: memory-mapped, normalised a batch at a time with
+    the run's latent statistics, the cached flipped latent as the flipped view; Table 11's latent
+    batch and lr."""
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", "--no-class-cond",
+                        script="train_dit.py", cache_dir=str(tmp_path / "cache"))
+    g, lat = np.random.default_rng(0), {}
+    for split, n in (("train", 40), ("val", 16)):
+        (tmp_path / "cache" / split).mkdir(parents=True)
+        y = np.arange(n) % 4
+        lat[split] = (g.normal(size=(n, 2, 32, 16, 16)) + y[:, None, None, None, None]).astype(np.float16)
+        np.save(tmp_path / "cache" / split / "latents.npy", lat[split])
+        np.save(tmp_path / "cache" / split / "labels.npy", y)
+        (tmp_path / "cache" / split / "complete").write_text("{}")
+    mod, args, _, _, ck = sample.load_checkpoint(ckpt)
+    ck["latent_stats"] = {"mean": torch.full((32,), 0.5), "std": torch.full((32,), 2.0)}
+    data = probe.load_split(mod, args, ck, "train")
+    assert isinstance(data.x, np.memmap) and len(data) == 40 and data.y.tolist()[:5] == [0, 1, 2, 3, 0]
+    z = data.batch(torch.tensor([3, 5]), torch.tensor([False, True]))
+    assert torch.equal(z, (torch.from_numpy(lat["train"][[3, 5], [0, 1]].astype(np.float32)) - 0.5) / 2)
+    probe.main(["--ckpt", str(ckpt), "--epochs", "2", "--extract-batch", "8", "--out", str(tmp_path / "p")])
+    rec = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert (rec["batch_size"], rec["lr"], rec["train_images"], rec["cell"]["layer"]) == (1440, 2e-3, 40, "block_3")
+    assert 0 <= rec["cell"]["acc"] <= 100
+
+
+def test_probe_sc_stats_measures_the_self_conditioning_term(tmp_path, _probe_small_shapes):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    assert probe.explained(x @ torch.randn(3, 5, generator=g) + 1, x) == pytest.approx(1, abs=1e-9)
+    assert probe.explained(torch.randn(200, 5, generator=g), x) < 0.1
+    ckpt = torch.load(_sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16", "--self-cond"),
+                      weights_only=True)
+    ckpt["ema"]["self_cond.proj.weight"] = torch.randn_like(ckpt["ema"]["self_cond.proj.weight"])  # else d = 0
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--sc-stats", "--limit", "60", "--epochs", "1",
+                "--out", str(tmp_path / "p")])
+    sc = json.loads((tmp_path / "p" / "probe.json").read_text())["sc_stats"]
+    assert len(sc["norm_ratio_by_level"]) == 5 and all(r is None or r > 0 for r in sc["norm_ratio_by_level"])
+    assert 0 <= sc["r2_class"] <= 1 and 0 <= sc["r2_nuisance"] <= 1
+    (tmp_path / "u").mkdir()
+    uvit = _sample_ckpt(tmp_path / "u", "--dataset", "shapes", script="train_uvit.py")
+    with pytest.raises(SystemExit, match="--sc-stats needs a UNet or DiT"):
+        probe.main(["--ckpt", str(uvit), "--sc-stats", "--limit", "20", "--epochs", "1", "--out", str(tmp_path / "q")])
 
 
 def test_probe_bad_layer_is_a_clear_error(_probe_ckpt):
@@ -1875,13 +2001,13 @@ def test_probe_init_probes_untrained_weights_of_the_right_architecture(_probe_ck
     ckpt["ema"] = {k: v + 0.01 * torch.randn_like(v) for k, v in ckpt["ema"].items()}  # "trained" weights
     torch.save(ckpt, tmp_path / "ckpt.pt")
     seen, extract = [], probe.extract
-    monkeypatch.setattr(probe, "extract", lambda m, *a, **k: seen.append(
-        {n: v.clone() for n, v in m.state_dict().items()}) or extract(m, *a, **k))
+    monkeypatch.setattr(probe, "extract", lambda ms, *a, **k: seen.append(
+        {name: {n: v.clone() for n, v in m.state_dict().items()} for name, m in ms.items()}) or extract(ms, *a, **k))
     probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--init", "--limit", "60", "--epochs", "2",
                 "--out", str(tmp_path / "p")])
     torch.manual_seed(3)
     fresh = train_unet.build_model(args).state_dict()
-    trained, init = seen[0], seen[1]  # the test features: trained, then at init
+    trained, init = seen[0]["trained"], seen[0]["init"]  # the test features of both models
     assert all(torch.equal(trained[k], ckpt["ema"][k]) for k in trained)
     assert all(torch.equal(init[k], fresh[k]) for k in fresh) and set(init) == set(fresh)
     rec = json.loads((tmp_path / "p" / "probe.json").read_text())
@@ -1909,8 +2035,385 @@ def test_probe_several_checkpoints_summarise_arms_over_seeds(tmp_path, _probe_sm
     accs = probe.main(["--ckpt", *map(str, paths), "--loss", "--raw-pixels", "--limit", "60", "--epochs", "2",
                        "--out", str(tmp_path / "p")])
     assert len(accs) == 3
-    rows = json.loads((tmp_path / "p" / "summary.json").read_text())
+    rows = json.loads((tmp_path / "p" / "summary.json").read_text())["arms"]
     assert [(r["arm"], r["n"], r["seeds"]) for r in rows] == [("self_cond=False", 2, [0, 1]), ("self_cond=True", 1, [0])]
     assert rows[0]["cell_acc"][1] >= 0 and len(rows[0]["heldout_loss_by_level"]) == 5
     assert (tmp_path / "p" / "layers.png").exists() and (tmp_path / "p" / "base1" / "probe.json").exists()
 
+
+
+def test_probe_snapshots_of_one_run_print_the_trajectory_and_its_best(tmp_path, _probe_small_shapes, capsys):
+    """ckpt-<images>.pt snapshots of one run are a trajectory, not seeds: accuracy per snapshot, the best
+    named (App. A), and the run enters its arm once, with its best snapshot."""
+    torch.manual_seed(0)
+    paths = []
+    for i, images in enumerate((64, 32, 96)):  # given out of order
+        ckpt = torch.load(_sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16"), weights_only=True)
+        ckpt["ema"] = {k: v + 0.05 * i * torch.randn_like(v) for k, v in ckpt["ema"].items()}
+        ckpt["images"] = images
+        torch.save(ckpt, tmp_path / f"ckpt-{images:09d}.pt")
+        paths.append(str(tmp_path / f"ckpt-{images:09d}.pt"))
+    accs = probe.main(["--ckpt", *paths, "--limit", "60", "--epochs", "2", "--out", str(tmp_path / "p")])
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    (run,), (arm,) = summary["runs"], summary["arms"]
+    assert run["images"] == [32, 64, 96] and run["ckpts"] == [paths[1], paths[0], paths[2]]
+    cell = [next(iter(a.values())) for a in accs]  # one cell each, in the order given
+    assert run["cell_acc"] == [cell[1], cell[0], cell[2]] and arm["n"] == 1
+    assert run["best"] == paths[cell.index(max(cell))] and arm["cell_acc"][0] == max(cell)
+    out = capsys.readouterr().out
+    assert "32 images" in out and f"best snapshot {run['best']}" in out
+
+
+def test_probe_transfer_to_another_dataset_resized_beside_the_in_domain_figure(tmp_path, _probe_small_shapes,
+                                                                               capsys, monkeypatch):
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16")
+    common = ["--ckpt", str(ckpt), "--limit", "60", "--epochs", "2"]
+    probe.main(common)  # in-domain: <run>/probe/probe.json
+    served = []
+    monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: served.append(args.dataset) or
+                        train_unet.make_shapes(300 if split == "train" else 150, int(split != "train"), 32,
+                                               args.dataset)[:2])  # 32x32: resized to the model's 16
+    acc = probe.main(common + ["--dataset", "shapes-fixed"])
+    rec = json.loads((tmp_path / "probe-shapes-fixed" / "probe.json").read_text())
+    assert served == ["shapes-fixed"] * 2 and (rec["dataset"], rec["trained_on"]) == ("shapes-fixed", "shapes")
+    assert rec["cell"]["acc"] == next(iter(acc.values()))
+    home = json.loads((tmp_path / "probe" / "probe.json").read_text())["cell"]["acc"]
+    assert f"in-domain (shapes, {tmp_path / 'probe' / 'probe.json'}): {home:.2f}% at the same cell" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# .ci/gpu: the GPU check. The `gpu` tests need CUDA (skipped here; `.ci/gpu` runs them with `-m gpu`) and run
+# with the real GPU defaults: bf16 autocast, fused Adam, TF32, channels_last, torch.compile on inductor,
+# flash attention, 1-rank nccl. The CPU tests after them cover the check's own logic and parts.
+
+sys.path.insert(0, str(ROOT / ".ci"))
+import gpu_check  # noqa: E402  (by name: its DDP workers are spawned processes that import it too)
+
+with warnings.catch_warnings():  # no conftest.py or pytest.ini to register it in; `-m gpu` selects it all the same
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    _GPU = pytest.mark.gpu
+_NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: .ci/gpu runs it")
+
+# A trainer's main() in a process of its own, then what it left set: the backend, TF32, the optimizer's
+# fused kernel and the weights' layout. World 1 keeps the process group up after main() returns.
+_GPU_TRAIN = """import json, sys, torch, torch.distributed as dist
+mod = __import__(sys.argv[1])
+model, ema = mod.main(sys.argv[2:])
+print(json.dumps({"backend": dist.get_backend(),
+                  "tf32": torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32,
+                  "fused_adam": mod.build_optimizer(model, mod.get_args(sys.argv[2:])).defaults["fused"],
+                  "channels_last": all(p.is_contiguous(memory_format=torch.channels_last)
+                                       for p in model.parameters() if p.dim() == 4)}))
+dist.destroy_process_group()
+"""
+_GPU_TRAINERS = {"train_unet": ["--model", "RF", "--self-cond"], "train_uvit": ["--self-cond", "--aug", "--cl"],
+                 "train_dit": ["--latent", "none", "--self-cond", "--class-cond"]}
+
+
+@pytest.fixture(scope="module")
+def _gpu_runs(tmp_path_factory):
+    """The three trainers' tiny presets, 4 steps each with the GPU defaults (--precision auto, --compile on
+    inductor), each as a 1-rank nccl world as torchrun starts it; side by side, so their compilations overlap."""
+    import socket
+    procs = {}
+    for name, extra in _GPU_TRAINERS.items():
+        out = tmp_path_factory.mktemp(name) / "run"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        argv = ["--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "8", "--train-images",
+                "32", "--log-every", "16", "--sample-every", "0", "--compile", "--out", str(out), *extra]
+        procs[name] = out, subprocess.Popen(
+            [sys.executable, "-c", _GPU_TRAIN, name, *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env={**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    runs = {}
+    try:
+        for name, (out, p) in procs.items():
+            log = p.communicate(timeout=300)[0]
+            runs[name] = out, p.returncode, log
+    finally:  # a run past its time must not hold the GPU for the rest of the check
+        for _, p in procs.values():
+            p.kill()
+    return runs
+
+
+@_GPU
+@_NEEDS_CUDA
+@pytest.mark.parametrize("name", list(_GPU_TRAINERS))
+def test_gpu_trainers_train_with_gpu_defaults_and_sample(_gpu_runs, tmp_path, name):
+    out, rc, log = _gpu_runs[name]
+    assert rc == 0, log[-3000:]
+    assert gpu_check.last_json(log) == {"backend": "nccl", "tf32": True, "fused_adam": True, "channels_last": True}
+    m = _metrics(out)
+    assert len(m) == 2 and all(math.isfinite(v) for r in m for k, v in r.items() if "loss" in k and v is not None)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for k in ("model", "ema") for v in ckpt[k].values() if v.is_floating_point())
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])  # clean names
+    steps = ["--steps", "3"] if name == "train_uvit" else ["--sampler", "euler", "--steps", "3"]  # rk45: fp32 only
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--num-samples", "4", "--batch-size", "4", "--out",
+                 str(tmp_path / "samples"), *steps])  # --precision auto: bf16 on CUDA
+    assert json.loads((tmp_path / "samples" / "config.json").read_text())["bf16"] is True
+    x = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
+    assert x.shape == (4, 16, 16, 3) and x.std() > 0
+
+
+# bf16 rounds each operand to 8 significant bits (steps of 0.4%); the four paper nets read 0.4-1.1% relative L2 error
+# of their output on CPU (ddpm 0.99%, ddpmpp 1.07%, UViT-S 0.71%, DiT-B/1 0.41%), so 3% leaves room for the
+# GPU's other kernels while a layer in the wrong dtype or a broken kernel shows as tens of percent.
+_BF16_TOL = 0.03
+
+
+def _bf16_error(mod, argv, shape, device):
+    """Relative L2 error of the bf16 autocast forward (flash attention kernels only, so a model whose
+    attention cannot use them fails here) against the true fp32 forward (TF32 off) of the same weights.
+    Zero-initialised tensors (DiT's adaLN-zero, the output layers) get small random values: at init
+    their output is exactly 0 and every error would be relative to nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = mod.build_model(mod.get_args([*argv, "--self-cond"])).to(device, memory_format=mod.memory_format(device))
+    for p in model.parameters():
+        if not p.detach().any():
+            nn.init.normal_(p, std=0.02)
+    x = torch.randn(4, *shape, device=device).contiguous(memory_format=mod.memory_format(device))
+    t = torch.rand(4, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with torch.no_grad():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            ref = model.eval()(x, t)[0]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast(device.type, torch.bfloat16):
+            low = model(x, t)[0]
+    assert low.dtype == torch.bfloat16  # autocast reached the output layer
+    return ((low.float() - ref).norm() / ref.norm()).item()
+
+
+@_GPU
+@_NEEDS_CUDA
+@pytest.mark.parametrize("mod,argv,shape", [(train_unet, ["--net", "ddpm"], (3, 32, 32)),
+                                            (train_unet, ["--net", "ddpmpp"], (3, 32, 32)),
+                                            (train_uvit, [], (3, 32, 32)),
+                                            (train_dit, ["--no-class-cond"], (32, 16, 16))])
+def test_gpu_bf16_forward_matches_fp32_on_flash_attention(mod, argv, shape):
+    assert _bf16_error(mod, argv, shape, torch.device("cuda")) < _BF16_TOL
+
+
+def test_gpu_check_bf16_comparison_runs_on_cpu_tiny_nets():
+    """The comparison above, on the tiny presets on CPU (where flash attention has a kernel too)."""
+    for mod, argv in [(train_unet, []), (train_uvit, []), (train_dit, ["--latent", "none"])]:
+        err = _bf16_error(mod, ["--net", "tiny", "--dataset", "shapes", *argv], (3, 32, 32), torch.device("cpu"))
+        assert 1e-4 < err < _BF16_TOL  # not zero: bf16 did run
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    p = subprocess.run([str(ROOT / ".ci" / "gpu")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0
+    assert p.stdout == "gpu check: no CUDA device (torch.cuda.is_available() is False); nothing to run\n"
+
+
+def test_gpu_check_arguments_name_parts():
+    assert gpu_check.get_args([]).parts == list(gpu_check.PARTS)
+    assert gpu_check.get_args(["bench", "ddp-order"]).parts == ["bench", "ddp-order"]
+    with pytest.raises(SystemExit):
+        gpu_check.get_args(["bench", "speed"])  # argparse's usage error (exit 2), before any GPU work
+
+
+def test_gpu_check_benchmarks_run_the_papers_per_gpu_batch():
+    """Table 11's global batch (the trainers' default) over the paper's GPUs: 4, and 6 for DiT-B/1."""
+    gpus = {"ddpm": 4, "ddpmpp": 4, "uvit_s": 4, "dit_b1": 6}
+    for name, (script, argv) in gpu_check.BENCHES.items():
+        mod = importlib.import_module(script[:-3])
+        args = mod.get_args([*argv, "--self-cond", "--bench", str(gpu_check.BENCH_STEPS)])  # the flags exist
+        assert argv[-2] == "--batch-size" and args.batch_size == mod.get_args(argv[:-2]).batch_size // gpus[name]
+        assert args.net == {"ddpm": "ddpm", "ddpmpp": "ddpmpp", "uvit_s": "uvit_s", "dit_b1": "B"}[name]
+
+
+def test_gpu_check_assembles_one_json_line(monkeypatch, capsys):
+    """main() on fake parts: every figure in one line, MFU against the datasheet, a failed part recorded
+    without stopping the others, and the exit status saying so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    rec = {"batch": 128, "img_per_s": 2000.0, "ms_per_step": 64.0, "peak_mem_gib": 20.0, "gflop_per_img": 36.3,
+           "tflops": 296.7, "mfu": 0.45, "matmul_peak_tflops": 659.3, "self_cond_overhead": 1.012, "device": "x"}
+
+    def bench(script, argv):
+        if "ddpmpp" in argv:
+            raise RuntimeError("exit 1: CUDA error: an illegal memory access was encountered")
+        return rec
+    monkeypatch.setattr(gpu_check, "bench", bench)
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda tmp: {"passed": 7, "failed": 0, "skipped": 0,
+                                                             "failed_tests": []})
+    monkeypatch.setattr(gpu_check, "fid_speed", lambda device: {"fid_features_per_s": 4321.0, "batch": 200})
+    monkeypatch.setattr(gpu_check, "sample_speed", lambda tmp: {"img_per_s": 12.34567})
+    assert gpu_check.main([]) == 1
+    cap = capsys.readouterr()
+    out = cap.out.splitlines()
+    assert len(out) == 1
+    fig = json.loads(out[0])
+    assert fig["gpu"] == "NVIDIA H100 80GB HBM3" and fig["gpus"] == 1 and fig["datasheet_bf16_tflops"] == 989
+    assert fig["tests"]["passed"] == 7 and fig["fid"]["fid_features_per_s"] == 4321
+    assert fig["sample_dit_b1"] == {"img_per_s": 12.35}  # 4 significant digits
+    assert fig["bench"]["ddpm"]["mfu_datasheet"] == 0.3 and fig["bench"]["ddpm"]["self_cond_overhead"] == 1.012
+    assert "device" not in fig["bench"]["ddpm"] and set(fig["bench"]) == set(gpu_check.BENCHES)
+    assert fig["bench"]["ddpmpp"] == {"error": "RuntimeError: exit 1: CUDA error: an illegal memory access was "
+                                               "encountered"}
+    assert fig["ddp_order"] == {"not_measured": "1 GPU: the order needs 2 ranks"}
+    assert ("| ddpm | 128 | 2000 | 30.0% | x1.012 |\n| uvit_s | 128 | 2000 | 30.0% | x1.012 |\n"  # for the README,
+            "| dit_b1 | 128 | 2000 | 30.0% | x1.012 |\nFID features: 4321 images/s\n"     # the failed bench left out
+            "DiT-B/1 sampling, Euler-250 + CFG: 12.3 images/s\n") in cap.err
+    assert cap.err.endswith("gpu check: failed: bench ddpmpp\n")
+    assert gpu_check.main(["fid", "sample"]) == 0  # the parts that work, alone
+    assert set(json.loads(capsys.readouterr().out)) == {"date", "gpu", "gpus", "torch", "cuda",
+                                                        "datasheet_bf16_tflops", "fid", "sample_dit_b1", "seconds"}
+
+
+def test_gpu_check_datasheet_peaks():
+    assert gpu_check.datasheet_bf16_tflops("NVIDIA H200") == 989
+    assert gpu_check.datasheet_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
+    for other in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB"):
+        assert gpu_check.datasheet_bf16_tflops(other) is None
+
+
+def test_gpu_check_runs_the_gpu_tests_and_counts_them(tmp_path, monkeypatch, capfd):
+    """The real `pytest -m gpu` of the check, here with CUDA hidden: it selects exactly the gpu tests (all
+    skipped), with no unknown-marker warning; failures are counted and named from pytest's junit report."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_check.gpu_tests(tmp_path) == {"passed": 0, "failed": 0, "skipped": 7, "failed_tests": []}
+    assert "PytestUnknownMarkWarning" not in capfd.readouterr().err
+    junit = ('<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="2" tests="9">'
+             '<testcase name="test_a"><failure message="x"/></testcase><testcase name="test_b"/>'
+             '<testcase name="test_c"><error message="y"/></testcase></testsuite></testsuites>')
+    assert gpu_check.junit_counts(junit) == {"passed": 5, "failed": 2, "skipped": 2,
+                                             "failed_tests": ["test_a", "test_c"]}
+
+
+def test_gpu_check_parts_measure_on_cpu(tmp_path, _one_thread):
+    """Each measuring part end to end on tiny configurations: the same calls the GPU run makes."""
+    rec = gpu_check.bench_part("train_dit.py", ["--net", "tiny", "--latent", "none", "--dataset", "shapes",
+                                                "--resolution", "16", "--batch-size", "4"], None)
+    assert rec["batch"] == 4 and rec["img_per_s"] > 0 and rec["self_cond_overhead"] > 0 and "mfu_datasheet" not in rec
+    assert gpu_check.fid_speed(torch.device("cpu"), n=4, batch=2, rounds=1)["fid_features_per_s"] > 0
+    s = gpu_check.sample_speed(tmp_path, ("--net", "tiny", "--dataset", "in100"), "tiny", batch=2, steps=2)
+    assert s["img_per_s"] > 0 and s["cfg_scale"] == 1.5  # class-conditional: guided by default
+    assert np.load(tmp_path / "n4" / "samples.npz")["arr_0"].shape == (4, 256, 256, 3)  # decoded by the VA-VAE
+
+
+def test_gpu_check_ddp_order_two_ranks_on_cpu(tmp_path):
+    """Both orders train over 2 gloo ranks (eager backend: dynamo's capture, DDP's graph split, no codegen)."""
+    r = gpu_check.ddp_order(0, tmp_path, ["--net", "tiny", "--dataset", "shapes", "--resolution", "16",
+                                          "--self-cond", "--batch-size", "4"], backend="eager", steps=1)
+    assert r["world"] == 2 and set(r["ms_per_step"]) == {"compile(DDP)", "DDP(compile)"}
+    assert r["faster"] in r["ms_per_step"] and r["ratio_compile_ddp_over_ddp_compile"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory of the evaluation at ImageNet scale: `python test_smoke.py memory` (a few minutes)
+
+class _StubDiT(nn.Module):
+    """DiT-B's pooled features (12 blocks x 768) from a fixed projection of the latent: what the
+    probe holds per image does not depend on the network's compute, which this skips."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 768)
+        self.feature_layers = [f"block_{i}" for i in range(1, 13)]
+        self.num_classes, self.in_ch = 0, 32
+
+    def forward(self, x, t, y=None, feats=(), pool=True):
+        f = self.proj(x.mean((2, 3)))  # (N, 768)
+        return x, {name: f + i for i, name in enumerate(self.feature_layers) if name in feats}
+
+
+def _memory_data(root, n):
+    """A fake ImageNet-1k latent cache (n train, n / 25 val images, 1000 classes, the real
+    (2 flips, 32, 16, 16) float16 rows) and a stub DiT-B checkpoint that probes it."""
+    g = np.random.default_rng(0)
+    for split, m in (("train", n), ("val", max(n // 25, 100))):
+        d = root / "cache" / split
+        d.mkdir(parents=True)
+        lat = np.lib.format.open_memmap(d / "latents.npy", "w+", np.float16, (m, 2, 32, 16, 16))
+        for i in range(0, m, 1000):
+            lat[i:i + 1000] = g.normal(size=lat[i:i + 1000].shape)
+        lat.flush()
+        np.save(d / "labels.npy", np.arange(m) % 1000)
+        (d / "complete").write_text("{}")
+    args = train_dit.get_args(["--dataset", "in1k", "--no-class-cond", "--cache-dir", str(root / "cache")])
+    sd = _StubDiT().state_dict()
+    torch.save({"script": "train_dit.py", "args": vars(args), "model": sd, "ema": sd, "step": 0, "images": 0,
+                "latent_stats": {"mean": torch.zeros(32), "std": torch.ones(32)}}, root / "ckpt.pt")
+
+
+def _peak_anon(fn):
+    """fn() while a thread samples this process's anonymous memory (RssAnon, what a node's memory must
+    hold; memory-mapped files are not in it) every 2 ms: the peak in bytes."""
+    import threading
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            with open("/proc/self/status") as f:
+                peak[0] = max(peak[0], next(int(l.split()[1]) for l in f if l.startswith("RssAnon")) * 1024)
+            done.wait(0.002)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0]
+
+
+_MEMORY_STEPS = {  # step -> (what it runs on the data under root, world)
+    "probe.py default cell": lambda root, w: probe.main(
+        ["--ckpt", str(root / "ckpt.pt"), "--epochs", "1", "--out", str(root / f"p{w}")]),
+    "probe.py --grid": lambda root, w: probe.main(
+        ["--ckpt", str(root / "ckpt.pt"), "--grid", "--epochs", "1", "--out", str(root / f"g{w}")]),
+}
+
+
+def _memory_worker(rank, world, step, root, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    train_dit.build_model = lambda args: _StubDiT()
+    peak = _peak_anon(lambda: _MEMORY_STEPS[step](Path(root), world))
+    (Path(root) / f"peak-{world}-{rank}").write_text(str(peak))
+
+
+def memory_benchmark(sizes=(4000, 12000), worlds=(1, 2), steps=tuple(_MEMORY_STEPS)):
+    """Peak anonymous memory per rank of each evaluation step on fake ImageNet-shaped data of two sizes,
+    on 1 and 2 gloo ranks: its growth per image, and that growth extrapolated to ImageNet-1k's train split."""
+    import socket
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            _memory_data(Path(tmp) / str(n), n)
+        for step in steps:
+            for world in worlds:
+                peaks = []
+                for n in sizes:
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", 0))
+                        port = sock.getsockname()[1]
+                    mp.spawn(_memory_worker, args=(world, step, str(Path(tmp) / str(n)), port), nprocs=world)
+                    peaks.append(max(int((Path(tmp) / str(n) / f"peak-{world}-{r}").read_text())
+                                     for r in range(world)))
+                growth = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+                rows.append(dict(step=step, world=world, sizes=list(sizes), peak_mib=[p / 2**20 for p in peaks],
+                                 kib_per_image=growth / 1024,
+                                 in1k_gib=(peaks[0] + growth * (1_281_167 - sizes[0])) / 2**30))
+                print(f"{step:24s} {world} rank(s): peak {peaks[0] / 2**20:.0f} / {peaks[1] / 2**20:.0f} MiB at "
+                      f"{sizes[0]} / {sizes[1]} images: {growth / 1024:.2f} KiB per image per rank, "
+                      f"ImageNet-1k ({1_281_167:,} images) {rows[-1]['in1k_gib']:.1f} GiB per rank", flush=True)
+    print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["memory"]:
+    memory_benchmark()

@@ -240,10 +240,10 @@ class DiT(nn.Module):
         if self.self_cond is not None:  # after the Linear loop above
             self.self_cond.reset_parameters()
 
-    def forward(self, x, t, y=None, feats=()):
+    def forward(self, x, t, y=None, feats=(), pool=True):
         """x (N, C, S, S), t (N,) in [0, 1] with 1 = noise, y (N,) labels (num_classes = null;
-        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of
-        the blocks in feats."""
+        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of the blocks in
+        feats (pool=False: their tokens as a grid (N, D, S/p, S/p), for dense probing)."""
         unknown = set(feats) - set(self.feature_layers)
         if unknown:
             raise ValueError(f"unknown feature layers {sorted(unknown)}; "
@@ -256,16 +256,19 @@ class DiT(nn.Module):
         if self.y_embed is not None:
             null = torch.full((N,), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.y_embed(null if y is None else y)
-        pooled = {}
+        pooled, out_feats = {}, {}
         for i, block in enumerate(self.blocks, 1):
             h = block(h, emb, self.rope)
             if f"block_{i}" in feats or i == self.sc_layer:
                 pooled[f"block_{i}"] = h.float().mean(1)  # (N, D): GAP over tokens, in fp32
+            if f"block_{i}" in feats:
+                grid = h.float().transpose(1, 2).reshape(N, -1, g, g)
+                out_feats[f"block_{i}"] = pooled[f"block_{i}"] if pool else grid
             if i == self.sc_layer:  # later blocks and the final layer read emb'
                 emb = self.self_cond(emb, pooled[f"block_{i}"], t_freq)
         h = self.final(h, emb)  # (N, T, p*p*C)
         x = h.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, S, S)
-        return x, {k: v for k, v in pooled.items() if k in feats}
+        return x, out_feats
 
 
 def build_model(args):
@@ -301,10 +304,10 @@ class LatentRF:
         drop = torch.rand(y.shape, device=y.device) < self.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def pred(self, model, x_t, t, y=None, feats=()):
-        """The velocity and the pooled features in feats. The net sees the paper's t in [0, 1]
-        (LightningDiT feeds its own t, 0 = noise, to the same sinusoid: a relabelling)."""
-        return model(x_t, t, y, feats)
+    def pred(self, model, x_t, t, y=None, feats=(), pool=True):
+        """The velocity and the features in feats (pooled or maps). The net sees the paper's t in
+        [0, 1] (LightningDiT feeds its own t, 0 = noise, to the same sinusoid: a relabelling)."""
+        return model(x_t, t, y, feats, pool)
 
     def loss(self, model, x0, y=None):
         """Per-sample loss (N,) and noise level (N,)."""
@@ -377,6 +380,9 @@ def sample_preview(ema, diffusion, args, device):
 
 NETS = {  # width, blocks, heads: 'B' is DiT-B (Table 9), 'tiny' is for the CPU tests
     "B": dict(width=768, depth=12, heads=12),
+    # DiT-L/1, which the authors' repository also trains with self-conditioning; the designated
+    # block scales with the depth (Table 10's 9 of 12 -> 18 of 24)
+    "L": dict(width=1024, depth=24, heads=16),
     "tiny": dict(width=64, depth=4, heads=4),
 }
 VAES = {  # LDM AutoencoderKL configs: 'f16d32' is the official VA-VAE, 'tiny' its layout, narrow
@@ -427,7 +433,7 @@ def get_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (LightningDiT's recipe)")
     p.add_argument("--ema", type=float, default=0.9999)
     p.add_argument("--warmup-images", type=int,
-                   help="linear lr warm-up (default: none, as the latent recipe)")
+                   help="linear lr warm-up (default none: the latent recipe has none, Table 11)")
     add_training_args(p)
     args = p.parse_args(argv)
     if args.latent != "none" and args.dataset in DATASETS:
@@ -437,14 +443,17 @@ def get_args(argv=None):
     args.class_cond = imagenet if args.class_cond is None else args.class_cond  # Tables 5, 6
     pixel_classes = DATASETS.get(args.dataset, (None,))[0] if args.latent == "none" else None
     args.num_classes = IMAGENET.get(args.dataset, pixel_classes) or folder_classes(args)
-    args.warmup_epochs = 0  # Table 11: the latent recipe has no warm-up
     if args.batch_size is None:
         args.batch_size = 128 if args.net == "tiny" else 1024
     if args.latent == "none":  # as the pixel models; shapes: minutes on a CPU
-        args.epochs = 40 if args.dataset == "shapes" else 2000
+        args.epochs = 40 if args.dataset in SHAPES else 2000
     else:  # other folders: as ImageNet-100
         key = (args.dataset, args.class_cond)
         args.epochs = EPOCHS.get(key, EPOCHS[("in100", args.class_cond)])
+    # kept snapshots: latents every 20 epochs (Table 6 and the authors' repository evaluate FID and
+    # accuracy there), pixels as the pixel trainers (App. A: every 200), none on shapes
+    args.keep_epochs = 0 if args.dataset in SHAPES else 20 if args.latent != "none" else 200
+    args.warmup_epochs = 0  # Table 11 lists no warm-up for latent pre-training
     depth = NETS[args.net]["depth"]
     # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
     # scaled to the net's depth
@@ -886,15 +895,12 @@ def main(argv=None):
     out, log, ckpt_path = Path(args.out), Log(args.out, rank), Path(args.out, "ckpt.pt")
     raise_on_any(check_out_dir(out) if rank == 0 else None)
 
-    # Data, and the run's length in images (paper epochs unless --train-images)
+    # Data, and the run's length in images
     data = load_train_data(args, device)
     if not world <= args.batch_size <= data.n or args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
                          f"processes, at most the {data.n:,} training images")
-    args.train_images = args.train_images or args.epochs * data.n
-    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
-        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+    resolve_length(args, data.n)
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
     torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
@@ -943,12 +949,12 @@ def main(argv=None):
                 continue  # the hot path: no host sync, no collective
 
             # Events, at a gate every rank computes alike: ranks agree on signals and the clock
-            due = meter.since_save() > 60 * args.ckpt_minutes
-            halt, due = agree([bool(stop), due], world, device)
+            halt, due = agree([bool(stop), meter.since_save() > 60 * args.ckpt_minutes], world, device)
             at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
             log_now = at(args.log_every) or done
-            save_now = at(args.ckpt_every) or done or halt or due
+            keep_now = at(args.keep_every)  # a snapshot kept for evaluation along the run
+            save_now = at(args.ckpt_every) or done or halt or due or keep_now
             if log_now or save_now:  # a non-finite loss or weight stops before saving
                 rec = sums.read(world)
                 check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
@@ -956,7 +962,10 @@ def main(argv=None):
                 log_metrics(rec, step, images, opt, meter, out, log, bar, extra)
                 sums.reset()
             if save_now:
-                save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter)
+                state = {"script": Path(__file__).name, "args": vars(args),
+                         "model": model.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "step": step, "images": images, **data.state}
+                save_checkpoint(state, ckpt_path, keep_now, rank, meter)
             if rank == 0 and args.sample_every and (at(args.sample_every) or done):
                 x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # EMA preview
                 save_grid(x, out / f"grid-{images:09d}.png")
@@ -979,11 +988,12 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """The steps where ranks meet for events: every 10th, a log, checkpoint or preview boundary,
-    the last. A function of (step, images) alone, so every rank reaches the same gates."""
+    """The steps where ranks meet for events: every 10th, a log, checkpoint, snapshot or preview
+    boundary, the last. A function of (step, images) alone, so every rank reaches the same gates."""
     return (step % 10 == 0 or images >= args.train_images
             or any(crossed(images, args.batch_size, every)
-                   for every in (args.log_every, args.ckpt_every, args.sample_every)))
+                   for every in (args.log_every, args.ckpt_every, args.keep_every,
+                                 args.sample_every)))
 
 
 def agree(flags, world, device):
@@ -1040,14 +1050,25 @@ def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
 
-def save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter):
-    """One self-describing file, written atomically by rank 0; restarts the checkpoint clock."""
+def save_checkpoint(state, ckpt_path, keep, rank, meter):
+    """One self-describing file, written atomically by rank 0; a kept snapshot is the same file
+    under its own name, ckpt-<images>.pt. Restarts the checkpoint clock."""
     if rank == 0:
-        atomic_save({"script": Path(__file__).name, "args": vars(args),
-                     "model": model.state_dict(), "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "images": images,
-                     **data.state}, ckpt_path)
+        atomic_save(state, ckpt_path)
+        if keep:
+            atomic_save(state, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
     meter.t_save = time.time()
+
+
+def resolve_length(args, n):
+    """The run's length and event spacing in images, from its n training images: the paper's
+    epochs unless --train-images."""
+    args.train_images = args.train_images or args.epochs * n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * n, args.train_images // 10)
+    if args.keep_every is None:
+        args.keep_every = args.keep_epochs * n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1062,6 +1083,9 @@ def add_training_args(p):
     p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
                                                   "shorter runs)")
     p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
+    p.add_argument("--keep-every", type=int,
+                   help="images between kept snapshots ckpt-<images>.pt (default: the paper's "
+                        "evaluation points, App. A and Table 6; none on shapes; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
     p.add_argument("--sample-every", type=int, default=5_000_000,
@@ -1263,8 +1287,16 @@ class LossSums:
 # ------------------------------------------------------------------------------------------------
 # Data: pixel datasets by name or class folders, fetched once per node
 
+SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
+    # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
+    "shapes": ((0, 0.45), (0.55, 1), (0.07, 0.09), (0.22, 0.30)),
+    "shapes-fixed": ((0.225, 0.225), (0.775, 0.775), (0.08, 0.08), (0.26, 0.26)),  # no nuisances
+}
+
+
 DATASETS = {  # pixel datasets known by name: classes, resolution
-    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64),
+    **dict.fromkeys(SHAPES, (10, 32)),
 }
 CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -1278,11 +1310,15 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @functools.lru_cache(maxsize=4)
-def make_shapes(n, seed, res=32):
-    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
-    geometry alone. Every image holds four identical dots; the class is their constellation, under
-    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
-    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
+def make_shapes(n, seed, res=32, name="shapes"):
+    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds four
+    identical dots; the class is their constellation, under random position, size, rotation,
+    mirroring and colours. Colour, area and local texture carry no class, so a probe sees only what
+    the model learns of the arrangement, which is slow. 'shapes-fixed' draws the same classes and
+    poses with one colour pair, radius and size. Returns uint8 images (n, 3, res, res), labels
+    (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense probing) and the
+    nuisance draws (n, 8): background and dot colour, constellation size, dot radius."""
+    bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
         [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
@@ -1303,17 +1339,19 @@ def make_shapes(n, seed, res=32):
     p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
     a = g.uniform(0, 2 * np.pi, n)
     rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
-    size = g.uniform(0.22, 0.30, n) * res
+    size = g.uniform(*size_range, n) * res
     centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
     p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
-    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
+    radius = g.uniform(*radius_range, (n, 1, 1)) * res
     yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
     d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
                 for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
     alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
-    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
+    bg, fg = g.uniform(*bg_range, (n, 3, 1, 1)), g.uniform(*fg_range, (n, 3, 1, 1))
     img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
-    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
+    masks = np.where(alpha[:, 0] >= 0.5, y[:, None, None] + 1, 0).astype(np.uint8)
+    nuisance = np.concatenate([bg[:, :, 0, 0], fg[:, :, 0, 0], size[:, None], radius[:, 0]], 1)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks), nuisance
 
 
 def local_rank():
@@ -1457,11 +1495,16 @@ def decode_images(files, res, workers, skip_bad):
     return xs[ok], labels[ok]
 
 
+def shapes_split(args, split):
+    """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
+    n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+    return make_shapes(n, seed, args.resolution, args.dataset)
+
+
 def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
-    if args.dataset == "shapes":
-        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-        return make_shapes(n, seed, args.resolution)
+    if args.dataset in SHAPES:
+        return shapes_split(args, split)[:2]
     if args.dataset in CIFAR:
         return load_cifar(args.dataset, args.data_path, split)
     return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)

@@ -196,15 +196,15 @@ class UNet(nn.Module):
         if self_cond:
             self.self_cond = SelfCond(self.feature_ch[sc_layer], emb_dim, ch, sc_mode)
 
-    def forward(self, x, t, aug=None, feats=()):
+    def forward(self, x, t, aug=None, feats=(), pool=True):
         """x (N, 3, H, W), t (N,) the network's time input, aug (N, 9) or None.
         Returns the output (N, 3, H, W) and {layer: GAP feature (N, C) fp32}
-        of the layers in feats."""
+        of the layers in feats (pool=False: their maps (N, C, h, w), for dense probing)."""
         t_freq = ddpm_sinusoid(t, self.conv_in.out_channels)  # (N, ch)
         h_t = t_freq if aug is None or self.aug_emb is None else t_freq + self.aug_emb(aug)
         emb = self.time_mlp(h_t)  # (N, D): the label enters before the MLP, as in EDM
         h = self.conv_in(x)
-        skips, pooled, n = [h], {}, 0
+        skips, pooled, out_feats, n = [h], {}, {}, 0
         for blk in self.down:
             h = blk(h, emb)
             skips.append(h)
@@ -219,10 +219,12 @@ class UNet(nn.Module):
             name = f"out_{n}"
             if name in feats or name == self.sc_layer:
                 pooled[name] = h.float().mean(dim=(2, 3))  # GAP in fp32, also under bf16
+            if name in feats:
+                out_feats[name] = pooled[name] if pool else h.float()
             if name == self.sc_layer:  # every later block decodes with the self-conditioned emb
                 emb = self.self_cond(emb, pooled[name], t_freq)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return out, {k: v for k, v in pooled.items() if k in feats}
+        return out, out_feats
 
 
 def build_model(args):
@@ -265,9 +267,9 @@ class DDPM:
     def level(self, t):  # in [0, 1]: for the loss log and the contrastive head
         return t.float() / self.T
 
-    def pred(self, model, x, t, aug=None, feats=()):
-        """The noise eps (N, C, H, W) and the pooled features of the layers in feats."""
-        return model(x, self.level(t), aug, feats)
+    def pred(self, model, x, t, aug=None, feats=(), pool=True):
+        """The noise eps (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
+        return model(x, self.level(t), aug, feats, pool)
 
     def loss(self, model, x0, aug=None, feats=()):
         """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""
@@ -303,12 +305,12 @@ class EDM:
         z = (sigma.float().log() - self.p_mean) / (self.p_std * math.sqrt(2))
         return 0.5 * (1 + torch.erf(z))
 
-    def pred(self, model, x, sigma, aug=None, feats=()):
-        """The denoised x0 (N, C, H, W) and the pooled features of the layers in feats."""
+    def pred(self, model, x, sigma, aug=None, feats=(), pool=True):
+        """The denoised x0 (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
         s, sd = sigma.float().view(-1, 1, 1, 1), self.sigma_data
         c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
-        out, pooled = model(c_in * x, sigma.float().log() / 4, aug, feats)  # c_noise = ln(s)/4
+        out, pooled = model(c_in * x, sigma.float().log() / 4, aug, feats, pool)  # c_noise: ln(s)/4
         return c_skip * x + c_out * out.float(), pooled
 
     def loss(self, model, x0, aug=None, feats=()):
@@ -353,9 +355,9 @@ class RF:
     def level(self, t):
         return t.float()
 
-    def pred(self, model, x, t, aug=None, feats=()):
-        """The velocity (N, C, H, W) and the pooled features of the layers in feats."""
-        return model(x, t.float(), aug, feats)
+    def pred(self, model, x, t, aug=None, feats=(), pool=True):
+        """The velocity (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
+        return model(x, t.float(), aug, feats, pool)
 
     def loss(self, model, x0, aug=None, feats=()):
         """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""
@@ -658,7 +660,7 @@ CELLS = {  # Table 10: probe noise level (DDPM step, EDM sigma, RF t) and design
     ("EDM", "ddpm", "in100"): (0.2964, "out_5"),
     # Not in the paper: the CPU quickstart's cell, by the same rule (probe.py --grid on a
     # baseline run; README)
-    ("RF", "tiny", "shapes"): (0.4, "out_1"),
+    ("RF", "tiny", "shapes"): (0.4, "out_1"), ("RF", "tiny", "shapes-fixed"): (0.4, "out_2"),
 }
 PROBE_T = {"DDPM": 11, "EDM": 0.06, "RF": 0.06}  # elsewhere: Table 10's CIFAR levels ...
 PROBE_T_64 = {"DDPM": 66, "EDM": 0.2964}  # ... and its Tiny-ImageNet / ImageNet-100 ones
@@ -704,8 +706,11 @@ def get_args(argv=None):
     for k, v in default.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.resolution = args.resolution or DATASETS.get(args.dataset, (0, 64))[1]
-    args.epochs = 5 if args.dataset == "shapes" else 2000  # shapes: 50k images, minutes on a CPU
+    args.epochs = 5 if args.dataset in SHAPES else 2000  # shapes: 50k images, minutes on a CPU
     args.warmup_epochs = form["warmup_epochs"]
+    # kept snapshots: every 200 epochs, the points of App. A (FID every 200 epochs, accuracy the best
+    # of epochs 800, 1000, 1200); none on shapes, whose quickstart needs none
+    args.keep_epochs = 0 if args.dataset in SHAPES else 200
 
     n_out = len(NETS[args.net]["mult"]) * (NETS[args.net]["blocks"] + 1)
     big = args.dataset in ("tiny-imagenet", "in100")
@@ -786,15 +791,12 @@ def main(argv=None):
     out, log, ckpt_path = Path(args.out), Log(args.out, rank), Path(args.out, "ckpt.pt")
     raise_on_any(check_out_dir(out) if rank == 0 else None)
 
-    # Data, and the run's length in images (paper epochs unless --train-images)
+    # Data, and the run's length in images
     data = load_train_data(args, device)
     if not world <= args.batch_size <= data.n or args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
                          f"processes, at most the {data.n:,} training images")
-    args.train_images = args.train_images or args.epochs * data.n
-    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
-        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+    resolve_length(args, data.n)
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
     torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
@@ -843,12 +845,12 @@ def main(argv=None):
                 continue  # the hot path: no host sync, no collective
 
             # Events, at a gate every rank computes alike: ranks agree on signals and the clock
-            due = meter.since_save() > 60 * args.ckpt_minutes
-            halt, due = agree([bool(stop), due], world, device)
+            halt, due = agree([bool(stop), meter.since_save() > 60 * args.ckpt_minutes], world, device)
             at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
             log_now = at(args.log_every) or done
-            save_now = at(args.ckpt_every) or done or halt or due
+            keep_now = at(args.keep_every)  # a snapshot kept for evaluation along the run
+            save_now = at(args.ckpt_every) or done or halt or due or keep_now
             if log_now or save_now:  # a non-finite loss or weight stops before saving
                 rec = sums.read(world)
                 check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
@@ -856,7 +858,10 @@ def main(argv=None):
                 log_metrics(rec, step, images, opt, meter, out, log, bar, extra)
                 sums.reset()
             if save_now:
-                save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter)
+                state = {"script": Path(__file__).name, "args": vars(args),
+                         "model": model.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "step": step, "images": images, **data.state}
+                save_checkpoint(state, ckpt_path, keep_now, rank, meter)
             if rank == 0 and args.sample_every and (at(args.sample_every) or done):
                 x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # EMA preview
                 save_grid(x, out / f"grid-{images:09d}.png")
@@ -879,11 +884,12 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """The steps where ranks meet for events: every 10th, a log, checkpoint or preview boundary,
-    the last. A function of (step, images) alone, so every rank reaches the same gates."""
+    """The steps where ranks meet for events: every 10th, a log, checkpoint, snapshot or preview
+    boundary, the last. A function of (step, images) alone, so every rank reaches the same gates."""
     return (step % 10 == 0 or images >= args.train_images
             or any(crossed(images, args.batch_size, every)
-                   for every in (args.log_every, args.ckpt_every, args.sample_every)))
+                   for every in (args.log_every, args.ckpt_every, args.keep_every,
+                                 args.sample_every)))
 
 
 def agree(flags, world, device):
@@ -940,14 +946,25 @@ def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
 
-def save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter):
-    """One self-describing file, written atomically by rank 0; restarts the checkpoint clock."""
+def save_checkpoint(state, ckpt_path, keep, rank, meter):
+    """One self-describing file, written atomically by rank 0; a kept snapshot is the same file
+    under its own name, ckpt-<images>.pt. Restarts the checkpoint clock."""
     if rank == 0:
-        atomic_save({"script": Path(__file__).name, "args": vars(args),
-                     "model": model.state_dict(), "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "images": images,
-                     **data.state}, ckpt_path)
+        atomic_save(state, ckpt_path)
+        if keep:
+            atomic_save(state, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
     meter.t_save = time.time()
+
+
+def resolve_length(args, n):
+    """The run's length and event spacing in images, from its n training images: the paper's
+    epochs unless --train-images."""
+    args.train_images = args.train_images or args.epochs * n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * n, args.train_images // 10)
+    if args.keep_every is None:
+        args.keep_every = args.keep_epochs * n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -962,6 +979,9 @@ def add_training_args(p):
     p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
                                                   "shorter runs)")
     p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
+    p.add_argument("--keep-every", type=int,
+                   help="images between kept snapshots ckpt-<images>.pt (default: the paper's "
+                        "evaluation points, App. A and Table 6; none on shapes; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
     p.add_argument("--sample-every", type=int, default=5_000_000,
@@ -1163,8 +1183,16 @@ class LossSums:
 # ------------------------------------------------------------------------------------------------
 # Data: pixel datasets by name or class folders, fetched once per node
 
+SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
+    # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
+    "shapes": ((0, 0.45), (0.55, 1), (0.07, 0.09), (0.22, 0.30)),
+    "shapes-fixed": ((0.225, 0.225), (0.775, 0.775), (0.08, 0.08), (0.26, 0.26)),  # no nuisances
+}
+
+
 DATASETS = {  # pixel datasets known by name: classes, resolution
-    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64),
+    **dict.fromkeys(SHAPES, (10, 32)),
 }
 CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -1178,11 +1206,15 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @functools.lru_cache(maxsize=4)
-def make_shapes(n, seed, res=32):
-    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
-    geometry alone. Every image holds four identical dots; the class is their constellation, under
-    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
-    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
+def make_shapes(n, seed, res=32, name="shapes"):
+    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds four
+    identical dots; the class is their constellation, under random position, size, rotation,
+    mirroring and colours. Colour, area and local texture carry no class, so a probe sees only what
+    the model learns of the arrangement, which is slow. 'shapes-fixed' draws the same classes and
+    poses with one colour pair, radius and size. Returns uint8 images (n, 3, res, res), labels
+    (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense probing) and the
+    nuisance draws (n, 8): background and dot colour, constellation size, dot radius."""
+    bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
         [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
@@ -1203,17 +1235,19 @@ def make_shapes(n, seed, res=32):
     p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
     a = g.uniform(0, 2 * np.pi, n)
     rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
-    size = g.uniform(0.22, 0.30, n) * res
+    size = g.uniform(*size_range, n) * res
     centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
     p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
-    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
+    radius = g.uniform(*radius_range, (n, 1, 1)) * res
     yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
     d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
                 for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
     alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
-    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
+    bg, fg = g.uniform(*bg_range, (n, 3, 1, 1)), g.uniform(*fg_range, (n, 3, 1, 1))
     img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
-    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
+    masks = np.where(alpha[:, 0] >= 0.5, y[:, None, None] + 1, 0).astype(np.uint8)
+    nuisance = np.concatenate([bg[:, :, 0, 0], fg[:, :, 0, 0], size[:, None], radius[:, 0]], 1)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks), nuisance
 
 
 def local_rank():
@@ -1357,11 +1391,16 @@ def decode_images(files, res, workers, skip_bad):
     return xs[ok], labels[ok]
 
 
+def shapes_split(args, split):
+    """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
+    n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+    return make_shapes(n, seed, args.resolution, args.dataset)
+
+
 def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
-    if args.dataset == "shapes":
-        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-        return make_shapes(n, seed, args.resolution)
+    if args.dataset in SHAPES:
+        return shapes_split(args, split)[:2]
     if args.dataset in CIFAR:
         return load_cifar(args.dataset, args.data_path, split)
     return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)

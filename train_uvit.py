@@ -144,9 +144,10 @@ class UViT(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)  # a small random start, as a position
 
-    def forward(self, x, t, aug=None, feats=()):
+    def forward(self, x, t, aug=None, feats=(), pool=True):
         """x (N, 3, H, W), t (N,) = DDPM step / T, aug (N, 9) or None. Returns eps (N, 3, H, W)
-        and {name: (N, dim) fp32} of the features in feats."""
+        and {name: (N, dim) fp32} of the features in feats (pool=False: an out-block's image
+        tokens as their grid (N, dim, H/p, W/p), for dense probing)."""
         want = {f: f"cls_{self.sc_layer[4:]}" if f == "cls" else f for f in feats}
         unknown = set(want.values()) - set(self.feature_layers + self.cls_layers)
         if unknown:
@@ -171,8 +172,10 @@ class UViT(nn.Module):
         for i, blk in enumerate(self.out_blocks, 1):
             h = blk(h, skips.pop(), mask=self.attn_mask)
             for name, layer in want.items():
-                if layer == f"out_{i}":
-                    pooled[name] = h[:, self.extras:].float().mean(1)  # image tokens only
+                if layer == f"out_{i}":  # image tokens only
+                    tok = h[:, self.extras:].float()  # (N, L, D)
+                    grid = tok.transpose(1, 2).reshape(n, -1, hh // self.patch, ww // self.patch)
+                    pooled[name] = tok.mean(1) if pool else grid
                 elif layer == f"cls_{i}":
                     pooled[name] = h[:, self.extras - 1].float()
         h = self.decoder_pred(self.norm(h))[:, self.extras:]  # (N, L, p*p*3): patches only
@@ -216,9 +219,9 @@ class DDPM:
     def level(self, t):  # in [0, 1]: for the loss log and the contrastive head
         return t.float() / self.T
 
-    def pred(self, model, x, t, aug=None, feats=()):
-        """The noise eps (N, C, H, W) and the pooled features of the layers in feats."""
-        return model(x, self.level(t), aug, feats)
+    def pred(self, model, x, t, aug=None, feats=(), pool=True):
+        """The noise eps (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
+        return model(x, self.level(t), aug, feats, pool)
 
     def loss(self, model, x0, aug=None, feats=()):
         """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""
@@ -534,8 +537,11 @@ def get_args(argv=None):
         p.error(f"--resolution {args.resolution} is not a multiple of the patch size {patch}")
     if args.batch_size is None:
         args.batch_size = {"uvit_s": 256, "tiny": 128}[args.net]
-    args.epochs = 40 if args.dataset == "shapes" else 2000  # shapes: minutes on a CPU
+    args.epochs = 40 if args.dataset in SHAPES else 2000  # shapes: minutes on a CPU
     args.warmup_epochs = 13  # Table 11, DDPM
+    # kept snapshots: every 200 epochs, the points of App. A (FID every 200 epochs, accuracy the best
+    # of epochs 800, 1000, 1200); none on shapes, whose quickstart needs none
+    args.keep_epochs = 0 if args.dataset in SHAPES else 200
     n_out = NETS[args.net]["depth"] // 2
     probe_t, layer = PROBE.get(args.dataset, (11, "out_2"))  # out_2 exists in every preset
     args.probe_t = args.probe_t or probe_t
@@ -612,15 +618,12 @@ def main(argv=None):
     out, log, ckpt_path = Path(args.out), Log(args.out, rank), Path(args.out, "ckpt.pt")
     raise_on_any(check_out_dir(out) if rank == 0 else None)
 
-    # Data, and the run's length in images (paper epochs unless --train-images)
+    # Data, and the run's length in images
     data = load_train_data(args, device)
     if not world <= args.batch_size <= data.n or args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
                          f"processes, at most the {data.n:,} training images")
-    args.train_images = args.train_images or args.epochs * data.n
-    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
-        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+    resolve_length(args, data.n)
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
     torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
@@ -669,12 +672,12 @@ def main(argv=None):
                 continue  # the hot path: no host sync, no collective
 
             # Events, at a gate every rank computes alike: ranks agree on signals and the clock
-            due = meter.since_save() > 60 * args.ckpt_minutes
-            halt, due = agree([bool(stop), due], world, device)
+            halt, due = agree([bool(stop), meter.since_save() > 60 * args.ckpt_minutes], world, device)
             at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
             log_now = at(args.log_every) or done
-            save_now = at(args.ckpt_every) or done or halt or due
+            keep_now = at(args.keep_every)  # a snapshot kept for evaluation along the run
+            save_now = at(args.ckpt_every) or done or halt or due or keep_now
             if log_now or save_now:  # a non-finite loss or weight stops before saving
                 rec = sums.read(world)
                 check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
@@ -682,7 +685,10 @@ def main(argv=None):
                 log_metrics(rec, step, images, opt, meter, out, log, bar, extra)
                 sums.reset()
             if save_now:
-                save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter)
+                state = {"script": Path(__file__).name, "args": vars(args),
+                         "model": model.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "step": step, "images": images, **data.state}
+                save_checkpoint(state, ckpt_path, keep_now, rank, meter)
             if rank == 0 and args.sample_every and (at(args.sample_every) or done):
                 x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # EMA preview
                 save_grid(x, out / f"grid-{images:09d}.png")
@@ -705,11 +711,12 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """The steps where ranks meet for events: every 10th, a log, checkpoint or preview boundary,
-    the last. A function of (step, images) alone, so every rank reaches the same gates."""
+    """The steps where ranks meet for events: every 10th, a log, checkpoint, snapshot or preview
+    boundary, the last. A function of (step, images) alone, so every rank reaches the same gates."""
     return (step % 10 == 0 or images >= args.train_images
             or any(crossed(images, args.batch_size, every)
-                   for every in (args.log_every, args.ckpt_every, args.sample_every)))
+                   for every in (args.log_every, args.ckpt_every, args.keep_every,
+                                 args.sample_every)))
 
 
 def agree(flags, world, device):
@@ -766,14 +773,25 @@ def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
 
-def save_checkpoint(model, ema, opt, step, images, data, args, ckpt_path, rank, meter):
-    """One self-describing file, written atomically by rank 0; restarts the checkpoint clock."""
+def save_checkpoint(state, ckpt_path, keep, rank, meter):
+    """One self-describing file, written atomically by rank 0; a kept snapshot is the same file
+    under its own name, ckpt-<images>.pt. Restarts the checkpoint clock."""
     if rank == 0:
-        atomic_save({"script": Path(__file__).name, "args": vars(args),
-                     "model": model.state_dict(), "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "images": images,
-                     **data.state}, ckpt_path)
+        atomic_save(state, ckpt_path)
+        if keep:
+            atomic_save(state, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
     meter.t_save = time.time()
+
+
+def resolve_length(args, n):
+    """The run's length and event spacing in images, from its n training images: the paper's
+    epochs unless --train-images."""
+    args.train_images = args.train_images or args.epochs * n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * n, args.train_images // 10)
+    if args.keep_every is None:
+        args.keep_every = args.keep_epochs * n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -788,6 +806,9 @@ def add_training_args(p):
     p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
                                                   "shorter runs)")
     p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
+    p.add_argument("--keep-every", type=int,
+                   help="images between kept snapshots ckpt-<images>.pt (default: the paper's "
+                        "evaluation points, App. A and Table 6; none on shapes; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
     p.add_argument("--sample-every", type=int, default=5_000_000,
@@ -989,8 +1010,16 @@ class LossSums:
 # ------------------------------------------------------------------------------------------------
 # Data: pixel datasets by name or class folders, fetched once per node
 
+SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
+    # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
+    "shapes": ((0, 0.45), (0.55, 1), (0.07, 0.09), (0.22, 0.30)),
+    "shapes-fixed": ((0.225, 0.225), (0.775, 0.775), (0.08, 0.08), (0.26, 0.26)),  # no nuisances
+}
+
+
 DATASETS = {  # pixel datasets known by name: classes, resolution
-    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64), "shapes": (10, 32),
+    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64),
+    **dict.fromkeys(SHAPES, (10, 32)),
 }
 CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -1004,11 +1033,15 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @functools.lru_cache(maxsize=4)
-def make_shapes(n, seed, res=32):
-    """A deterministic toy dataset, uint8 (n, 3, res, res) and labels (n,): 10 classes told apart by
-    geometry alone. Every image holds four identical dots; the class is their constellation, under
-    random position, size, rotation, mirroring and colours. Colour, area and local texture carry
-    no class, so a probe sees only what the model learns of the arrangement, which is slow."""
+def make_shapes(n, seed, res=32, name="shapes"):
+    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds four
+    identical dots; the class is their constellation, under random position, size, rotation,
+    mirroring and colours. Colour, area and local texture carry no class, so a probe sees only what
+    the model learns of the arrangement, which is slow. 'shapes-fixed' draws the same classes and
+    poses with one colour pair, radius and size. Returns uint8 images (n, 3, res, res), labels
+    (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense probing) and the
+    nuisance draws (n, 8): background and dot colour, constellation size, dot radius."""
+    bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
         [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
@@ -1029,17 +1062,19 @@ def make_shapes(n, seed, res=32):
     p[g.random(n) < 0.5, :, 0] *= -1  # mirrored: a flipped L is still an L
     a = g.uniform(0, 2 * np.pi, n)
     rot = np.stack([np.cos(a), -np.sin(a), np.sin(a), np.cos(a)], 1).reshape(n, 2, 2)
-    size = g.uniform(0.22, 0.30, n) * res
+    size = g.uniform(*size_range, n) * res
     centre = g.uniform(0.42, 0.58, (n, 1, 2)) * res
     p = np.einsum("nij,nkj->nki", rot, p) * size[:, None, None] + centre  # (n, 4, 2) pixels
-    radius = g.uniform(0.07, 0.09, (n, 1, 1)) * res
+    radius = g.uniform(*radius_range, (n, 1, 1)) * res
     yy, xx = np.mgrid[:res, :res].astype(np.float32) + 0.5
     d = np.min([np.hypot(xx - p[:, k, 0, None, None], yy - p[:, k, 1, None, None])
                 for k in range(4)], axis=0)  # (n, res, res): distance to the nearest dot centre
     alpha = np.clip(0.5 - (d - radius), 0, 1)[:, None]  # (n, 1, res, res) anti-aliased coverage
-    bg, fg = g.uniform(0, 0.45, (n, 3, 1, 1)), g.uniform(0.55, 1, (n, 3, 1, 1))
+    bg, fg = g.uniform(*bg_range, (n, 3, 1, 1)), g.uniform(*fg_range, (n, 3, 1, 1))
     img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
-    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64))
+    masks = np.where(alpha[:, 0] >= 0.5, y[:, None, None] + 1, 0).astype(np.uint8)
+    nuisance = np.concatenate([bg[:, :, 0, 0], fg[:, :, 0, 0], size[:, None], radius[:, 0]], 1)
+    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks), nuisance
 
 
 def local_rank():
@@ -1183,11 +1218,16 @@ def decode_images(files, res, workers, skip_bad):
     return xs[ok], labels[ok]
 
 
+def shapes_split(args, split):
+    """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
+    n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+    return make_shapes(n, seed, args.resolution, args.dataset)
+
+
 def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
-    if args.dataset == "shapes":
-        n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-        return make_shapes(n, seed, args.resolution)
+    if args.dataset in SHAPES:
+        return shapes_split(args, split)[:2]
     if args.dataset in CIFAR:
         return load_cifar(args.dataset, args.data_path, split)
     return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
