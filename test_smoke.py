@@ -1244,9 +1244,15 @@ def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch)
     train_dit.latent_cache(args, "train")
     assert counter.calls == 0 and (out / "complete").exists()
     monkeypatch.setattr(train_dit, "load_vae", lambda a, d: pytest.fail("cache not reused"))
-    x, y = train_dit.load_latents(args, "train")
+    d, stats = train_dit.latent_cache(args, "train"), train_dit.latent_stats(args)
+    norm = lambda z: (torch.from_numpy(z.astype(np.float32)) - stats["mean"][:, None, None]) / stats["std"][:, None, None]
+    lat = np.load(d / "latents.npy", mmap_mode="r")
+    x, xf, y = norm(lat[:, 0]), norm(lat[:, 1]), torch.from_numpy(np.load(d / "labels.npy"))
     assert x.shape == (6, 32, 16, 16) and x.dtype == torch.float32 and y.tolist() == [0, 0, 0, 1, 1, 1]
-    assert abs(x.mean().item()) < 0.2 and abs(torch.cat([x, train_dit.load_latents(args, "train", flip=True)[0]]).std().item() - 1) < 0.05
+    assert abs(x.mean().item()) < 0.2 and abs(torch.cat([x, xf]).std().item() - 1) < 0.05
+    # a valid .npy whose header is padded to a page: every 32 KiB row starts on a page boundary
+    assert lat.offset == 4096 and lat[0].nbytes == 32768
+    assert np.array_equal(np.load(d / "latents.npy"), lat)  # also read without a memory map
 
     # every row holds its own image (unflipped, flipped), whichever process wrote it
     lat = np.load(out / "latents.npy", mmap_mode="r")
@@ -1268,6 +1274,61 @@ def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch)
     stats = torch.load(out / "stats.pt", weights_only=True)
     assert torch.equal(ckpt["latent_stats"]["mean"], stats["mean"]) and ckpt["latent_stats"]["std"].shape == (32,)
     assert ckpt["args"]["num_classes"] == 2 and ckpt["model"]["y_embed.weight"].shape == (3, 64)
+
+
+def _dit_bad_cache_worker(rank, world, args, init_file, result_dir):
+    from datetime import timedelta
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        train_dit.latent_cache(args, "train")
+        msg = "no error"
+    except SystemExit as e:
+        msg = str(e)
+    (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
+
+
+def test_dit_bad_latent_cache_ends_every_rank_with_one_line(tmp_path):
+    # a truncated latents.npy, and an old (64-byte header) cache that must still load: two gloo ranks
+    # end promptly with the same line, none waits at a barrier
+    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "absent"), "--cache-dir", str(tmp_path / "cache"))
+    out = train_dit.cache_dir(args, "train")
+    out.mkdir(parents=True)
+    np.save(out / "latents.npy", np.zeros((3, 2, 32, 16, 16), np.float16))  # as the old code wrote it
+    (out / "complete").write_text("{}")
+    assert train_dit.latent_cache(args, "train") == out  # one process: the old layout reads
+    with open(out / "latents.npy", "r+b") as f:
+        f.truncate(5000)
+    t0 = time.time()
+    mp.spawn(_dit_bad_cache_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[0] == msgs[1] and "is unreadable" in msgs[0] and "\n" not in msgs[0]
+    assert time.time() - t0 < 50
+    (out / "latents.npy").write_bytes(b"garbage" * 100)  # garbage: the same one line
+    with pytest.raises(SystemExit, match="is unreadable"):
+        train_dit.latent_cache(args, "train")
+
+
+def _dit_unshared_cache_worker(rank, world, args, init_file, result_dir):
+    from datetime import timedelta
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    args.cache_dir = str(Path(args.cache_dir) / f"node{rank}")  # as if each node had its own disk
+    try:
+        train_dit.latent_cache(args, "train")
+        msg = "no error"
+    except SystemExit as e:
+        msg = str(e)
+    (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
+
+
+def test_dit_ranks_without_a_shared_cache_stop_with_one_line(tmp_path):
+    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "absent"), "--cache-dir", str(tmp_path / "cache"))
+    mp.spawn(_dit_unshared_cache_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[0] == msgs[1] and "do not share the latent cache" in msgs[0]
 
 
 def _dit_train(out, images, *extra):

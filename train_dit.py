@@ -783,45 +783,71 @@ def done_mask(out, n):
     return done
 
 
+def create_cache_file(path, shape):
+    """An empty float16 .npy of `shape` whose header is padded to 4096 bytes: every row of
+    32 KiB then starts on a page boundary, so ranks writing their own rows share no page."""
+    header = repr({"descr": "<f2", "fortran_order": False, "shape": shape}).encode("latin1")
+    with open(path, "wb") as f:  # format 1.0: magic, uint16 header length, header + spaces + \n
+        f.write(b"\x93NUMPY\x01\x00" + (4096 - 10).to_bytes(2, "little"))
+        f.write(header.ljust(4096 - 10 - 1) + b"\n")
+        f.truncate(4096 + 2 * math.prod(shape))  # sparse until written
+
+
+def open_cache(out, n=None, mode="r"):
+    """(out/latents.npy memory-mapped, None), or (None, a one-line error) for a file that is
+    unreadable (truncated, garbage) or holds another number of images than n."""
+    try:
+        lat = np.load(out / "latents.npy", mmap_mode=mode)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        return None, (f"latent cache {out / 'latents.npy'} is unreadable ({e}): delete the "
+                      f"folder and rerun")
+    if n is not None and len(lat) != n:
+        return None, (f"latent cache {out} holds {len(lat)} images, the dataset {n}: "
+                      f"delete the folder")
+    return lat, None
+
+
 def extract_latents(files, out, vae, device, batch=64, workers=0, rank=0, world=1):
     """Encode each image of `files` and its horizontal flip once into out/latents.npy
     (N, 2, 32, 16, 16) float16. Rank r encodes r::world of the rows not done yet and writes
     only those; out/done.rank<r>.npy (saved atomically after every batch) marks its finished
-    rows, so a killed run resumes where it stopped, with any world size. Returns its indices."""
-    sync = dist.barrier if world > 1 else (lambda: None)
-    out.mkdir(parents=True, exist_ok=True)
-    n, shape = len(files), (len(files), 2, 32, 16, 16)
+    rows, so a killed run resumes where it stopped, with any world size. Returns its indices.
+    A collective: any rank's error (full disk, bad cache, unreadable image) ends every rank
+    with the same line, at the latest one batch later."""
+    n, shape, error = len(files), (len(files), 2, 32, 16, 16), None
     if rank == 0 and not (out / "latents.npy").exists():
+        out.mkdir(parents=True, exist_ok=True)
         need, free = 2 * math.prod(shape), shutil.disk_usage(out).free  # float16 rows
         if need > free:  # a memory-mapped write to a full disk would kill the process
-            raise SystemExit(f"the latent cache needs {need / 2**30:.1f} GiB in {out}, "
-                             f"{free / 2**30:.1f} GiB are free: free some or pass --cache-dir")
-        np.save(out / "labels.npy", np.array([label for _, label in files], dtype=np.int64))
-        tmp = out / "latents.tmp.npy"
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-        os.replace(tmp, out / "latents.npy")
-    sync()
-    lat = np.load(out / "latents.npy", mmap_mode="r+")
-    if len(lat) != n:
-        raise SystemExit(f"latent cache {out} holds {len(lat)} images, the dataset {n}: "
-                         f"delete the folder")
+            error = (f"the latent cache needs {need / 2**30:.1f} GiB in {out}, "
+                     f"{free / 2**30:.1f} GiB are free: free some or pass --cache-dir")
+        else:
+            np.save(out / "labels.npy", np.array([label for _, label in files], dtype=np.int64))
+            create_cache_file(out / "latents.tmp.npy", shape)
+            os.replace(out / "latents.tmp.npy", out / "latents.npy")
+    raise_on_any(error)  # also the barrier: the file exists before any rank opens it
+    lat, error = open_cache(out, n, "r+")
+    raise_on_any(error)
     done = done_mask(out, n)
-    todo = np.flatnonzero(~done)[rank::world]
-    sync()  # everyone has read the masks before anyone rewrites its own
+    todo = np.flatnonzero(~done)
+    rounds = math.ceil(len(todo[0::world]) / batch)  # rank 0 has the most rows: every rank's count
+    todo = todo[rank::world]
+    raise_on_any(None)  # everyone has read the masks before anyone rewrites its own
     images = torch.utils.data.Subset(ImageFiles(files, IMAGE_SIZE), todo)
-    loader = torch.utils.data.DataLoader(images, batch_size=batch, num_workers=workers)
-    for idx, img, errors in tqdm(loader, desc=f"encoding {out}", disable=rank or not len(todo)):
-        if any(errors):
-            raise SystemExit(f"cannot read image {next(e for e in errors if e)}: fix or remove "
-                             f"it, then rerun")
-        x = img.to(device).float() / 127.5 - 1  # (B, 3, 256, 256)
-        z = vae.encode(torch.cat([x, x.flip(3)])).float().cpu().numpy()  # (2B, 32, 16, 16)
-        idx = idx.numpy()
-        lat[idx, 0], lat[idx, 1] = z[:len(idx)], z[len(idx):]
-        lat.flush()  # the rows reach the file before the mask says they are done
-        done[idx] = True
-        atomic_save(done, out / f"done.rank{rank}.npy", lambda a, f: np.save(f, a))
-    sync()
+    loader = iter(torch.utils.data.DataLoader(images, batch_size=batch, num_workers=workers))
+    for _ in tqdm(range(rounds), desc=f"encoding {out}", disable=rank or not len(todo)):
+        idx, img, errors = next(loader, (None, None, ()))
+        error = next((f"cannot read image {e}: fix or remove it, then rerun" for e in errors if e),
+                     None)
+        if idx is not None and not error:
+            x = img.to(device).float() / 127.5 - 1  # (B, 3, 256, 256)
+            z = vae.encode(torch.cat([x, x.flip(3)])).float().cpu().numpy()  # (2B, 32, 16, 16)
+            idx = idx.numpy()
+            lat[idx, 0], lat[idx, 1] = z[:len(idx)], z[len(idx):]
+            lat.flush()  # the rows reach the file before the mask says they are done
+            done[idx] = True
+            atomic_save(done, out / f"done.rank{rank}.npy", lambda a, f: np.save(f, a))
+        raise_on_any(error)  # once a batch: a bad image stops every rank within one batch
     return todo.tolist()
 
 
@@ -838,41 +864,55 @@ def channel_stats(lat, chunk=1024):
     return {"mean": mean.float(), "std": std.float()}
 
 
+def same_cache(out, rank, world):
+    """Stop every rank unless all see the same cache folder: rank 0 writes a fresh token there
+    and each rank reads it back (a multi-node run needs the cache on a shared file system)."""
+    if world == 1:
+        return
+    token, error = os.urandom(8).hex(), None
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "world.token").write_text(token)
+        except OSError as e:
+            error = f"cannot write the latent cache {out} ({e}): pass a writable --cache-dir"
+    raise_on_any(error)
+    sent = [token]
+    dist.broadcast_object_list(sent, src=0)
+    seen = (out / "world.token").read_text() if (out / "world.token").exists() else None
+    raise_on_any(None if seen == sent[0] else
+                 f"the ranks do not share the latent cache {out}: put it on a file system every "
+                 f"node sees (--cache-dir)")
+
+
 def latent_cache(args, split):
     """The folder of the split's latent cache, encoded first if missing or unfinished (a
-    collective: every rank encodes its share)."""
+    collective: every rank encodes its share). A bad cache ends every rank with one line."""
     out = cache_dir(args, split)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    same_cache(out, rank, world)  # before any rank branches on the folder's content
     if not (out / "complete").exists():
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         extract_latents(image_files(args, split), out, load_vae(args, device), device,
                         args.extract_batch, args.workers, rank, world)
+        error = None
         if rank == 0:
-            lat = np.load(out / "latents.npy", mmap_mode="r")
-            missing = int((~done_mask(out, len(lat))).sum())
+            lat, error = open_cache(out)
+            missing = 0 if error else int((~done_mask(out, len(lat))).sum())
             if missing:
-                raise SystemExit(f"latent cache {out}: {missing} images were not encoded; "
-                                 f"rerun to finish")
-            atomic_save(channel_stats(lat), out / "stats.pt")
-            (out / "complete").write_text(json.dumps({"images": len(lat), "vae": args.vae}))
-        if world > 1:
-            dist.barrier()
+                error = f"latent cache {out}: {missing} images were not encoded; rerun to finish"
+            elif not error:
+                atomic_save(channel_stats(lat), out / "stats.pt")
+                (out / "complete").write_text(json.dumps({"images": len(lat), "vae": args.vae}))
+        raise_on_any(error)  # also the barrier: the cache is complete before any rank reads it
+    raise_on_any(open_cache(out)[1])  # a truncated or garbage file: one line, every rank
     return out
 
 
 def latent_stats(args):
     """Per-channel mean and std of the training cache: the normalisation of every split."""
     return torch.load(latent_cache(args, "train") / "stats.pt", weights_only=True)
-
-
-def load_latents(args, split="train", flip=False):
-    """(normalised float32 latents (N, 32, 16, 16), labels (N,)) of a split: the unflipped copy,
-    or with flip=True the flipped one. ImageNet-1k takes 42 GB like this."""
-    d, stats = latent_cache(args, split), latent_stats(args)
-    x = np.load(d / "latents.npy", mmap_mode="r")[:, int(flip)].astype(np.float32)
-    x = (torch.from_numpy(x) - stats["mean"][:, None, None]) / stats["std"][:, None, None]
-    return x, torch.from_numpy(np.load(d / "labels.npy"))
 
 
 # Below: identical in all three trainers
@@ -949,7 +989,7 @@ def main(argv=None):
                 continue  # the hot path: no host sync, no collective
 
             # Events, at a gate every rank computes alike: ranks agree on signals and the clock
-            halt, due = agree([bool(stop), meter.since_save() > 60 * args.ckpt_minutes], world, device)
+            halt, due = agree([bool(stop), meter.due(args.ckpt_minutes)], world, device)
             at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
             log_now = at(args.log_every) or done
@@ -1012,8 +1052,9 @@ class Meter:
         self.t_log = self.t_save = time.time()
         self.images_log = images
 
-    def since_save(self):
-        return time.time() - self.t_save
+    def due(self, minutes):
+        """Whether the last checkpoint is more than `minutes` old."""
+        return time.time() - self.t_save > 60 * minutes
 
     def img_per_s(self, images):
         """Images per second since the last call (or the start), which it restarts."""

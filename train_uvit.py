@@ -672,7 +672,7 @@ def main(argv=None):
                 continue  # the hot path: no host sync, no collective
 
             # Events, at a gate every rank computes alike: ranks agree on signals and the clock
-            halt, due = agree([bool(stop), meter.since_save() > 60 * args.ckpt_minutes], world, device)
+            halt, due = agree([bool(stop), meter.due(args.ckpt_minutes)], world, device)
             at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
             log_now = at(args.log_every) or done
@@ -735,8 +735,9 @@ class Meter:
         self.t_log = self.t_save = time.time()
         self.images_log = images
 
-    def since_save(self):
-        return time.time() - self.t_save
+    def due(self, minutes):
+        """Whether the last checkpoint is more than `minutes` old."""
+        return time.time() - self.t_save > 60 * minutes
 
     def img_per_s(self, images):
         """Images per second since the last call (or the start), which it restarts."""
