@@ -1310,6 +1310,38 @@ def test_dit_bad_latent_cache_ends_every_rank_with_one_line(tmp_path):
         train_dit.latent_cache(args, "train")
 
 
+def _dit_extract_worker(rank, world, args, init_file, result_dir):
+    from datetime import timedelta
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    vae = train_dit.load_vae(args, torch.device("cpu"))
+    files = train_dit.image_files(args, "train")
+    try:
+        train_dit.extract_latents(files, train_dit.cache_dir(args, "train"), vae, torch.device("cpu"), 1, 0, rank, world)
+        msg = "no error"
+    except SystemExit as e:
+        msg = str(e)
+    (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
+
+
+def test_dit_unreadable_image_ends_every_rank_during_extraction(tmp_path):
+    # rank 1's first image is damaged: both ranks stop within a batch with the same line
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "cat" / "1.png").write_bytes(b"not a png")
+    torch.save(train_dit.build_vae(_dit_args("--vae-config", "tiny")).state_dict(), tmp_path / "vae.pt")
+    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
+                     "--vae", str(tmp_path / "vae.pt"), "--vae-config", "tiny")
+    mp.spawn(_dit_extract_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[0] == msgs[1] and msgs[0].startswith("cannot read image") and "1.png" in msgs[0]
+    done = train_dit.done_mask(train_dit.cache_dir(args, "train"), 6)
+    assert done.sum() <= 2  # rank 0 encoded at most its first image before stopping
+
+
 def _dit_unshared_cache_worker(rank, world, args, init_file, result_dir):
     from datetime import timedelta
     import torch.distributed as dist
