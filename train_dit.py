@@ -8,9 +8,11 @@ latents, class-conditional or not, optionally with self-conditioning (paper Tabl
 
 Latent mode encodes every training image (ADM centre crop to 256) and its horizontal flip once
 with the VA-VAE f16d32 into a memory-mapped cache (resumable, sharded over ranks), then trains
-on it. One file, read top to bottom: config, model, self-conditioning, diffusion, autoencoder,
-data, training infrastructure, benchmark, main. The blocks it shares with train_unet.py and
-train_uvit.py are the same there, character for character.
+on it. Self-conditioning: the pooled feature of a designated block k conditions the blocks
+after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1). One file, read top to
+bottom from the method down: self-conditioning, the DiT, rectified flow, train_step, the recipe
+(tables, flags), the latents (VA-VAE, cache); then the tail every trainer shares character for
+character: main, run plumbing, data, --bench.
 """
 import argparse
 import copy

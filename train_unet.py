@@ -7,9 +7,11 @@ decoder layers after it).
     torchrun --nproc_per_node=4 train_unet.py --net ddpm --model EDM --self-cond   # Table 2
     python train_unet.py --net ddpmpp --self-cond --dry-run       # config + parameter counts
 
-One file, read top to bottom: config, model, self-conditioning, diffusion, augmentation and
-contrastive, data, training infrastructure, benchmark, main. The blocks it shares with
-train_uvit.py and train_dit.py are the same there, character for character.
+Self-conditioning: the pooled feature of a designated decoder layer k conditions the layers
+after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1). One file, read top to
+bottom from the method down: self-conditioning, the UNet, the diffusion losses, augmentation
+and contrastive, train_step, the recipe (tables, flags); then the tail every trainer shares
+character for character: main, run plumbing, data, --bench.
 """
 import argparse
 import copy

@@ -8,9 +8,11 @@ self-distillation (paper Fig. 2).
     torchrun --nproc_per_node=4 train_uvit.py --dataset cifar100 --self-cond --aug --cl  # Table 3
     python train_uvit.py --self-cond --dry-run                  # config + parameter counts
 
-One file, read top to bottom: config, model, self-conditioning, diffusion, augmentation and
-contrastive, data, training infrastructure, benchmark, main. The blocks it shares with
-train_unet.py and train_dit.py are the same there, character for character.
+Self-conditioning: a learnable [CLS] token attends to the image tokens and they to it, so its
+pooled semantics condition the decoding (Sec. 4.1, Fig. 2). One file, read top to bottom from
+the method down: self-conditioning, the U-ViT, DDPM, augmentation and contrastive, train_step,
+the recipe (tables, flags); then the tail every trainer shares character for character: main,
+run plumbing, data, --bench.
 """
 import argparse
 import copy
@@ -39,9 +41,11 @@ from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------------------
-# Self-conditioning (Sec. 4.1, Fig. 2): the [CLS] token of UViT above. It has no loss of its own;
-# through attention it gathers global semantics from the image tokens and conditions them in
-# return, so the net picks its own "designated layer".
+# Self-conditioning (Sec. 4.1, Fig. 2): a [CLS] token. It has no loss of its own; through
+# attention it gathers global semantics from the image tokens and conditions them in return, so
+# the net picks its own "designated layer". Its pieces: UViT.cls_token (one learnable token, the
+# last before the patches, with its own position row: +2 x dim), the mask below, and the feature
+# "cls", the token's output at an out-block (UViT.forward).
 
 def attention_mask(n_tok, self_cond, aug):
     """(S, S) bool, True = may attend; None when nothing is masked (flash attention).
