@@ -543,8 +543,8 @@ def get_args(argv=None):
         args.batch_size = {"uvit_s": 256, "tiny": 128}[args.net]
     args.epochs = 40 if args.dataset in SHAPES else 2000  # shapes: minutes on a CPU
     args.warmup_epochs = 13  # Table 11, DDPM
-    # kept snapshots: every 200 epochs, the points of App. A (FID every 200 epochs, accuracy the best
-    # of epochs 800, 1000, 1200); none on shapes, whose quickstart needs none
+    # kept snapshots: every 200 epochs, the points of App. A (FID every 200 epochs, accuracy the
+    # best of epochs 800, 1000, 1200); none on shapes, whose quickstart needs none
     args.keep_epochs = 0 if args.dataset in SHAPES else 200
     n_out = NETS[args.net]["depth"] // 2
     probe_t, layer = PROBE.get(args.dataset, (11, "out_2"))  # out_2 exists in every preset
@@ -1039,13 +1039,14 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds four
-    identical dots; the class is their constellation, under random position, size, rotation,
-    mirroring and colours. Colour, area and local texture carry no class, so a probe sees only what
-    the model learns of the arrangement, which is slow. 'shapes-fixed' draws the same classes and
-    poses with one colour pair, radius and size. Returns uint8 images (n, 3, res, res), labels
-    (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense probing) and the
-    nuisance draws (n, 8): background and dot colour, constellation size, dot radius."""
+    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds
+    four identical dots; the class is their constellation, under random position, size,
+    rotation, mirroring and colours. Colour, area and local texture carry no class, so a probe
+    sees only what the model learns of the arrangement, which is slow. 'shapes-fixed' draws the
+    same classes and poses with one colour pair, radius and size. Returns uint8 images (n, 3,
+    res, res), labels (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense
+    probing) and the nuisance draws (n, 8): background and dot colour, constellation size, dot
+    radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
@@ -1079,7 +1080,8 @@ def make_shapes(n, seed, res=32, name="shapes"):
     img = np.round((bg * (1 - alpha) + fg * alpha) * 255).astype(np.uint8)
     masks = np.where(alpha[:, 0] >= 0.5, y[:, None, None] + 1, 0).astype(np.uint8)
     nuisance = np.concatenate([bg[:, :, 0, 0], fg[:, :, 0, 0], size[:, None], radius[:, 0]], 1)
-    return torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks), nuisance
+    return (torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks),
+            nuisance)
 
 
 def local_rank():
