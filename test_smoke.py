@@ -1151,7 +1151,7 @@ def test_dit_label_dropout_rate_and_null_class():
 
     seen = []
 
-    def model(x, t, y, feats=()):
+    def model(x, t, y, feats=(), pool=True):
         seen.append(y)
         return torch.zeros_like(x), {}
 
@@ -1287,6 +1287,7 @@ def _dit_bad_cache_worker(rank, world, args, init_file, result_dir):
     except SystemExit as e:
         msg = str(e)
     (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
+    dist.destroy_process_group()
 
 
 def test_dit_bad_latent_cache_ends_every_rank_with_one_line(tmp_path):
@@ -1323,6 +1324,7 @@ def _dit_extract_worker(rank, world, args, init_file, result_dir):
     except SystemExit as e:
         msg = str(e)
     (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
+    dist.destroy_process_group()
 
 
 def test_dit_unreadable_image_ends_every_rank_during_extraction(tmp_path):
@@ -1354,6 +1356,7 @@ def _dit_unshared_cache_worker(rank, world, args, init_file, result_dir):
     except SystemExit as e:
         msg = str(e)
     (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
+    dist.destroy_process_group()
 
 
 def test_dit_ranks_without_a_shared_cache_stop_with_one_line(tmp_path):
