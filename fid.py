@@ -34,6 +34,7 @@ FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 FEATURE_DIM = 2048
+CACHE_DIR = os.path.expanduser("~/.cache/ddae/fid")  # reference statistics, by name
 THROUGHPUT = {"images": 0, "seconds": 0.0}  # of the Inception forward passes of this process, for the final report
 
 # ----------------------------------------------------------------------------
@@ -256,15 +257,16 @@ def _weights_file(path):
 
 
 def _trainer():
-    """train_unet.py, which owns the dataset loaders and the rank-safe fetch (imported lazily)."""
-    from sample import import_trainer
-    return import_trainer("train_unet.py")
+    """train_unet.py beside this file, which owns the dataset loaders and the rank-safe fetch (imported
+    lazily, and not through sample.py, which imports this file)."""
+    import train_unet
+    return train_unet
 
 # ----------------------------------------------------------------------------
 # Statistics
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Image files -> uint8 (3, H, W)."""
+    """Image files -> (index, uint8 (3, H, W), '' or why the file cannot be read)."""
 
     def __init__(self, files):
         self.files = files
@@ -273,11 +275,88 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.array(Image.open(self.files[i]).convert("RGB"))).permute(2, 0, 1)
+        try:
+            with Image.open(self.files[i]) as im:
+                return i, torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1), ""
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
+            return i, torch.zeros(3, 1, 1, dtype=torch.uint8), f"{self.files[i]} ({e})"
 
 
 def _dist():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class Source:
+    """Images to measure: their number n and this rank's share as batches of (global indices (B,),
+    uint8 (B, C, H, W)[, reasons files could not be read]): a tensor or array (N, C, H, W), a list
+    of image files, or a dataset of (index, image, error) (the trainers' ImageFiles), each rank
+    taking every world-th image; or any iterable of batches that is already this rank's."""
+
+    def __init__(self, images, batch_size=200, num_workers=0, n=None):
+        rank, world = _dist()
+        if isinstance(images, (list, tuple)):
+            images = _ImageFiles(images)
+        if isinstance(images, torch.utils.data.Dataset):
+            shard = torch.utils.data.Subset(images, range(rank, len(images), world))
+            self.batches = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers,
+                                                       pin_memory=torch.cuda.is_available())
+        elif isinstance(images, (torch.Tensor, np.ndarray)):
+            idx = torch.arange(rank, len(images), world)
+            self.batches = ((i, torch.as_tensor(images[i.numpy()])) for i in idx.split(batch_size))
+        else:
+            self.batches = images
+        self.n = len(images) if n is None else n
+
+
+class Sums:
+    """Running sums of Inception outputs, float64: count, sum f and sum f f^T of pool3 (the FID
+    statistics, never the features themselves), and per Inception Score split (chunks of the n images
+    by global index) the sum of p(y|x) and of sum_y p log p. Summed over the ranks by reduce()."""
+
+    def __init__(self, n, splits=10, device="cpu", dim=FEATURE_DIM):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+        self.n, self.splits = n, splits
+        self.count, self.s1, self.s2 = z(1), z(dim), z(dim, dim)
+        self.p, self.plogp, self.k = z(splits, 1008), z(splits), z(splits)
+        self.bounds = torch.tensor([s * n // splits for s in range(splits + 1)], device=device)
+
+    def add(self, pool3, logits=None, index=None):  # (B, 2048), (B, 1008), global indices (B,)
+        f = pool3.double()
+        self.count += len(f)
+        self.s1 += f.sum(0)
+        self.s2 += f.t() @ f
+        if logits is not None:
+            logp = logits.double().log_softmax(1)
+            split = torch.searchsorted(self.bounds, index.to(self.bounds.device), right=True) - 1
+            self.p.index_add_(0, split, logp.exp())
+            self.plogp.index_add_(0, split, (logp.exp() * logp).sum(1))
+            self.k.index_add_(0, split, torch.ones_like(f[:, 0]))
+
+    def reduce(self):
+        if _dist()[1] > 1:
+            for t in (self.count, self.s1, self.s2, self.p, self.plogp, self.k):
+                dist.all_reduce(t)
+        return self
+
+    def statistics(self):
+        """Mean (D,) and covariance (D, D), unbiased as np.cov, with a check on the count."""
+        n, d = int(self.count.item()), len(self.s1)
+        if n <= 2:
+            raise ValueError(f"FID statistics need at least 3 images, got {n}: the covariance would be NaN or rank 1")
+        if n <= d:
+            warnings.warn(f"FID from {n} images: the {d}x{d} covariance is rank-deficient (needs at least {d + 1} "
+                          "images); the value is biased upwards, the paper uses 50,000", stacklevel=3)
+        mu = self.s1 / n
+        return mu.cpu().numpy(), ((self.s2 - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy()
+
+    def inception_score(self):
+        """(mean, std) over the splits of exp(E_x KL(p(y|x) || p(y))) = exp(E sum p log p - sum pbar log pbar)."""
+        if self.n < self.splits:
+            raise ValueError(f"Inception Score with {self.splits} splits needs at least {self.splits} images, "
+                             f"got {self.n}")
+        pbar = self.p / self.k[:, None]
+        scores = (self.plogp / self.k - torch.special.xlogy(pbar, pbar).sum(1)).exp().cpu().numpy()
+        return float(np.mean(scores)), float(np.std(scores))
 
 
 @contextlib.contextmanager
@@ -297,33 +376,17 @@ def _fp32():
 
 @torch.inference_mode()
 def compute_features(images, model, batch_size=200, num_workers=0):
-    """pool3 features (N, 2048) float64 and logits (N, 1008) float32 of uint8 images.
-
-    `images`: uint8 (N, C, H, W) tensor/array, a list of image files, or any iterable of uint8 (B, C, H, W)
-    batches (single process only). Under torch.distributed each rank takes every world-th image.
-    """
+    """pool3 features (N, 2048) float64 and logits (N, 1008) float32 of uint8 images (see Source), every
+    rank's gathered on every rank in the input order: for benchmarks and tests; statistics use Sums."""
     rank, world = _dist()
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    t0 = time.time()
-    if isinstance(images, (list, tuple)):  # worker processes decode the next batches while the network runs
-        shard = torch.utils.data.Subset(_ImageFiles(images), range(rank, len(images), world))
-        batches = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers, pin_memory=cuda)
-    elif isinstance(images, (torch.Tensor, np.ndarray)):
-        shard = torch.as_tensor(images)[rank::world]
-        batches = (shard[i:i + batch_size].contiguous() for i in range(0, len(shard), batch_size))
-    else:
-        assert world == 1, "iterables of batches cannot be sharded across ranks; pass a tensor or a file list"
-        batches = images
-    feats, logits = [], []
+    t0, feats, logits = time.time(), [], []
     with _fp32():
-        for x in tqdm(batches, desc="inception", disable=rank != 0, leave=False):
+        for _, x, *_ in tqdm(Source(images, batch_size, num_workers).batches, desc="inception",
+                             disable=rank != 0, leave=False):
             if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
                 raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
-            if cuda and x.device.type == "cpu":  # from pinned memory the copy does not wait for the GPU
-                x = x.pin_memory()
-            x = x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1)
-            f, l = model(x)
+            f, l = model(x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1))
             feats.append(f.float())
             logits.append(l.float())
     f = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=device)
@@ -347,22 +410,44 @@ def compute_features(images, model, batch_size=200, num_workers=0):
 
 def statistics(feats):
     """Mean (D,) and covariance (D, D) in float64 of features (N, D), with a check on N."""
-    n, d = feats.shape
-    if n <= 2:
-        raise ValueError(f"FID statistics need at least 3 images, got {n}: the covariance would be NaN or rank 1")
-    if n <= d:
-        warnings.warn(f"FID from {n} images: the {d}x{d} covariance is rank-deficient (needs at least {d + 1} "
-                      "images); the value is biased upwards, the paper uses 50,000", stacklevel=3)
-    feats = feats.astype(np.float64)
-    return feats.mean(0), np.cov(feats, rowvar=False)
+    feats = torch.as_tensor(np.asarray(feats, dtype=np.float64))
+    sums = Sums(len(feats), dim=feats.shape[1])
+    sums.add(feats)
+    return sums.statistics()
+
+
+@torch.inference_mode()
+def accumulate(source, model, logits=True):
+    """Sums of every rank's share of a Source through the network, reduced over the ranks. A rank
+    that meets an unreadable file stops, and every rank then exits with its message."""
+    rank, world = _dist()
+    device = next(model.parameters()).device
+    sums, error, t0 = Sums(source.n, min(10, max(source.n, 1)), device), None, time.time()
+    with _fp32():
+        for i, x, *why in tqdm(source.batches, desc="inception", disable=rank != 0, leave=False):
+            if why and any(why[0]):
+                error = f"cannot read image {next(w for w in why[0] if w)}: fix or remove it"
+                break
+            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+                raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            if device.type == "cuda" and x.device.type == "cpu":  # from pinned memory the copy
+                x = x.pin_memory()  # does not wait for the GPU
+            x = x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1)
+            f, l = model(x)
+            sums.add(f, l if logits else None, i)
+            THROUGHPUT["images"] += len(x)
+    THROUGHPUT["seconds"] += time.time() - t0
+    _trainer().raise_on_any(error)
+    return sums.reduce()
 
 
 def compute_statistics(images, model, batch_size=200, num_workers=0):
-    """(mu (2048,), sigma (2048, 2048), logits (N, 1008)) of uint8 images; see compute_features."""
-    if hasattr(images, "__len__") and len(images) <= 2:
-        statistics(np.zeros((len(images), FEATURE_DIM)))  # fail before running the network
-    feats, logits = compute_features(images, model, batch_size, num_workers)
-    return (*statistics(feats), logits)
+    """(mu (2048,), sigma (2048, 2048), Inception Score (mean, std)) of uint8 images or a Source."""
+    source = images if isinstance(images, Source) else Source(images, batch_size, num_workers)
+    if source.n <= 2:
+        Sums(source.n).statistics()  # fail before running the network
+    sums = accumulate(source, model)
+    return (*sums.statistics(), sums.inception_score())
 
 # ----------------------------------------------------------------------------
 # Frechet distance and Inception Score
@@ -388,16 +473,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def inception_score(logits, splits=10):
     """(mean, std) over `splits` consecutive chunks of exp(E_x KL(p(y|x) || p(y)))."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if len(logits) < splits:
-        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} images, got {len(logits)}")
-    scores = []
-    for i in range(splits):
-        part = log_softmax(logits[i * len(logits) // splits:(i + 1) * len(logits) // splits], axis=1)
-        log_py = logsumexp(part, axis=0) - np.log(len(part))  # log of the marginal, safe for unseen classes
-        kl = (np.exp(part) * (part - log_py)).sum(1).mean()
-        scores.append(np.exp(kl))
-    return float(np.mean(scores)), float(np.std(scores))
+    logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    sums = Sums(len(logits), splits, dim=1)
+    sums.add(torch.zeros(len(logits), 1), logits, torch.arange(len(logits)))
+    return sums.inception_score()
 
 # ----------------------------------------------------------------------------
 # Inputs
@@ -409,7 +488,8 @@ def _check_exists(spec):
 
 
 def load_input(spec, data_args=()):
-    """A samples npz, image folder or dataset name -> uint8 images or file list; a stats npz -> (mu, sigma, n)."""
+    """A samples npz, image folder or dataset name -> images (a tensor, a file list or, for a folder dataset
+    of the trainers, their decoding Dataset, read a batch at a time); a stats npz -> (mu, sigma, n)."""
     _check_exists(spec)
     if spec.endswith(".npz"):
         with np.load(spec) as f:
@@ -428,10 +508,14 @@ def load_input(spec, data_args=()):
         return files
     train_unet = _trainer()
     args = train_unet.get_args(["--dataset", spec, *data_args])  # e.g. --data-path, --resolution
-    x, _ = train_unet.load_pixels(args, "train")  # (uint8 (N, 3, H, W), labels)
-    if x.dtype != torch.uint8:
-        raise SystemExit(f"dataset {spec} is not made of pixels ({x.dtype}); FID needs decoded images")
-    return x
+    if spec in train_unet.DATASETS and spec != "tiny-imagenet":  # CIFAR, shapes: small, in memory
+        x, _ = train_unet.load_pixels(args, "train")  # (uint8 (N, 3, H, W), labels)
+        if x.dtype != torch.uint8:
+            raise SystemExit(f"dataset {spec} is not made of pixels ({x.dtype}); FID needs decoded images")
+        return x
+    # a folder dataset (ImageNet: 1.28M files) is decoded a batch at a time by worker processes, each
+    # rank its own share, ADM-centre-cropped to --resolution as the trainers see it
+    return train_unet.ImageFiles(train_unet.image_files(args, "train"), args.resolution)
 
 
 def _check_writable(path):
@@ -447,9 +531,10 @@ def _check_writable(path):
 def _load(spec, data_args=()):
     """load_input for a spec string, then a check that images (not statistics) number at least 3."""
     x = load_input(spec, data_args) if isinstance(spec, str) else spec
-    if not isinstance(x, tuple) and len(x) < 3:
+    n = x.n if isinstance(x, Source) else None if isinstance(x, tuple) else len(x)
+    if n is not None and n < 3:
         name = spec if isinstance(spec, str) else "the input"
-        raise SystemExit(f"FID needs at least 3 images, {name} has {len(x)} (the covariance would be degenerate)")
+        raise SystemExit(f"FID needs at least 3 images, {name} has {n} (the covariance would be degenerate)")
     return x
 
 
@@ -462,31 +547,40 @@ def _rank0(value):
     return box[0]
 
 
-def _stats_of(spec, model, batch_size, num_workers, data_args=(), cache_dir=None, x=None):
-    """(mu, sigma, n, logits or None) of an input (`x`: it already loaded); cached when cache_dir is set.
+def _cache_path(spec, data_args, cache_dir):
+    """Where a reference's statistics are cached, from its name alone: a file or folder by its absolute
+    path, a dataset by its name and flags (--data-path made absolute, --resolution). Nothing is read."""
+    args = list(data_args)
+    if "--data-path" in args:
+        i = args.index("--data-path") + 1
+        args[i] = os.path.abspath(args[i])
+    key = os.path.abspath(spec) if os.path.exists(spec) else f"{spec}:{' '.join(args)}"
+    return os.path.join(cache_dir, f"{Path(spec).stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz")
 
-    Only rank 0 reads or writes the cache (other nodes may not share its folder); the others get None stats.
-    """
+
+def _stats_of(spec, model, batch_size, num_workers, data_args=(), cache_dir=None, x=None):
+    """(mu, sigma, n, Inception Score or None) of an input (`x`: it already loaded). A reference named by a
+    string is cached in cache_dir, looked up before anything is loaded or decoded. Only rank 0 reads or writes
+    the cache (other nodes may not share its folder); the others get None statistics."""
+    cache = _cache_path(spec, data_args, cache_dir) if cache_dir and isinstance(spec, str) else None
+    if cache and _rank0(os.path.exists(cache)):
+        if _dist()[0] != 0:
+            return None, None, None, None
+        with np.load(cache) as f:
+            return f["mu"], f["sigma"], int(f["n"]), None
     x = _load(spec, data_args) if x is None else x
     if isinstance(x, tuple):
         return (*x, None)
-    cache = None
-    if cache_dir and isinstance(spec, str):
-        key = os.path.abspath(spec) if os.path.exists(spec) else f"{spec}:{' '.join(data_args)}"
-        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-        cache = os.path.join(cache_dir, f"{Path(spec).stem}-{len(x)}-{digest}.npz")
-        if _rank0(os.path.exists(cache)):
-            if _dist()[0] != 0:
-                return None, None, len(x), None
-            with np.load(cache) as f:
-                return f["mu"], f["sigma"], int(f["n"]), None
-    mu, sigma, logits = compute_statistics(x, model, batch_size, num_workers)
+    source = x if isinstance(x, Source) else Source(x, batch_size, num_workers)
+    sums = accumulate(source, model, logits=cache is None)  # a reference needs no Inception Score
+    mu, sigma = sums.statistics()
+    n = int(sums.count.item())
     if cache and _dist()[0] == 0:
         try:
-            save_statistics(cache, mu, sigma, len(logits))
+            save_statistics(cache, mu, sigma, n)
         except SystemExit as e:  # the FID can still be reported
             print(f"fid: {e}; the reference statistics are not cached")
-    return mu, sigma, len(logits), logits
+    return mu, sigma, n, None if cache else sums.inception_score()
 
 
 def save_statistics(path, mu, sigma, n):
@@ -505,23 +599,33 @@ def save_statistics(path, mu, sigma, n):
 
 def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_args=(),
                      cache_dir=None):
-    """FID of samples (input spec or uint8 (N, C, H, W)) vs ref (input spec or (mu, sigma)); IS of the samples.
+    """FID of samples (input spec, uint8 (N, C, H, W) or a Source) vs ref (input spec or (mu, sigma)); IS of
+    the samples.
 
-    Under torch.distributed every rank must call it (features are sharded); only rank 0 gets the numbers.
+    Under torch.distributed every rank must call it (images are sharded); only rank 0 gets the numbers.
     """
     x = _load(samples, data_args)
-    r = None if isinstance(ref, tuple) else _load(ref, data_args)  # both checked before the network runs
-    mu1, sigma1, n, logits = _stats_of(samples, model, batch_size, num_workers, x=x)
+    cached = isinstance(ref, str) and cache_dir and os.path.exists(_cache_path(ref, data_args, cache_dir))
+    r = None if isinstance(ref, tuple) or cached else _load(ref, data_args)  # checked before the network runs
+    mu1, sigma1, n, score = _stats_of(samples, model, batch_size, num_workers, x=x)
     if isinstance(ref, tuple):
         mu2, sigma2, n_ref = *ref[:2], None
     else:
         mu2, sigma2, n_ref, _ = _stats_of(ref, model, batch_size, num_workers, data_args, cache_dir, x=r)
     if _dist()[0] != 0:
         return None
-    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
-    nan = (float("nan"), float("nan"))  # IS needs the logits, which a statistics file does not hold
-    is_mean, is_std = inception_score(logits, min(10, n)) if logits is not None else nan
-    return dict(fid=fid, is_mean=is_mean, is_std=is_std, n=n, n_ref=n_ref)
+    is_mean, is_std = score if score else (float("nan"), float("nan"))  # a statistics file holds no logits
+    return dict(fid=frechet_distance(mu1, sigma1, mu2, sigma2), is_mean=is_mean, is_std=is_std, n=n,
+                n_ref=n_ref)
+
+
+def report(result, world, device):
+    """Rank 0's lines: FID and IS, then the Inception throughput of this process."""
+    print(f"FID {result['fid']:.4f}  IS {result['is_mean']:.3f} +- {result['is_std']:.3f}  "
+          f"({result['n']} samples, {result['n_ref'] or '?'} ref)")
+    if THROUGHPUT["seconds"] > 0:
+        print(f"inception: {THROUGHPUT['images'] / THROUGHPUT['seconds']:.1f} images/s "
+              f"on {world} x {device.type} ({THROUGHPUT['images']} images)")
 
 # ----------------------------------------------------------------------------
 # Benchmark
@@ -589,7 +693,7 @@ def main(argv=None):
     p.add_argument("--data-path", default=None, help="dataset root for a dataset-name REF (as in train_unet.py)")
     p.add_argument("--resolution", type=int, help="image size of a dataset-name REF (default: the dataset's own, "
                                                   "folders 64, as in train_unet.py): that of the samples")
-    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/ddae/fid"), help="reference statistics")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="reference statistics")
     p.add_argument("--stats-out", default=None, help="save the statistics of SAMPLES here (no REF needed)")
     p.add_argument("--bench", type=int, metavar="ROUNDS",
                    help="time the feature extraction (against pytorch-fid's, if installed), then exit")
@@ -637,11 +741,7 @@ def _run(args):
         result = fid_from_samples(args.samples, args.ref, model, args.batch_size, args.num_workers,
                                   data_args(args), args.cache_dir)
         if rank == 0:
-            print(f"FID {result['fid']:.4f}  IS {result['is_mean']:.3f} +- {result['is_std']:.3f}  "
-                  f"({result['n']} samples, {result['n_ref'] or '?'} ref)")
-    if rank == 0 and THROUGHPUT["seconds"] > 0:
-        print(f"inception: {THROUGHPUT['images'] / THROUGHPUT['seconds']:.1f} images/s "
-              f"on {world} x {device.type} ({THROUGHPUT['images']} images)")
+            report(result, world, device)
     return result
 
 

@@ -607,10 +607,80 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys):
 def test_sample_fid_loads_a_dataset_reference_at_the_samples_size(tmp_path, monkeypatch):
     out, _ = _unet(tmp_path, images=32)  # a 16x16 run of shapes (native 32x32)
     calls = []
-    monkeypatch.setattr(fid, "main", calls.append)
+    monkeypatch.setattr(fid, "load_inception", lambda device: "inception")
+    monkeypatch.setattr(fid, "fid_from_samples", lambda source, ref, model, data_args, cache_dir: calls.append(
+        (torch.cat([x for _, x in source.batches]), source.n, ref, model, data_args)) or dict(
+        fid=1.0, is_mean=1.0, is_std=0.0, n=2, n_ref=None))
     sample.main(["--ckpt", str(out / "ckpt.pt"), "--num-samples", "2", "--steps", "2",
                  "--out", str(tmp_path / "s"), "--fid", "shapes"])
-    assert calls == [[str(tmp_path / "s" / "samples.npz"), "shapes", "--data-path", "data", "--resolution", "16"]]
+    (x, n, ref, model, data_args), = calls  # the FID reads the shards, not the merged file
+    assert (n, ref, model, data_args) == (2, "shapes", "inception", ["--data-path", "data", "--resolution", "16"])
+    assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["arr_0"]))
+
+
+def test_sample_merge_streams_the_shards_into_what_savez_writes(tmp_path):
+    g = np.random.default_rng(0)
+    paths = []
+    for i, m in enumerate((4, 4, 3)):
+        paths.append(tmp_path / f"shard-{i}.npz")
+        np.savez(paths[-1], images=g.integers(0, 256, (m, 8, 8, 3), dtype=np.uint8), labels=g.integers(0, 9, m),
+                 nfe=np.array(10 + i))
+    with open(tmp_path / "merged.npz", "wb") as f:
+        assert sample.merge(paths, f, 11, classes=9) == [10, 11, 12]
+    shards = [np.load(p) for p in paths]
+    with np.load(tmp_path / "merged.npz") as got:
+        assert got.files == ["arr_0", "arr_1"]
+        np.testing.assert_array_equal(got["arr_0"], np.concatenate([s_["images"] for s_ in shards]))
+        np.testing.assert_array_equal(got["arr_1"], np.concatenate([s_["labels"] for s_ in shards]))
+
+
+class _StubInception(nn.Module):
+    """pool3 and logits as a fixed random map of the 4x4-pooled image: the plumbing is under test."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(48, 2048, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.w
+        return f, f[:, :1008]
+
+
+def _sample_fid_worker(rank, world, argv, port, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    fid.load_inception = lambda device: _StubInception()
+    read, shard_images = [], sample.shard_images
+    sample.shard_images = lambda path: read.append(Path(path).name) or shard_images(path)
+    result = {}
+    fid.report = lambda r, *_: result.update(r)
+    sample.main(argv)
+    (Path(result_dir) / f"{world}-{rank}.json").write_text(json.dumps({"read": read, **result}))
+
+
+def test_sample_fid_on_two_ranks_reads_each_rank_its_own_shards(tmp_path):
+    import socket
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--model", "DDPM")
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(_fid_images(5).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
+    results = {}
+    for world in (1, 2):
+        argv = ["--ckpt", str(ckpt), "--num-samples", "12", "--batch-size", "3", "--steps", "2",
+                "--out", str(tmp_path / f"s{world}"), "--fid", str(tmp_path / "ref")]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_sample_fid_worker, args=(world, argv, port, str(tmp_path)), nprocs=world, join=True)
+        results[world] = [json.loads((tmp_path / f"{world}-{r}.json").read_text()) for r in range(world)]
+    assert results[1][0]["read"] == [f"shard-{s:07d}.npz" for s in (0, 3, 6, 9)]
+    assert [r["read"] for r in results[2]] == [["shard-0000000.npz", "shard-0000006.npz"],
+                                               ["shard-0000003.npz", "shard-0000009.npz"]]
+    one, two = results[1][0], results[2][0]
+    assert two["n"] == one["n"] == 12 and two["fid"] == pytest.approx(one["fid"], rel=1e-6)
+    assert two["is_mean"] == pytest.approx(one["is_mean"], rel=1e-6)
 
 
 def test_failed_writes_keep_the_previous_file_and_say_so(tmp_path, monkeypatch):
@@ -1529,15 +1599,68 @@ def test_fid_cli_npz_folder_stats(_fid_weights, tmp_path, capsys, monkeypatch):
     seen = fid.THROUGHPUT["images"]
     first = fid._stats_of(str(tmp_path / "imgs"), model, 2, 0, cache_dir=str(tmp_path / "cache"))
     again = fid._stats_of(str(tmp_path / "imgs"), model, 2, 0, cache_dir=str(tmp_path / "cache"))
-    assert fid.THROUGHPUT["images"] == seen + 3 and len(list((tmp_path / "cache").glob("imgs-3-*.npz"))) == 1
+    assert fid.THROUGHPUT["images"] == seen + 3 and len(list((tmp_path / "cache").glob("imgs-*.npz"))) == 1
     assert np.array_equal(first[0], again[0]) and again[2] == 3
     with pytest.raises(SystemExit, match="no such file"):
         fid.main([str(tmp_path / "nope.npz"), "cifar10"] + common)
 
 
+def test_fid_running_sums_equal_numpy_statistics_and_inception_score():
+    rng = np.random.default_rng(0)
+    f = rng.gamma(2.0, 0.3, size=(300, 2048))  # non-negative as pool3 features
+    logits = rng.normal(0, 3, size=(300, 1008))
+    s = fid.Sums(300, splits=7)
+    for i in range(0, 300, 64):  # batches that straddle the splits
+        s.add(torch.from_numpy(f[i:i + 64]), torch.from_numpy(logits[i:i + 64]), torch.arange(i, min(i + 64, 300)))
+    with pytest.warns(UserWarning, match="2049"):
+        mu, sigma = s.statistics()
+    assert np.abs(mu - f.mean(0)).max() <= 1e-10 * np.abs(f.mean(0)).max()
+    cov = np.cov(f, rowvar=False)
+    assert np.abs(sigma - cov).max() <= 1e-10 * np.abs(cov).max()
+    scores = []  # the textbook IS over 7 consecutive chunks, from all the logits at once
+    for i in range(7):
+        logp = logits[i * 300 // 7:(i + 1) * 300 // 7]
+        logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+        p = np.exp(logp)
+        scores.append(np.exp((p * (logp - np.log(p.mean(0)))).sum(1).mean()))
+    assert s.inception_score() == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-10)
+    assert fid.inception_score(logits, 7) == pytest.approx(s.inception_score(), rel=1e-12)
+
+
+def test_fid_cached_dataset_reference_decodes_nothing(tmp_path, monkeypatch):
+    """A class-folder reference is streamed from its files; its cached statistics are found before
+    anything is listed or decoded; an unreadable file is a one-line error naming it."""
+    warnings.simplefilter("ignore")  # 6 images: a rank-deficient covariance
+    monkeypatch.setattr(fid, "frechet_distance", lambda m1, s1, m2, s2: float(abs(m1 - m2).sum() + abs(s1 - s2).sum()))
+    for i, im in enumerate(_fid_images(6, size=20).permute(0, 2, 3, 1).numpy()):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.png")
+    common = dict(model=_StubInception(), batch_size=4, num_workers=0, cache_dir=str(tmp_path / "cache"),
+                  data_args=["--data-path", str(tmp_path / "data"), "--resolution", "16"])
+    samples = _fid_images(5, size=16, seed=1)
+    first = fid.fid_from_samples(samples, "folders", **common)
+    assert first["n_ref"] == 6 and first["fid"] > 0 and len(os.listdir(tmp_path / "cache")) == 1
+
+    def no(*a, **k):
+        raise AssertionError("decoded or listed the dataset although its statistics are cached")
+
+    with monkeypatch.context() as m:
+        for name in ("image_files", "load_pixels", "decode_images"):
+            m.setattr(train_unet, name, no)
+        m.setattr(train_unet.ImageFiles, "__getitem__", no)
+        again = fid.fid_from_samples(samples, "folders", **common)
+    assert again == pytest.approx(first, rel=1e-12)
+    (tmp_path / "data" / "c1" / "bad.png").write_bytes(b"not a png")
+    common["data_args"][-1] = "8"  # another resolution is another entry
+    with pytest.raises(SystemExit, match=r"cannot read image .*bad.png .*fix or remove it") as e:
+        fid.fid_from_samples(_fid_images(5, size=8), "folders", **common)
+    assert "\n" not in str(e.value)
+
+
 def test_fid_dataset_input(monkeypatch):
     # a stand-in for train_unet: the contract's get_args / load_pixels -> (uint8 (N, C, H, W), labels)
     fake = types.SimpleNamespace(
+        DATASETS={"shapes": (10, 16), "latent-in1k": (1000, 16)},  # in-memory names (folders stream)
         get_args=lambda argv: types.SimpleNamespace(dataset=argv[1], data_path=argv[3] if len(argv) > 3 else None),
         load_pixels=lambda args, split: (_fid_images(5, size=16), torch.zeros(5, dtype=torch.long)))
     monkeypatch.setitem(sys.modules, "train_unet", fake)
