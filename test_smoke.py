@@ -2587,7 +2587,40 @@ def _peak_anon(fn):
     return peak[0]
 
 
+def _memory_fid_data(root, n):
+    """Fake ImageNet class folders (n 320x240 JPEGs, ADM-cropped to 256 when read) and sample.py's shards
+    of n 256x256 samples, 250 a shard."""
+    g = np.random.default_rng(0)
+    base = np.clip(g.normal(128, 40, (240, 320, 3)), 0, 255).astype(np.uint8)
+    for i in range(n):
+        (root / "in1k" / f"n{i % 1000:04d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(base, i, axis=1)).save(root / "in1k" / f"n{i % 1000:04d}" / f"{i}.jpg")
+    (root / "shards").mkdir()
+    sample_image = np.clip(g.normal(128, 40, (256, 256, 3)), 0, 255).astype(np.uint8)
+    for start in range(0, n, 250):
+        m = min(250, n - start)
+        np.savez(root / "shards" / f"shard-{start:07d}.npz", images=np.repeat(sample_image[None], m, 0),
+                 labels=np.arange(m) % 1000, nfe=np.array(250))
+
+
+def _memory_sample_fid(root):
+    """What sample.py --fid runs once its shards exist: rank 0's merge into samples.npz, every rank the
+    Inception over its own shards against reference statistics."""
+    paths = sorted((root / "shards").glob("shard-*.npz"))
+    n, rank, world = sum(len(np.load(p_)["labels"]) for p_ in paths), *probe.world()
+    if rank == 0:
+        with open(root / f"samples-{world}.npz", "wb") as f:
+            sample.merge(paths, f, n, classes=1000)
+    own = ((torch.arange(i * 250, i * 250 + len(x)), x)
+           for i, x in ((i, sample.shard_images(paths[i])) for i in range(rank, len(paths), world)))
+    fid.fid_from_samples(fid.Source(own, n=n), (np.zeros(2048), np.eye(2048)), _StubInception())
+
+
 _MEMORY_STEPS = {  # step -> (what it runs on the data under root, world)
+    "sample.py --fid in1k reference": lambda root, w: fid.main(
+        ["in1k", "--data-path", str(root / "in1k"), "--resolution", "256", "--num-workers", "0",
+         "--stats-out", str(root / f"ref-{w}.npz")]),
+    "sample.py merge + --fid": lambda root, w: _memory_sample_fid(root),
     "probe.py default cell": lambda root, w: probe.main(
         ["--ckpt", str(root / "ckpt.pt"), "--epochs", "1", "--out", str(root / f"p{w}")]),
     "probe.py --grid": lambda root, w: probe.main(
@@ -2600,6 +2633,8 @@ def _memory_worker(rank, world, step, root, port):
                       MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     train_dit.build_model = lambda args: _StubDiT()
+    fid.load_inception = lambda path=None, device="cpu": _StubInception()
+    warnings.simplefilter("ignore")  # rank-deficient covariances of stub features
     peak = _peak_anon(lambda: _MEMORY_STEPS[step](Path(root), world))
     (Path(root) / f"peak-{world}-{rank}").write_text(str(peak))
 
@@ -2613,6 +2648,7 @@ def memory_benchmark(sizes=(4000, 12000), worlds=(1, 2), steps=tuple(_MEMORY_STE
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             _memory_data(Path(tmp) / str(n), n)
+            _memory_fid_data(Path(tmp) / str(n), n)
         for step in steps:
             for world in worlds:
                 peaks = []
