@@ -843,7 +843,7 @@ def summarize(records, out, log):
                       and any(v != q['args'].get(k) for q in records)})
     rows, series = [], {}
     for rs in arms.values():
-        label = ', '.join(f"{k}={rs[0]['args'].get(k)}" for k in varying[:2]) or 'all'
+        label = ', '.join(f"{k}={rs[0]['args'].get(k)}" for k in varying) or 'all'
         cell = rs[0]['cell']
         row = {'arm': label, 'n': len(rs), 'seeds': [r['args']['seed'] for r in rs],
                'cell': {'t': cell['t'], 'layer': cell['layer']},

@@ -3,7 +3,7 @@ DDAE++ pixel-space UNet diffusion: the `ddpm` and `ddpmpp` backbones of DDAE, tr
 EDM or RF, optionally with self-conditioning (a pooled decoder feature fed back to condition the
 decoder layers after it).
 
-    python train_unet.py --dataset shapes --net tiny --model RF --self-cond    # CPU quickstart
+    python train_unet.py --dataset shapes-fixed --net tiny --model RF --self-cond  # CPU quickstart
     torchrun --nproc_per_node=4 train_unet.py --net ddpm --model EDM --self-cond   # Table 2
     python train_unet.py --net ddpmpp --self-cond --dry-run       # config + parameter counts
 
@@ -660,8 +660,8 @@ CELLS = {  # Table 10: probe noise level (DDPM step, EDM sigma, RF t) and design
     ("RF", "ddpmpp", "cifar10"): (0.06, "out_8"), ("RF", "ddpmpp", "cifar100"): (0.06, "out_8"),
     ("EDM", "ddpm", "tiny-imagenet"): (0.2964, "out_5"),
     ("EDM", "ddpm", "in100"): (0.2964, "out_5"),
-    # Not in the paper: the CPU quickstart's cell, by the same rule (probe.py --grid on a
-    # baseline run; README)
+    # Not in the paper: the CPU toy's cells, by the same rule (probe.py --grid on a baseline
+    # run; README)
     ("RF", "tiny", "shapes"): (0.4, "out_1"), ("RF", "tiny", "shapes-fixed"): (0.4, "out_2"),
 }
 PROBE_T = {"DDPM": 11, "EDM": 0.06, "RF": 0.06}  # elsewhere: Table 10's CIFAR levels ...
