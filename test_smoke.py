@@ -296,8 +296,9 @@ def test_unet_two_ranks_hold_identical_weights(tmp_path):
 def test_unet_quickstart_loss_falls_grid_and_resume(tmp_path):
     """The README quickstart, shortened: loss falls, a preview grid is written, rerunning resumes."""
     out = tmp_path / "qs"
-    argv = ["--net", "tiny", "--dataset", "shapes", "--model", "RF", "--self-cond", "--out", out, "--batch-size", "64",
-            "--log-every", "640", "--sample-every", "1280", "--ckpt-every", "1280", "--warmup-images", "128"]
+    argv = ["--net", "tiny", "--dataset", "shapes-fixed", "--model", "RF", "--self-cond", "--out", out,
+            "--batch-size", "64", "--log-every", "640", "--sample-every", "1280", "--ckpt-every", "1280",
+            "--warmup-images", "128"]
     _run("train_unet.py", *argv, "--train-images", "1280")
     assert (out / "grid-000001280.png").exists()
     p = _run("train_unet.py", *argv, "--train-images", "1920")
@@ -2309,6 +2310,27 @@ def test_probe_transfer_to_another_dataset_resized_beside_the_in_domain_figure(t
     assert rec["cell"]["acc"] == next(iter(acc.values()))
     home = json.loads((tmp_path / "probe" / "probe.json").read_text())["cell"]["acc"]
     assert f"in-domain (shapes, {tmp_path / 'probe' / 'probe.json'}): {home:.2f}% at the same cell" in capsys.readouterr().out
+
+
+def test_probe_dense_above_chance_after_a_short_run_near_chance_at_init(tmp_path, monkeypatch, _one_thread):
+    # --dense on the toy's masks (0 background, 1 + class on a dot): a short run of the quickstart's
+    # settings against the same network at init, which lands where labelling every pixel background does
+    monkeypatch.setattr(train_unet, "shapes_split", lambda args, split: train_unet.make_shapes(
+        800 if split == "train" else 200, int(split != "train"), args.resolution, args.dataset))
+    out = tmp_path / "run"
+    train_unet.main(["--net", "tiny", "--dataset", "shapes-fixed", "--model", "RF",
+                     "--train-images", "4000", "--batch-size", "32", "--warmup-images", "500",
+                     "--sample-every", "0", "--out", str(out)])
+    miou = probe.main(["--ckpt", str(out / "ckpt.pt"), "--dense", "--init", "--epochs", "10",
+                       "--batch-size", "32", "--lr", "0.03"])  # 250 steps: a short probe, a higher lr
+    rec = json.loads((out / "probe-dense" / "probe.json").read_text())
+    assert (rec["t"], rec["layer"]) == (0.4, "out_2") and miou["trained"] == rec["trained"]["miou"]
+    masks = train_unet.make_shapes(200, 1, 32, "shapes-fixed")[2]
+    background = (masks == 0).float().mean().item()
+    chance = 100 * background / 11  # every pixel background: that class's IoU, over 11 labels
+    assert abs(rec["init"]["miou"] - chance) < 1, (rec, chance)
+    assert rec["trained"]["miou"] > chance + 3, (rec, chance)  # 13.1% vs 8.4% when written
+    assert rec["trained"]["pixel_acc"] > 100 * background
 
 
 # ----------------------------------------------------------------------------------------------------------
