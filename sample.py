@@ -3,6 +3,7 @@ Sample images from a DDAE++ checkpoint (train_unet.py, train_uvit.py or train_di
 
     python sample.py --ckpt runs/X/ckpt.pt --n 50000 --out runs/X/samples           # one process
     torchrun --nproc_per_node=8 sample.py --ckpt runs/X/ckpt.pt --num-samples 50000   # same images, 8 GPUs
+    python sample.py --ckpt runs/X/ckpt-*.pt --fid cifar10      # snapshots: the FID of each, the best
 
 Samplers (paper Table 8): DDPM -> DDIM (Euler, eta 0, 100 steps); EDM -> Heun (18 steps, 35 NFE);
 pixel RF -> adaptive RK45 (scipy); latent RF -> Euler 250 steps, timestep shift 3.3, CFG 1.5 on t <= 0.89.
@@ -192,8 +193,10 @@ VALID = {"ddim": "DDPM", "heun": "EDM", "rk45": "RF", "euler": "RF"}
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True,
-                   help="ckpt.pt written by train_unet.py, train_uvit.py or train_dit.py")
+    p.add_argument("--ckpt", required=True, nargs="+",
+                   help="ckpt.pt or ckpt-<images>.pt snapshots written by train_unet.py, train_uvit.py "
+                        "or train_dit.py; several: each into a folder of its own, with --fid the FID of "
+                        "each and the best")
     p.add_argument("--out", help="output folder (default: <ckpt dir>/samples-<sampler>[-raw])")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=50_000,
                    help="number of images (under torchrun spell it --num-samples: torchrun's "
@@ -250,7 +253,8 @@ def resolve(a, args, model, diffusion):
     if a.cls is not None and not 0 <= a.cls < classes:
         raise SystemExit(f"--class {a.cls} is out of range: this checkpoint has {classes} "
                          f"classes (0..{classes - 1})")
-    a.out = a.out or str(Path(a.ckpt).parent / f"samples-{a.sampler}{'-raw' if a.raw else ''}")
+    snapshot = "" if Path(a.ckpt).stem == "ckpt" else f"-{Path(a.ckpt).stem}"  # ckpt-<images>.pt
+    a.out = a.out or str(Path(a.ckpt).parent / f"samples-{a.sampler}{'-raw' * a.raw}{snapshot}")
     return latent, classes
 
 
@@ -339,8 +343,28 @@ def input_shape(mod, args, model, latent):
 
 
 def main(argv=None):
+    """Sample each --ckpt; several snapshots of a run with --fid: the FID of each and the best (App. A
+    and Table 6 evaluate along the run)."""
     a = get_args(argv)
     rank, world, device = setup_distributed()
+    results = []
+    for path in a.ckpt:
+        name = Path(path).parent.name + ("" if Path(path).stem == "ckpt" else f"-{Path(path).stem}")
+        out = a.out and (str(Path(a.out) / name) if len(a.ckpt) > 1 else a.out)
+        results.append(sample_checkpoint(argparse.Namespace(**{**vars(a), "ckpt": path, "out": out}),
+                                         rank, world, device))
+    if rank == 0 and a.fid and len(results) > 1:
+        for r in results:
+            print(f"{r['ckpt']} ({r['images']:,} images): FID {r['fid']:.4f}")
+        best = min(results, key=lambda r: r["fid"])
+        print(f"best FID {best['fid']:.4f}: {best['ckpt']} ({best['images']:,} images)")
+    if world > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def sample_checkpoint(a, rank, world, device):
+    """Sample one checkpoint into a.out; with --fid, rank 0 returns its FID and IS."""
     mod, args, model, diffusion, ckpt = load_checkpoint(a.ckpt, a.raw, device)
     latent, classes = resolve(a, args, model, diffusion)
     out, shards = Path(a.out), Path(a.out) / "shards"
@@ -414,8 +438,8 @@ def main(argv=None):
                                       cache_dir=fid.CACHE_DIR)
         if rank == 0:
             fid.report(result, world, device)
-    if world > 1:
-        dist.destroy_process_group()
+            return {**result, "ckpt": a.ckpt, "images": ckpt.get("images") or 0}
+    return None
 
 
 def shard_images(path):

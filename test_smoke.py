@@ -684,6 +684,30 @@ def test_sample_fid_on_two_ranks_reads_each_rank_its_own_shards(tmp_path):
     assert two["is_mean"] == pytest.approx(one["is_mean"], rel=1e-6)
 
 
+def test_sample_snapshots_of_a_run_each_get_a_folder_and_fid_names_the_best(tmp_path, monkeypatch, capsys):
+    warnings.simplefilter("ignore")  # a handful of images: rank-deficient covariances
+    monkeypatch.setattr(fid, "load_inception", lambda device: _StubInception())
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(_fid_images(5).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
+    run = tmp_path / "run"
+    for images, seed in ((100, 0), (200, 1)):  # two snapshots of one run: other weights, images seen
+        torch.manual_seed(seed)
+        (run / "x").mkdir(parents=True, exist_ok=True)
+        ckpt = torch.load(_sample_ckpt(run / "x", "--dataset", "shapes", "--model", "DDPM"), weights_only=True)
+        torch.save({**ckpt, "images": images}, run / f"ckpt-{images:09d}.pt")
+    paths = [str(run / f"ckpt-{i:09d}.pt") for i in (100, 200)]
+    results = sample.main(["--ckpt", *paths, "--num-samples", "6", "--batch-size", "3", "--steps", "2",
+                           "--fid", str(tmp_path / "ref")])
+    assert [r["images"] for r in results] == [100, 200] and results[0]["fid"] != results[1]["fid"]
+    for i in (100, 200):  # each in a folder of its own beside ckpt.pt's samples-ddim
+        assert (run / f"samples-ddim-ckpt-{i:09d}" / "samples.npz").exists()
+    best = min(results, key=lambda r: r["fid"])
+    out = capsys.readouterr().out
+    assert f"{paths[0]} (100 images): FID {results[0]['fid']:.4f}" in out
+    assert f"best FID {best['fid']:.4f}: {best['ckpt']} ({best['images']:,} images)" in out
+
+
 def test_failed_writes_keep_the_previous_file_and_say_so(tmp_path, monkeypatch):
     out, _ = _unet(tmp_path, images=32)
     before = (out / "ckpt.pt").read_bytes()
