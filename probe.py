@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sample import for_inference, load_checkpoint, setup_distributed
+from sample import ckpt_name, for_inference, load_checkpoint, setup_distributed
 
 # ----------------------------------------------------------------------------
 # Defaults (paper Tables 10-11)
@@ -377,17 +377,6 @@ def evaluate(heads, test, device):
 SEG_SPLITS = {'train': ('training', 'train'), 'test': ('validation', 'val')}  # ADE20K's, plain
 
 
-def crop_mask(mask, res):
-    """A label map cropped as the trainers' center_crop crops its image, but nearest-neighbour:
-    labels must not blend."""
-    while min(mask.size) >= 2 * res:
-        mask = mask.resize(tuple(s // 2 for s in mask.size), Image.NEAREST)
-    scale = res / min(mask.size)
-    mask = mask.resize(tuple(round(s * scale) for s in mask.size), Image.NEAREST)
-    x, y = (mask.size[0] - res) // 2, (mask.size[1] - res) // 2
-    return mask.crop((x, y, x + res, y + res))
-
-
 def load_segmentation(mod, args, split, res):
     """(uint8 images (N, 3, res, res), uint8 label maps (N, res, res), 255 ignored): the toy's masks
     for shapes; else <data-path>/images/<split>/* with <data-path>/annotations/<split>/<stem>.png
@@ -407,7 +396,7 @@ def load_segmentation(mod, args, split, res):
             raise SystemExit(f"--dense: {f} has no label map {mask}")
         with Image.open(f) as im, Image.open(mask) as m:
             xs.append(np.asarray(mod.center_crop(im.convert('RGB'), res)).transpose(2, 0, 1))
-            ms.append(np.asarray(crop_mask(m, res)))
+            ms.append(np.asarray(mod.center_crop(m, res, labels=True)))
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms))
 
 
@@ -885,14 +874,13 @@ def main(argv=None):
     rank, _, device = setup_distributed()
     log = print if rank == 0 else (lambda *_: None)
     paths = [Path(p) for p in a.ckpt]
-    name = lambda p: p.parent.name if p.stem == 'ckpt' else f"{p.parent.name}-{p.stem}"
     folder = 'probe' + '-dense' * a.dense + (f'-{Path(a.dataset).name}' if a.dataset else '')
     if len(paths) == 1:
         out = Path(a.out or paths[0].parent / folder)
         outs = [out]
     else:  # one folder per checkpoint, the summary beside them
         out = Path(a.out or Path(os.path.commonpath([p.parent for p in paths])) / folder)
-        outs = [out / name(p) for p in paths]
+        outs = [out / ckpt_name(p) for p in paths]
     results = [probe_checkpoint(a, p, o, device, log) for p, o in zip(paths, outs)]
     if len(results) > 1 and rank == 0 and not a.dense:
         summarize([r for _, r in results], out, log)

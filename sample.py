@@ -342,6 +342,12 @@ def input_shape(mod, args, model, latent):
     return (3, args.resolution, args.resolution)
 
 
+def ckpt_name(path):
+    """A checkpoint's name among several: its run folder's, and the snapshot's (ckpt-<images>)."""
+    path = Path(path)
+    return path.parent.name + ("" if path.stem == "ckpt" else f"-{path.stem}")
+
+
 def main(argv=None):
     """Sample each --ckpt; several snapshots of a run with --fid: the FID of each and the best (App. A
     and Table 6 evaluate along the run)."""
@@ -349,8 +355,7 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     results = []
     for path in a.ckpt:
-        name = Path(path).parent.name + ("" if Path(path).stem == "ckpt" else f"-{Path(path).stem}")
-        out = a.out and (str(Path(a.out) / name) if len(a.ckpt) > 1 else a.out)
+        out = a.out and (str(Path(a.out) / ckpt_name(path)) if len(a.ckpt) > 1 else a.out)
         results.append(sample_checkpoint(argparse.Namespace(**{**vars(a), "ckpt": path, "out": out}),
                                          rank, world, device))
     if rank == 0 and a.fid and len(results) > 1:

@@ -1371,13 +1371,22 @@ def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch)
     assert ckpt["args"]["num_classes"] == 2 and ckpt["model"]["y_embed.weight"].shape == (3, 64)
 
 
-def _dit_bad_cache_worker(rank, world, args, init_file, result_dir):
+def _dit_cache_error_worker(rank, world, args, init_file, result_dir, what="cache"):
+    """A gloo rank that builds the latent cache ("cache"; "own folder": as if each node had its own
+    disk) or extracts into it ("extract"), and writes the line it stopped with."""
     from datetime import timedelta
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
+    if what == "own folder":
+        args.cache_dir = str(Path(args.cache_dir) / f"node{rank}")
     try:
-        train_dit.latent_cache(args, "train")
+        if what == "extract":
+            vae, cpu = train_dit.load_vae(args, torch.device("cpu")), torch.device("cpu")
+            train_dit.extract_latents(train_dit.image_files(args, "train"), train_dit.cache_dir(args, "train"),
+                                      vae, cpu, 1, 0, rank, world)
+        else:
+            train_dit.latent_cache(args, "train")
         msg = "no error"
     except SystemExit as e:
         msg = str(e)
@@ -1397,29 +1406,13 @@ def test_dit_bad_latent_cache_ends_every_rank_with_one_line(tmp_path):
     with open(out / "latents.npy", "r+b") as f:
         f.truncate(5000)
     t0 = time.time()
-    mp.spawn(_dit_bad_cache_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dit_cache_error_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert msgs[0] == msgs[1] and "is unreadable" in msgs[0] and "\n" not in msgs[0]
     assert time.time() - t0 < 50
     (out / "latents.npy").write_bytes(b"garbage" * 100)  # garbage: the same one line
     with pytest.raises(SystemExit, match="is unreadable"):
         train_dit.latent_cache(args, "train")
-
-
-def _dit_extract_worker(rank, world, args, init_file, result_dir):
-    from datetime import timedelta
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    vae = train_dit.load_vae(args, torch.device("cpu"))
-    files = train_dit.image_files(args, "train")
-    try:
-        train_dit.extract_latents(files, train_dit.cache_dir(args, "train"), vae, torch.device("cpu"), 1, 0, rank, world)
-        msg = "no error"
-    except SystemExit as e:
-        msg = str(e)
-    (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
-    dist.destroy_process_group()
 
 
 def test_dit_unreadable_image_ends_every_rank_during_extraction(tmp_path):
@@ -1432,31 +1425,18 @@ def test_dit_unreadable_image_ends_every_rank_during_extraction(tmp_path):
     torch.save(train_dit.build_vae(_dit_args("--vae-config", "tiny")).state_dict(), tmp_path / "vae.pt")
     args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
                      "--vae", str(tmp_path / "vae.pt"), "--vae-config", "tiny")
-    mp.spawn(_dit_extract_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dit_cache_error_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path), "extract"), nprocs=2,
+             join=True)
     msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert msgs[0] == msgs[1] and msgs[0].startswith("cannot read image") and "1.png" in msgs[0]
     done = train_dit.done_mask(train_dit.cache_dir(args, "train"), 6)
     assert done.sum() <= 2  # rank 0 encoded at most its first image before stopping
 
 
-def _dit_unshared_cache_worker(rank, world, args, init_file, result_dir):
-    from datetime import timedelta
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    args.cache_dir = str(Path(args.cache_dir) / f"node{rank}")  # as if each node had its own disk
-    try:
-        train_dit.latent_cache(args, "train")
-        msg = "no error"
-    except SystemExit as e:
-        msg = str(e)
-    (Path(result_dir) / f"rank{rank}.txt").write_text(msg)
-    dist.destroy_process_group()
-
-
 def test_dit_ranks_without_a_shared_cache_stop_with_one_line(tmp_path):
     args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "absent"), "--cache-dir", str(tmp_path / "cache"))
-    mp.spawn(_dit_unshared_cache_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dit_cache_error_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path), "own folder"),
+             nprocs=2, join=True)
     msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert msgs[0] == msgs[1] and "do not share the latent cache" in msgs[0]
 

@@ -1317,12 +1317,14 @@ def load_cifar(name, root, split):
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def center_crop(img, res):
-    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop."""
+def center_crop(img, res, labels=False):
+    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop; a label
+    map (labels=True) is resampled nearest-neighbour throughout, so labels never blend."""
+    down, up = (Image.NEAREST, Image.NEAREST) if labels else (Image.BOX, Image.BICUBIC)
     while min(img.size) >= 2 * res:
-        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
+        img = img.resize(tuple(s // 2 for s in img.size), down)
     scale = res / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
+    img = img.resize(tuple(round(s * scale) for s in img.size), up)
     x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
     return img.crop((x, y, x + res, y + res))
 
