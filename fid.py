@@ -1,15 +1,16 @@
 """
 FID and Inception Score with pytorch-fid's FID Inception (the TF 2015-12-05 graph ported to torch).
 
-    python fid.py samples.npz cifar10                    # FID + IS of ADM-format samples vs the training set
-    python fid.py samples.npz ref_stats.npz              # vs saved statistics (pytorch-fid's npz works too)
-    python fid.py path/to/images cifar10 --batch-size 500
-    python fid.py cifar10 --stats-out cifar10_train.npz  # save the statistics of one input
-    torchrun --nproc_per_node 8 fid.py samples.npz cifar10
+    python fid.py samples.npz ref_stats.npz        # FID + IS of ADM-format samples vs statistics
+    python fid.py samples.npz path/to/images --batch-size 500   # vs a folder of reference images
+    python fid.py path/to/images --stats-out ref_stats.npz     # save the statistics of one input
+    torchrun --nproc_per_node 8 fid.py samples.npz ref_stats.npz
 
-Inputs: a samples .npz (ADM format: arr_0 uint8 NHWC), a folder of images (searched recursively), a statistics
-.npz (mu, sigma), or a dataset name the training scripts know (cifar10, cifar100, shapes, class folders with
---data-path). Statistics of a reference input are cached in --cache-dir.
+Inputs: a samples .npz (ADM format: arr_0 uint8 NHWC), a statistics .npz (mu, sigma: pytorch-fid's
+and ADM's reference batches work too) or a folder of images (searched recursively); every input is
+checked before the network is built or its weights downloaded. Statistics of a reference are cached
+in --cache-dir. A training set by name (cifar10, class folders ...) is sample.py --fid's: it reads
+the set through the checkpoint's own trainer. This file imports no trainer.
 """
 import argparse
 import contextlib
@@ -18,6 +19,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
-from scipy.special import log_softmax, logsumexp
 from tqdm import tqdm
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   + FID_WEIGHTS)
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 FEATURE_DIM = 2048
-CACHE_DIR = os.path.expanduser("~/.cache/ddae/fid")  # reference statistics, by name
-THROUGHPUT = {"images": 0, "seconds": 0.0}  # of the Inception forward passes of this process, for the final report
+CACHE_DIR = os.path.expanduser("~/.cache/ddae/fid")  # reference statistics, by what they are of
+THROUGHPUT = {"images": 0, "seconds": 0.0}  # this process's Inception passes, for the report
 
 # ----------------------------------------------------------------------------
 # Inception network (module names follow torchvision, so the official weights load strictly)
@@ -52,11 +54,12 @@ class BasicConv2d(nn.Module):
         return self.bn(self.conv(x)).relu_()  # in place: no second activation-sized tensor
 
     def fold(self):
-        """Fold the eval-mode BatchNorm into the conv (in float64, then rounded once to float32)."""
+        """Fold the eval-mode BatchNorm into the conv (in float64, then rounded once to fp32)."""
         bn, w = self.bn, self.conv.weight.double()
         scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
         bias = bn.bias.double() - bn.running_mean.double() * scale
-        self.conv.weight = nn.Parameter((w * scale[:, None, None, None]).float(), requires_grad=False)
+        w = w * scale[:, None, None, None]
+        self.conv.weight = nn.Parameter(w.float(), requires_grad=False)
         self.conv.bias = nn.Parameter(bias.float(), requires_grad=False)
         self.bn = nn.Identity()
 
@@ -146,7 +149,8 @@ class InceptionD(nn.Module):
 
     def forward(self, x):
         return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
-                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
+                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+                                 self.branch7x7x3_4),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
@@ -200,8 +204,9 @@ class InceptionV3(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, 1008)
 
     def forward(self, x):
-        # channels_last throughout (weights too, see load_inception): ~1.5x faster on CPU; the resize is 4x
-        # faster and bit-identical; in-place 2x - 1 rounds exactly as pytorch-fid's out-of-place one
+        # channels_last throughout (weights too, see load_inception): ~1.5x faster on CPU; the
+        # resize is 4x faster and bit-identical; in-place 2x - 1 rounds exactly as pytorch-fid's
+        # out-of-place one
         x = x.contiguous(memory_format=torch.channels_last)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = x.mul_(2).sub_(1)
@@ -209,8 +214,9 @@ class InceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = _chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
         x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
-        x = _chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,  # (N, 768, 17, 17)
-                   self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
+        x = _chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d,
+                   self.Mixed_6a)  # (N, 768, 17, 17)
+        x = _chain(x, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
                    self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (N, 2048, 8, 8)
         pool3 = x.mean((2, 3))  # (N, 2048)
         # the reference IS (improved-GAN, ADM evaluator) uses the softmax matmul without its bias
@@ -218,18 +224,18 @@ class InceptionV3(nn.Module):
 
 
 def load_inception(path=None, device="cpu"):
-    """The FID Inception with the official weights, ready for inference (BatchNorm folded, channels_last).
-
-    Without `path` the weights come from the torch hub cache, downloaded once per node when missing;
-    under torch.distributed every rank must call it.
-    """
+    """The FID Inception with the official weights, ready for inference (BatchNorm folded,
+    channels_last). Without `path` the weights come from the torch hub cache, downloaded once per
+    node when missing; under torch.distributed every rank must call it."""
     sd = torch.load(_weights_file(path), map_location="cpu", weights_only=True)
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     with torch.device("meta"):  # skip the random init of 24M weights that the file replaces
         model = InceptionV3()
-    model.load_state_dict(sd, assign=True)  # strict: any other Inception (e.g. torchvision's) must not load
-    # eval only, so each BatchNorm is an affine map that folds into its conv: 94 fewer passes over the
-    # activations, 10-20% faster on CPU; features stay within ~1e-6 relative of the unfolded net
+    # strict: any other Inception (e.g. torchvision's) must not load
+    model.load_state_dict(sd, assign=True)
+    # eval only, so each BatchNorm is an affine map that folds into its conv: 94 fewer passes
+    # over the activations, 10-20% faster on CPU; features stay within ~1e-6 relative of the
+    # unfolded net
     for m in model.modules():
         if isinstance(m, BasicConv2d):
             m.fold()
@@ -237,30 +243,60 @@ def load_inception(path=None, device="cpu"):
 
 
 def _weights_file(path):
-    """`path`, or the torch hub cache copy, fetched (hash-checked) by one process per node while the
-    others wait, with train_unet.py's fetch_once: a failure ends every rank with the same line."""
+    """`path`, or the torch hub cache copy, downloaded when missing by one process per node while
+    the others wait: to a temporary name beside it, its sha256 prefix checked, then renamed (torch
+    hub's download does all three). A failure ends every rank promptly with the same line."""
     if path is not None:
         if not os.path.exists(path):
             raise SystemExit(f"--inception {path}: no such file; it should be {FID_WEIGHTS} from "
                              f"{FID_WEIGHTS_URL}")
         return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+    error = None
+    if _local_rank() == 0 and not path.exists():
+        print(f"downloading {FID_WEIGHTS_URL} to {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path),
+                                           hash_prefix=FID_WEIGHTS.split("-")[-1][:8])
+        except Exception as e:  # network, disk, checksum: one line for every rank
+            if not path.exists():  # else another node sharing the folder finished first
+                why = str(e).splitlines()[0] if str(e) else ""
+                error = (f"could not download the FID Inception weights ({type(e).__name__}: "
+                         f"{why}); get {FID_WEIGHTS} from {FID_WEIGHTS_URL} and pass "
+                         f"--inception PATH (or put it at {path})")
+    _raise_on_any(error)  # also the barrier: no rank reads the file before it is in place
+    return path
 
-    def fetch(p):
-        print(f"downloading {FID_WEIGHTS_URL} to {p}")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        # a uniquely named temporary file beside p, its sha256 prefix checked, then renamed
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(p), hash_prefix=FID_WEIGHTS.split("-")[-1][:8])
-    return _trainer().fetch_once(path, fetch, f"could not download the FID Inception weights; get "
-                                              f"{FID_WEIGHTS} from {FID_WEIGHTS_URL} and pass "
-                                              f"--inception PATH (or put it at {path})")
+# ----------------------------------------------------------------------------
+# Ranks: torchrun's process group when there is one, else a world of one
+
+def _dist():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _trainer():
-    """train_unet.py beside this file, which owns the dataset loaders and the rank-safe fetch (imported
-    lazily, and not through sample.py, which imports this file)."""
-    import train_unet
-    return train_unet
+def _local_rank():
+    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
+    return int(os.environ.get("LOCAL_RANK", _dist()[0]))
+
+
+def _raise_on_any(error):
+    """Collective: when any rank has an error message, every rank exits with the first one."""
+    if _dist()[1] > 1:
+        errors = [None] * _dist()[1]
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def _rank0(value):
+    """Rank 0's value on every rank, so that all ranks take the same branch (and collectives)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 # ----------------------------------------------------------------------------
 # Statistics
@@ -282,15 +318,11 @@ class _ImageFiles(torch.utils.data.Dataset):
             return i, torch.zeros(3, 1, 1, dtype=torch.uint8), f"{self.files[i]} ({e})"
 
 
-def _dist():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 class Source:
-    """Images to measure: their number n and this rank's share as batches of (global indices (B,),
-    uint8 (B, C, H, W)[, reasons files could not be read]): a tensor or array (N, C, H, W), a list
-    of image files, or a dataset of (index, image, error) (the trainers' ImageFiles), each rank
-    taking every world-th image; or any iterable of batches that is already this rank's."""
+    """Images to measure: their number n and this rank's share as batches of (global indices
+    (B,), uint8 (B, C, H, W)[, reasons files could not be read]): a tensor or array (N, C, H, W),
+    a list of image files, or a dataset of (index, image, error) (the trainers' ImageFiles), each
+    rank taking every world-th image; or any iterable of batches that is already this rank's."""
 
     def __init__(self, images, batch_size=200, num_workers=0, n=None):
         rank, world = _dist()
@@ -310,8 +342,9 @@ class Source:
 
 class Sums:
     """Running sums of Inception outputs, float64: count, sum f and sum f f^T of pool3 (the FID
-    statistics, never the features themselves), and per Inception Score split (chunks of the n images
-    by global index) the sum of p(y|x) and of sum_y p log p. Summed over the ranks by reduce()."""
+    statistics, never the features themselves), and per Inception Score split (chunks of the n
+    images by global index) the sum of p(y|x) and of sum_y p log p. Summed over the ranks by
+    reduce()."""
 
     def __init__(self, n, splits=10, device="cpu", dim=FEATURE_DIM):
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
@@ -342,18 +375,21 @@ class Sums:
         """Mean (D,) and covariance (D, D), unbiased as np.cov, with a check on the count."""
         n, d = int(self.count.item()), len(self.s1)
         if n <= 2:
-            raise ValueError(f"FID statistics need at least 3 images, got {n}: the covariance would be NaN or rank 1")
+            raise ValueError(f"FID statistics need at least 3 images, got {n}: the covariance "
+                             f"would be NaN or rank 1")
         if n <= d:
-            warnings.warn(f"FID from {n} images: the {d}x{d} covariance is rank-deficient (needs at least {d + 1} "
-                          "images); the value is biased upwards, the paper uses 50,000", stacklevel=3)
+            warnings.warn(f"FID from {n} images: the {d}x{d} covariance is rank-deficient (needs "
+                          f"at least {d + 1} images); the value is biased upwards, the paper uses "
+                          f"50,000", stacklevel=3)
         mu = self.s1 / n
         return mu.cpu().numpy(), ((self.s2 - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy()
 
     def inception_score(self):
-        """(mean, std) over the splits of exp(E_x KL(p(y|x) || p(y))) = exp(E sum p log p - sum pbar log pbar)."""
+        """(mean, std) over the splits of exp(E_x KL(p(y|x) || p(y)))
+        = exp(E sum p log p - sum pbar log pbar)."""
         if self.n < self.splits:
-            raise ValueError(f"Inception Score with {self.splits} splits needs at least {self.splits} images, "
-                             f"got {self.n}")
+            raise ValueError(f"Inception Score with {self.splits} splits needs at least "
+                             f"{self.splits} images, got {self.n}")
         pbar = self.p / self.k[:, None]
         scores = (self.plogp / self.k - torch.special.xlogy(pbar, pbar).sum(1)).exp().cpu().numpy()
         return float(np.mean(scores)), float(np.std(scores))
@@ -361,10 +397,9 @@ class Sums:
 
 @contextlib.contextmanager
 def _fp32():
-    """Plain fp32 on GPU, TF32 off (sample.py turns it on), cuDNN autotuned; the flags are restored after.
-
-    bf16 or TF32 would be faster, but their features could not be checked against pytorch-fid's here.
-    """
+    """Plain fp32 on GPU, TF32 off (sample.py turns it on), cuDNN autotuned; the flags are
+    restored after. bf16 or TF32 would be faster, but their features could not be checked against
+    pytorch-fid's here."""
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -374,24 +409,30 @@ def _fp32():
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
+def _check_batch(x):
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} "
+                         f"{tuple(x.shape)}")
+
+
 @torch.inference_mode()
 def compute_features(images, model, batch_size=200, num_workers=0):
-    """pool3 features (N, 2048) float64 and logits (N, 1008) float32 of uint8 images (see Source), every
-    rank's gathered on every rank in the input order: for benchmarks and tests; statistics use Sums."""
+    """pool3 features (N, 2048) float64 and logits (N, 1008) float32 of uint8 images (see
+    Source), every rank's gathered on every rank in the input order: for benchmarks and tests;
+    statistics use Sums."""
     rank, world = _dist()
     device = next(model.parameters()).device
     t0, feats, logits = time.time(), [], []
     with _fp32():
         for _, x, *_ in tqdm(Source(images, batch_size, num_workers).batches, desc="inception",
                              disable=rank != 0, leave=False):
-            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
-                raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            _check_batch(x)
             f, l = model(x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1))
             feats.append(f.float())
             logits.append(l.float())
     f = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=device)
     l = torch.cat(logits) if logits else torch.zeros(0, 1008, device=device)
-    if world > 1:  # shards differ by at most one image: pad, gather, interleave back to the input order
+    if world > 1:  # shards differ by at most one image: pad, gather, interleave to input order
         n = torch.tensor([len(f)], device=device)
         dist.all_reduce(n)
         m = (int(n) + world - 1) // world
@@ -428,8 +469,7 @@ def accumulate(source, model, logits=True):
             if why and any(why[0]):
                 error = f"cannot read image {next(w for w in why[0] if w)}: fix or remove it"
                 break
-            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
-                raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            _check_batch(x)
             if device.type == "cuda" and x.device.type == "cpu":  # from pinned memory the copy
                 x = x.pin_memory()  # does not wait for the GPU
             x = x.to(device, non_blocking=True).float().div(255).expand(-1, 3, -1, -1)
@@ -437,17 +477,20 @@ def accumulate(source, model, logits=True):
             sums.add(f, l if logits else None, i)
             THROUGHPUT["images"] += len(x)
     THROUGHPUT["seconds"] += time.time() - t0
-    _trainer().raise_on_any(error)
+    _raise_on_any(error)
     return sums.reduce()
 
 
-def compute_statistics(images, model, batch_size=200, num_workers=0):
-    """(mu (2048,), sigma (2048, 2048), Inception Score (mean, std)) of uint8 images or a Source."""
-    source = images if isinstance(images, Source) else Source(images, batch_size, num_workers)
-    if source.n <= 2:
-        Sums(source.n).statistics()  # fail before running the network
-    sums = accumulate(source, model)
-    return (*sums.statistics(), sums.inception_score())
+def compute_statistics(images, model, batch_size=200, num_workers=0, score=True):
+    """(mu (2048,), sigma (2048, 2048), n, Inception Score (mean, std) or None without `score`) of
+    an input: a path (see load_input), uint8 images (N, C, H, W) or a Source; a statistics file
+    gives its own mu and sigma. Under torch.distributed every rank must call it."""
+    x = _checked(images)
+    if isinstance(x, tuple):
+        return (*x, None)
+    source = x if isinstance(x, Source) else Source(x, batch_size, num_workers)
+    sums = accumulate(source, model, logits=score)
+    return (*sums.statistics(), int(sums.count.item()), sums.inception_score() if score else None)
 
 # ----------------------------------------------------------------------------
 # Frechet distance and Inception Score
@@ -455,7 +498,8 @@ def compute_statistics(images, model, batch_size=200, num_workers=0):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed as pytorch-fid does."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
+    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
@@ -466,7 +510,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"fid: imaginary component {np.max(np.abs(covmean.imag))} in sqrt(S1 S2)")
+            raise ValueError(f"fid: imaginary component {np.max(np.abs(covmean.imag))} in "
+                             f"sqrt(S1 S2)")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -479,112 +524,119 @@ def inception_score(logits, splits=10):
     return sums.inception_score()
 
 # ----------------------------------------------------------------------------
-# Inputs
+# Inputs: checked before anything is decoded, and before the network is built
 
-def _check_exists(spec):
-    """Paths must exist; anything else that looks like a name is a dataset name."""
-    if (os.sep in spec or os.path.splitext(spec)[1]) and not os.path.exists(spec):
-        raise SystemExit(f"{spec}: no such file or folder (give an .npz, an image folder or a dataset name)")
+def _npz_arrays(path):
+    """{name: (shape, dtype)} of an .npz from its members' headers alone: nothing is loaded (the
+    arr_0 of 50k 256x256 samples is 9.8 GB)."""
+    read = {(1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0}
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.endswith(".npy"):
+                    with z.open(name) as f:
+                        shape, _, dtype = read[np.lib.format.read_magic(f)](f)
+                    arrays[name[:-4]] = shape, dtype
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"{path}: not a readable .npz ({type(e).__name__}: {e}); give an "
+                         f"intact samples or statistics .npz")
+    return arrays
 
 
-def load_input(spec, data_args=()):
-    """A samples npz, image folder or dataset name -> images (a tensor, a file list or, for a folder dataset
-    of the trainers, their decoding Dataset, read a batch at a time); a stats npz -> (mu, sigma, n)."""
-    _check_exists(spec)
-    if spec.endswith(".npz"):
-        with np.load(spec) as f:
-            if "mu" in f and "sigma" in f:
-                return f["mu"], f["sigma"], int(f["n"]) if "n" in f else None
-            if "arr_0" not in f:
-                raise SystemExit(f"{spec}: expected 'arr_0' (ADM samples, uint8 NHWC) or 'mu'+'sigma' (statistics)")
-            x = f["arr_0"]
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
-            raise SystemExit(f"{spec}: arr_0 must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
-        return torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, C, H, W)
+def _enough(n, name):
+    if n < 3:
+        raise SystemExit(f"FID needs at least 3 images, {name} has {n} (the covariance would be "
+                         f"degenerate)")
+
+
+def _inspect(spec):
+    """(kind, detail) of an input path, or one line naming what is wrong with it: ("folder",
+    image files), ("samples", arr_0's shape) or ("statistics", None)."""
+    if not os.path.exists(spec):
+        name = os.sep not in spec and not os.path.splitext(spec)[1]  # cifar10, in1k ...
+        hint = "; a training set by name is sample.py --fid's" if name else ""
+        raise SystemExit(f"{spec}: no such file or folder (give an .npz or a folder of "
+                         f"images{hint})")
     if os.path.isdir(spec):
         files = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
         if not files:
             raise SystemExit(f"{spec}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
-        return files
-    train_unet = _trainer()
-    args = train_unet.get_args(["--dataset", spec, *data_args])  # e.g. --data-path, --resolution
-    if spec in train_unet.DATASETS and spec != "tiny-imagenet":  # CIFAR, shapes: small, in memory
-        x, _ = train_unet.load_pixels(args, "train")  # (uint8 (N, 3, H, W), labels)
-        if x.dtype != torch.uint8:
-            raise SystemExit(f"dataset {spec} is not made of pixels ({x.dtype}); FID needs decoded images")
-        return x
-    # a folder dataset (ImageNet: 1.28M files) is decoded a batch at a time by worker processes, each
-    # rank its own share, ADM-centre-cropped to --resolution as the trainers see it
-    return train_unet.ImageFiles(train_unet.image_files(args, "train"), args.resolution)
+        _enough(len(files), spec)
+        return "folder", files
+    if not spec.endswith(".npz"):
+        raise SystemExit(f"{spec}: not an .npz or a folder; give samples (arr_0 uint8 NHWC), "
+                         f"statistics (mu, sigma) or a folder of images")
+    arrays = _npz_arrays(spec)
+    if "mu" in arrays and "sigma" in arrays:  # ADM's reference batches hold images too: unread
+        (mu, mu_type), (sigma, sigma_type) = arrays["mu"], arrays["sigma"]
+        if len(mu) != 1 or sigma != (*mu, *mu) or mu_type.kind != "f" or sigma_type.kind != "f":
+            raise SystemExit(f"{spec}: statistics must be float mu (D,) and sigma (D, D), got "
+                             f"{mu_type} {mu} and {sigma_type} {sigma}")
+        return "statistics", None
+    if "arr_0" not in arrays:
+        raise SystemExit(f"{spec}: expected 'arr_0' (ADM samples, uint8 NHWC) or 'mu' and "
+                         f"'sigma' (statistics), found {', '.join(arrays) or 'no arrays'}")
+    shape, dtype = arrays["arr_0"]
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
+        raise SystemExit(f"{spec}: arr_0 must be uint8 (N, H, W, 3), got {dtype} {shape}")
+    _enough(shape[0], spec)
+    return "samples", shape
+
+
+def check_input(spec):
+    """One line (SystemExit) unless path `spec` is a samples .npz, a statistics .npz or a folder of
+    images, readable and of at least 3 images; only file headers and names are read."""
+    _inspect(spec)
+
+
+def load_input(spec):
+    """An input path, checked as check_input does, then read: a samples .npz -> uint8 (N, C, H,
+    W); a folder -> its image files (decoded a batch at a time); a statistics .npz -> (mu, sigma,
+    n or None)."""
+    kind, detail = _inspect(spec)
+    if kind == "folder":
+        return detail
+    with np.load(spec) as f:
+        if kind == "statistics":
+            return f["mu"], f["sigma"], int(f["n"]) if "n" in f else None
+        return torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2)  # (N, C, H, W)
+
+
+def _checked(x):
+    """An input path loaded (load_input), or images, a Source or statistics as they are, with at
+    least 3 images where they can be counted."""
+    if isinstance(x, str):
+        return load_input(x)
+    if not isinstance(x, tuple):
+        _enough(x.n if isinstance(x, Source) else len(x), "the input")
+    return x
 
 
 def _check_writable(path):
-    """Fail before any work when `path` cannot be written (a folder, a parent that is a file, no rights)."""
+    """Fail before any work when `path` cannot be written (a folder, a parent that is a file, no
+    rights)."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):  # save_statistics creates the missing folders
         parent = os.path.dirname(parent)
-    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    writable = os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+    if os.path.isdir(path) or not writable:
         why = "a folder" if os.path.isdir(path) else f"{parent} is not a writable folder"
         raise SystemExit(f"--stats-out {path}: cannot write a file there ({why})")
 
 
-def _load(spec, data_args=()):
-    """load_input for a spec string, then a check that images (not statistics) number at least 3."""
-    x = load_input(spec, data_args) if isinstance(spec, str) else spec
-    n = x.n if isinstance(x, Source) else None if isinstance(x, tuple) else len(x)
-    if n is not None and n < 3:
-        name = spec if isinstance(spec, str) else "the input"
-        raise SystemExit(f"FID needs at least 3 images, {name} has {n} (the covariance would be degenerate)")
-    return x
-
-
-def _rank0(value):
-    """Rank 0's value on every rank, so that all ranks take the same branch (and the same collectives)."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _cache_path(spec, data_args, cache_dir):
-    """Where a reference's statistics are cached, from its name alone: a file or folder by its absolute
-    path, a dataset by its name and flags (--data-path made absolute, --resolution). Nothing is read."""
-    args = list(data_args)
-    if "--data-path" in args:
-        i = args.index("--data-path") + 1
-        args[i] = os.path.abspath(args[i])
-    key = os.path.abspath(spec) if os.path.exists(spec) else f"{spec}:{' '.join(args)}"
-    return os.path.join(cache_dir, f"{Path(spec).stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz")
-
-
-def _stats_of(spec, model, batch_size, num_workers, data_args=(), cache_dir=None, x=None):
-    """(mu, sigma, n, Inception Score or None) of an input (`x`: it already loaded). A reference named by a
-    string is cached in cache_dir, looked up before anything is loaded or decoded. Only rank 0 reads or writes
-    the cache (other nodes may not share its folder); the others get None statistics."""
-    cache = _cache_path(spec, data_args, cache_dir) if cache_dir and isinstance(spec, str) else None
-    if cache and _rank0(os.path.exists(cache)):
-        if _dist()[0] != 0:
-            return None, None, None, None
-        with np.load(cache) as f:
-            return f["mu"], f["sigma"], int(f["n"]), None
-    x = _load(spec, data_args) if x is None else x
-    if isinstance(x, tuple):
-        return (*x, None)
-    source = x if isinstance(x, Source) else Source(x, batch_size, num_workers)
-    sums = accumulate(source, model, logits=cache is None)  # a reference needs no Inception Score
-    mu, sigma = sums.statistics()
-    n = int(sums.count.item())
-    if cache and _dist()[0] == 0:
-        try:
-            save_statistics(cache, mu, sigma, n)
-        except SystemExit as e:  # the FID can still be reported
-            print(f"fid: {e}; the reference statistics are not cached")
-    return mu, sigma, n, None if cache else sums.inception_score()
+def cache_file(name, key, cache_dir=None):
+    """Where a reference's statistics are cached: <cache_dir>/<name>-<hash of key>.npz, the key
+    saying what they are of (a path made absolute, or a dataset with its settings); nothing is
+    read. cache_dir defaults to CACHE_DIR."""
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return os.path.join(cache_dir or CACHE_DIR, f"{name}-{digest}.npz")
 
 
 def save_statistics(path, mu, sigma, n):
-    """Write mu, sigma (pytorch-fid's keys) and the count n (when known) atomically, or exit with one line."""
+    """Write mu, sigma (pytorch-fid's keys) and the count n (when known) atomically, or exit with
+    one line."""
     tmp = f"{path}.{os.getpid()}.tmp"  # unique: two jobs may write the same cache entry
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -596,27 +648,40 @@ def save_statistics(path, mu, sigma, n):
             os.remove(tmp)
         raise SystemExit(f"could not write the statistics to {path}: {e}")
 
+# ----------------------------------------------------------------------------
+# FID
 
-def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, data_args=(),
-                     cache_dir=None):
-    """FID of samples (input spec, uint8 (N, C, H, W) or a Source) vs ref (input spec or (mu, sigma)); IS of
-    the samples.
-
-    Under torch.distributed every rank must call it (images are sharded); only rank 0 gets the numbers.
-    """
-    x = _load(samples, data_args)
-    cached = isinstance(ref, str) and cache_dir and os.path.exists(_cache_path(ref, data_args, cache_dir))
-    r = None if isinstance(ref, tuple) or cached else _load(ref, data_args)  # checked before the network runs
-    mu1, sigma1, n, score = _stats_of(samples, model, batch_size, num_workers, x=x)
-    if isinstance(ref, tuple):
-        mu2, sigma2, n_ref = *ref[:2], None
+def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, cache=None):
+    """FID of samples vs ref, and the samples' Inception Score. samples: an input path, uint8
+    images (N, C, H, W) or a Source; ref: the same, statistics (mu, sigma[, n]), or a function
+    returning one of them, called only when file `cache` (where ref's statistics are kept, see
+    cache_file) does not exist yet. Both are checked before the network runs. Only rank 0 reads
+    or writes the cache (other nodes may not share its folder). Under torch.distributed every
+    rank must call it (images are sharded); only rank 0 gets the numbers."""
+    rank = _dist()[0]
+    x = _checked(samples)
+    cached = cache is not None and _rank0(os.path.exists(cache))
+    if not cached:
+        ref = _checked(ref() if callable(ref) else ref)
+    mu1, sigma1, n, score = compute_statistics(x, model, batch_size, num_workers)
+    if cached:
+        if rank != 0:
+            return None
+        with np.load(cache) as f:
+            mu2, sigma2, n_ref = f["mu"], f["sigma"], int(f["n"])
     else:
-        mu2, sigma2, n_ref, _ = _stats_of(ref, model, batch_size, num_workers, data_args, cache_dir, x=r)
-    if _dist()[0] != 0:
-        return None
-    is_mean, is_std = score if score else (float("nan"), float("nan"))  # a statistics file holds no logits
-    return dict(fid=frechet_distance(mu1, sigma1, mu2, sigma2), is_mean=is_mean, is_std=is_std, n=n,
-                n_ref=n_ref)
+        mu2, sigma2, n_ref, _ = compute_statistics(ref, model, batch_size, num_workers,
+                                                   score=False)
+        if rank != 0:
+            return None
+        if cache and not isinstance(ref, tuple):
+            try:
+                save_statistics(cache, mu2, sigma2, n_ref)
+            except SystemExit as e:  # the FID can still be reported
+                print(f"fid: {e}; the reference statistics are not cached")
+    is_mean, is_std = score or (float("nan"), float("nan"))  # statistics files hold no logits
+    return dict(fid=frechet_distance(mu1, sigma1, mu2, sigma2), is_mean=is_mean, is_std=is_std,
+                n=n, n_ref=n_ref)
 
 
 def report(result, world, device):
@@ -627,7 +692,6 @@ def report(result, world, device):
         print(f"inception: {THROUGHPUT['images'] / THROUGHPUT['seconds']:.1f} images/s "
               f"on {world} x {device.type} ({THROUGHPUT['images']} images)")
 
-# ----------------------------------------------------------------------------
 # Benchmark
 
 def benchmark(rounds, batch=50):
@@ -685,18 +749,20 @@ def benchmark(rounds, batch=50):
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID (vs REF) and Inception Score of SAMPLES")
     p.add_argument("samples", nargs="?",
-                   help="samples npz (arr_0 uint8 NHWC), image folder, stats npz or dataset name")
-    p.add_argument("ref", nargs="?", help="reference: dataset name (training split), stats npz, npz or folder")
+                   help="samples .npz (arr_0 uint8 NHWC), statistics .npz or image folder")
+    p.add_argument("ref", nargs="?",
+                   help="reference: statistics .npz (mu, sigma), samples .npz or image folder "
+                        "(a training set by name: sample.py --fid)")
     p.add_argument("--batch-size", type=int, default=200, help="per process")
-    p.add_argument("--inception", default=None, help=f"path to {FID_WEIGHTS} (default: torch hub cache)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding")
-    p.add_argument("--data-path", default=None, help="dataset root for a dataset-name REF (as in train_unet.py)")
-    p.add_argument("--resolution", type=int, help="image size of a dataset-name REF (default: the dataset's own, "
-                                                  "folders 64, as in train_unet.py): that of the samples")
+    p.add_argument("--inception", default=None,
+                   help=f"path to {FID_WEIGHTS} (default: torch hub cache)")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image-folder decoding")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="reference statistics")
-    p.add_argument("--stats-out", default=None, help="save the statistics of SAMPLES here (no REF needed)")
+    p.add_argument("--stats-out", default=None, help="save the statistics of SAMPLES here")
     p.add_argument("--bench", type=int, metavar="ROUNDS",
-                   help="time the feature extraction (against pytorch-fid's, if installed), then exit")
+                   help="time the feature extraction (against pytorch-fid's, if installed), "
+                        "then exit")
     args = p.parse_args(argv)
     if args.bench:
         return benchmark(args.bench)
@@ -704,8 +770,8 @@ def main(argv=None):
         p.error("give SAMPLES")
     if args.ref is None and args.stats_out is None:
         p.error("give REF to compute FID, or --stats-out PATH to save the statistics of SAMPLES")
-    for spec in (args.samples, args.ref or ""):
-        _check_exists(spec)  # before loading (or downloading) the network
+    if args.ref and args.stats_out:
+        p.error("--stats-out saves the statistics of SAMPLES alone: drop REF or --stats-out")
     if args.stats_out:
         _check_writable(args.stats_out)
     own_pg = "RANK" in os.environ and not dist.is_initialized()
@@ -718,30 +784,31 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def data_args(args):
-    """The train_unet.py flags that locate and size a dataset-name input."""
-    return [*(["--data-path", args.data_path] if args.data_path else []),
-            *(["--resolution", str(args.resolution)] if args.resolution else [])]
-
-
 def _run(args):
-    """main() once the process group (if any) is up."""
+    """main() once the process group (if any) is up: inputs checked, then the network built."""
     rank, world = _dist()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    check_input(args.samples)
+    cache = None
+    if args.ref:  # a path's statistics are cached by its absolute path
+        cache = cache_file(Path(args.ref).stem, os.path.abspath(args.ref), args.cache_dir)
+        if not _rank0(os.path.exists(cache)) or not os.path.exists(args.ref):
+            check_input(args.ref)
+    device = torch.device(f"cuda:{_local_rank()}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = load_inception(args.inception, device)
     if args.stats_out:
-        mu, sigma, n, _ = _stats_of(args.samples, model, args.batch_size, args.num_workers, data_args(args))
-        result = dict(n=n) if rank == 0 else None
-        if rank == 0:
-            save_statistics(args.stats_out, mu, sigma, n)
-            print(f"saved statistics of {n} images to {args.stats_out}")
-    else:
-        result = fid_from_samples(args.samples, args.ref, model, args.batch_size, args.num_workers,
-                                  data_args(args), args.cache_dir)
-        if rank == 0:
-            report(result, world, device)
+        mu, sigma, n, _ = compute_statistics(args.samples, model, args.batch_size,
+                                             args.num_workers, score=False)
+        if rank != 0:
+            return None
+        save_statistics(args.stats_out, mu, sigma, n)
+        print(f"saved statistics of {n} images to {args.stats_out}")
+        return dict(n=n)
+    result = fid_from_samples(args.samples, args.ref, model, args.batch_size, args.num_workers,
+                              cache)
+    if rank == 0:
+        report(result, world, device)
     return result
 
 

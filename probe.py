@@ -1,22 +1,27 @@
 """
-Linear probing of DDAE++ checkpoints (train_unet.py, train_uvit.py or train_dit.py): frozen EMA-model
-features at a noise level t and a layer, globally average pooled, classified by BatchNorm(affine=False)
-+ Linear, trained with Adam and a cosine schedule (paper Table 11). Several t and layers train one head
-per (t, layer) in the same pass over the data; --grid searches a default grid and draws accuracy against
-layer (paper Fig. 4-5) and prints the flags that self-condition on the best cell (the paper's rule).
+Linear probing of DDAE++ checkpoints (train_unet.py, train_uvit.py, train_dit.py): frozen EMA-model
+features at a noise level t and a layer, globally average pooled, classified linearly.
 
-    python probe.py --ckpt runs/X/ckpt.pt --init --raw-pixels    # Table 10 cell, at init, raw pixels
-    python probe.py --ckpt runs/X/ckpt.pt --grid                  # every (t, layer)
-    python probe.py --ckpt runs/*/ckpt.pt --grid --loss           # several runs: mean +- std per arm
-    torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # 8 GPUs, data-parallel
+    python probe.py --ckpt runs/X/ckpt.pt --init --raw-pixels     # Table 10's cell, at init, pixels
+    python probe.py --ckpt runs/X/ckpt.pt --grid                   # every (t, layer): Fig. 4-5
+    python probe.py --ckpt runs/X/ckpt-*.pt                        # a run's snapshots (App. A's rule)
+    python probe.py --ckpt runs/*/ckpt.pt --loss                   # seeds and arms: mean +- std
+    python probe.py --ckpt runs/X/ckpt.pt --dataset cifar100       # transfer to another dataset
+    python probe.py --ckpt runs/X/ckpt.pt --dense --dataset ade20k # per-pixel probe: mIoU
+    torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # data-parallel
 
-Memory, so that ImageNet-1k fits a node: the noise levels are probed one after another (a forward per
-level either way); each rank extracts and keeps only its own rows (the extraction batches rank,
-rank + world, ...) as float16, and the heads train data-parallel on them (BatchNorm statistics and
-gradients all-reduced: every rank takes the steps one process holding all rows would). Latents are
-read from the memory-mapped VA-VAE cache a batch at a time, and only the EMA weights are loaded.
-Output: tables on stdout, <out>/probe.json and (several layers) <out>/probe.png; with several
-checkpoints also <out>/summary.json and <out>/layers.png.
+Two heads. `lbfgs` (default) is a multinomial logistic regression on standardised features fitted
+to convergence by full-batch L-BFGS, its L2 strength chosen on a held-out tenth of the training
+split (CLIP's linear probe): a figure that compares two models must come from the optimum of the
+head's objective. `table11` is the paper's recipe (Table 11: BatchNorm without affine + Linear,
+Adam, cosine, 15 epochs on CIFAR and 30 elsewhere), to reproduce its figures; it stops short of
+that optimum. Every head prints its final training loss and accuracy beside its test accuracy.
+
+Memory, so that ImageNet-1k fits a node: noise levels are probed one after another; each rank
+extracts and keeps only its own rows as float16 (spilled to an unlinked file when large); both
+heads are data-parallel (statistics, losses and gradients summed over ranks: every rank takes the
+steps one process holding all rows would). Output: <out>/probe.json, a chart for several layers;
+for several checkpoints <out>/summary.json and <out>/layers.png.
 """
 import argparse
 import contextlib
@@ -24,6 +29,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,80 +40,114 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sample import ckpt_name, for_inference, load_checkpoint, setup_distributed
+from sample import ckpt_name, for_inference, import_trainer, load_checkpoint, read_checkpoint
 
-# ----------------------------------------------------------------------------
-# Defaults (paper Tables 10-11)
+# ------------------------------------------------------------------------------------------------
+# The protocol: grids and Table 10-11 defaults, the converged head, App. A's snapshot rule
 
-# Grids in native units around the Table 10 optima (DDPM int t of T=1000; EDM sigma; RF t, t=1 is
-# noise). EDM: steps 2-8 from the end of the 18-step Heun schedule, written as Table 10 does
-# (0.06 = step 4, 0.2964 = step 6).
+# Grids in native units around the Table 10 optima (DDPM step of T=1000; EDM sigma; RF t, 1 = noise).
+# EDM: steps 2-8 from the end of the 18-step Heun schedule (0.06 = step 4, 0.2964 = step 6).
 GRIDS = {
-    'DDPM': [1, 11, 21, 41, 66, 101, 151],
-    'EDM': [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
-    'RF': [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6],
+    "DDPM": [1, 11, 21, 41, 66, 101, 151],
+    "EDM": [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
+    "RF": [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6],
 }
-# Table 11's probe: Adam, cosine, flip; lr 4e-3 pixel / 2e-3 latent; 15 epochs on CIFAR, 30 elsewhere.
-# Its global batch: 1440 for latents, where the table gives pre-training and probing a batch each
-# (1024, 1440); for pixels it prints one batch row across both columns, which we read as shared:
-# 512 ddpm, 256 ddpmpp and UViT-S. (DDAE, whose probe the paper simplifies, ran 128 per GPU on
-# 4 GPUs, 512 for every net.) The CPU presets ('tiny') are not in the paper: 128.
-PROBE_BATCH = {'ddpm': 512, 'ddpmpp': 256, 'uvit_s': 256}
+# Table 11's global batch: 1440 for latents; for pixels one batch row spans pre-training and
+# probing, which we read as shared: 512 ddpm, 256 ddpmpp and UViT-S (DDAE ran 512 for every net).
+# The CPU presets ('tiny') are not in the paper: 128.
+PROBE_BATCH = {"ddpm": 512, "ddpmpp": 256, "uvit_s": 256}
 MAX_PIXEL_DIM = 12288  # raw pixels: flattened up to 64x64x3 (and 16x16x32 latents), pooled above
+# The L2 path of the converged head, strongest first (each fit starts from the last: warm starts),
+# on the mean cross-entropy over standardised features; the held-out tenth picks one (CLIP's
+# practice, on a coarser grid).
+L2_PATH = [10.0 ** -k for k in range(7)]
+HELD_OUT = 0.1
+LBFGS = dict(max_iter=1000, tolerance_grad=1e-4, history_size=20)  # sklearn's tolerance
+CACHE_BYTES = 2 ** 30  # a node's standardised rows of one cell, held for the fit when smaller
+# App. A: CIFAR accuracy is the best of the 800/1000/1200-epoch snapshots, every other figure the
+# final one's; nothing else is chosen on the test split.
+APP_A_EPOCHS = {"cifar10": (800, 1000, 1200), "cifar100": (800, 1000, 1200)}
+# The random streams: each draws from _seed(--seed, stream, index), so none depends on another.
+TEST, TRAIN, FLIPS, LOSS, SC, HOLD = range(6)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What one head reads: a network ('trained', 'init', or 'pixels') at noise level t, a layer."""
+    net: str
+    t: float = None
+    layer: str = "pixels"
+
+    def __str__(self):
+        return "raw pixels" if self.net == "pixels" else f"t={self.t:g} {self.layer}" + (
+            " at init" if self.net == "init" else "")
+
+
+@dataclass
+class Score:
+    """A head's figures in %: test accuracy; final training loss and accuracy; lbfgs: its L2
+    strength and accuracy on the held-out tenth."""
+    test: float
+    train: float
+    loss: float
+    held_out: float = None
+    l2: float = None
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True, nargs='+',
-                   help='checkpoint(s) of a train_*.py script; several: mean +- std per arm')
-    p.add_argument('--raw', action='store_true', help='probe the online weights, not the EMA')
-    p.add_argument('--t', type=float, nargs='+',
-                   help="noise level(s), native units (default: the checkpoint's probe_t)")
-    p.add_argument('--layer', nargs='+',
-                   help='layer(s): out_6, 6, block_9, cls (UViT [CLS]) or all (default: sc_layer)')
-    p.add_argument('--grid', action='store_true',
-                   help="--t defaults to the formulation's grid and --layer to all")
-    p.add_argument('--raw-pixels', action='store_true', help='also probe raw pixels (the baseline)')
-    p.add_argument('--init', action='store_true',
-                   help="also probe the same network at its initial weights (the run's seed)")
-    p.add_argument('--dense', action='store_true',
-                   help='dense probe instead: a linear classifier per location on the unpooled '
-                        'features of one (t, layer), scored by mIoU and pixel accuracy (shapes: its '
-                        'masks; else --data-path with images/ and annotations/, ignore index 255)')
-    p.add_argument('--loss', action='store_true',
-                   help='also the held-out denoising loss per noise-level bin (test split)')
-    p.add_argument('--sc-stats', action='store_true',
-                   help='also what the self-conditioning term adds to emb (UNet, DiT): its norm per '
-                        'noise-level bin, and the share of its variance explained by class (and, '
-                        'on shapes, by the toy\'s nuisance draws) at the probe level')
-    p.add_argument('--precision', choices=['auto', 'bf16', 'fp32'], default='auto',
-                   help='bf16 autocast (auto: on CUDA) or fp32')
-    # Measured once (shapes, tiny DDPM UNet after 32k images, --limit 2000 --epochs 15, out_2):
-    # t=11 32.20% cached vs 32.20% fresh, t=101 27.40% vs 27.60%. Small-t noise barely moves the
-    # features (2% of their spread at t=11) and random flips of two cached views are the same
-    # augmentation, while fresh costs epochs + 1 extractions, not 3.
-    p.add_argument('--feature-mode', choices=['cached', 'fresh'], default='cached',
-                   help='cached: 2 flips x fixed noise, extracted once; fresh: new noise and flips '
-                        'every epoch (the paper)')
-    p.add_argument('--epochs', type=int, help='default 15 on CIFAR, 30 otherwise (Table 11)')
-    p.add_argument('--lr', type=float, help='default 4e-3 pixel, 2e-3 latent (Table 11)')
-    p.add_argument('--batch-size', type=int,
-                   help='global probe batch, default 512 ddpm, 256 ddpmpp / UViT-S, 1440 latent '
-                        '(Table 11), 128 tiny')
-    p.add_argument('--extract-batch', type=int, default=256,
-                   help='images per forward; batches are dealt round-robin to ranks')
-    p.add_argument('--dataset',
-                   help='transfer: probe the frozen model on this labelled dataset instead (a name the '
-                        'trainers know, or class folders), resized to the model\'s input')
-    p.add_argument('--data-path', help="--dataset's folder (default: the run's)")
-    p.add_argument('--limit', type=int, help='probe a fixed random subset of this many images')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', help='default <ckpt dir>/probe[-<dataset>] (several: <common parent>/...)')
-    return p.parse_args(argv)
+    p.add_argument("--ckpt", required=True, nargs="+",
+                   help="checkpoints of train_*.py; snapshots of a run: App. A's rule picks one")
+    p.add_argument("--raw", action="store_true", help="probe the online weights, not the EMA")
+    p.add_argument("--t", type=float, nargs="+", help="noise levels, native units (default: the "
+                   "checkpoint's probe_t)")
+    p.add_argument("--layer", nargs="+", help="out_6, 6, block_9, cls (UViT [CLS]) or all "
+                   "(default: the checkpoint's sc_layer)")
+    p.add_argument("--grid", action="store_true", help="--t: the formulation's grid, --layer all")
+    p.add_argument("--raw-pixels", action="store_true", help="also probe raw pixels (a baseline)")
+    p.add_argument("--init", action="store_true", help="also probe the network at its initial "
+                   "weights (the run's seed)")
+    p.add_argument("--head", choices=["lbfgs", "table11"],
+                   help="lbfgs: converged logistic regression (default); table11: the paper's "
+                        "Adam recipe (the only head of --dense)")
+    p.add_argument("--draws", type=int, default=1, help="noise draws per training image, each in "
+                   "both flips; table11 takes draw e %% K in epoch e (the paper: a new one each)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="horizontal flips of the training images (default: as the run trained)")
+    p.add_argument("--dense", action="store_true", help="per-pixel probe of the unpooled features, "
+                   "scored by mIoU (shapes: its masks; ade20k, voc, or a folder: --dataset)")
+    p.add_argument("--loss", action="store_true", help="also the held-out denoising loss per "
+                   "noise-level bin (test split)")
+    p.add_argument("--sc-stats", action="store_true", help="also what the self-conditioning term "
+                   "adds to emb (UNet, DiT trained with --self-cond)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast (auto: on CUDA) or fp32")
+    p.add_argument("--epochs", type=int, help="table11 and dense: 15 on CIFAR, 30 otherwise")
+    p.add_argument("--lr", type=float, help="table11 and dense: 4e-3 pixel, 2e-3 latent")
+    p.add_argument("--batch-size", type=int, help="table11 and dense: global batch, 512 ddpm, "
+                   "256 ddpmpp / UViT-S, 1440 latent (Table 11), 128 tiny")
+    p.add_argument("--extract-batch", type=int, default=256, help="images per forward")
+    p.add_argument("--dataset", help="another labelled dataset (transfer): a name the trainers "
+                   "know or a class folder; --dense: ade20k, voc or an images/ + annotations/ folder")
+    p.add_argument("--data-path", help="--dataset's folder (default: its own, never the run's)")
+    p.add_argument("--limit", type=int, help="probe a fixed random subset of this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="default <ckpt dir>/probe[-dense][-<dataset>]")
+    a = p.parse_args(argv)
+    for name in ("draws", "epochs", "batch_size", "extract_batch", "limit"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    if a.dense:  # dense probing reads one map per cell and trains the mini-batch head
+        bad = [f for f, on in (("--loss", a.loss), ("--sc-stats", a.sc_stats), ("--limit", a.limit),
+                               ("--head lbfgs", a.head == "lbfgs"), ("--draws", a.draws > 1)) if on]
+        if bad:
+            raise SystemExit(f"--dense does not take {', '.join(bad)}")
+    a.head = a.head or "table11" if a.dense else a.head or "lbfgs"
+    return a
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Data-parallel bookkeeping: rank r owns the rows of extraction batches r, r + world, ...
 
 def world():
@@ -125,13 +165,25 @@ def local_rows(i, block):
     return i // block // world()[1] * block + i % block
 
 
-# ----------------------------------------------------------------------------
-# Data and features
+def all_sum(t):
+    """t summed over all ranks (in place)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _seed(*ints):
+    """A 32-bit generator seed from ints (torch's CPU generator keeps 32 bits of a seed)."""
+    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: a labelled split in model space, the dataset of a transfer
 
 class Data:
     """A labelled split read a batch at a time in model space: uint8 pixels (N, 3, H, W) in memory,
-    or the VA-VAE cache (N, 2 flips, 32, 16, 16) float16, memory-mapped, normalised per batch with
-    the training latents' statistics. `rows` picks a subset (--limit); `encode` maps pixels to the
+    or the VA-VAE cache (N, 2 flips, 32, 16, 16) float16, memory-mapped, normalised with the
+    training latents' statistics. `rows` picks a subset (--limit); `encode` maps pixels to the
     network's input (a latent DiT's dense probe encodes its 256x256 images on the fly)."""
 
     def __init__(self, x, y, stats=None, rows=None, encode=None):
@@ -151,22 +203,50 @@ class Data:
             return x if self.encode is None else self.encode(x)
         # a flipped latent grid is not the latent of the flipped image: the cache holds both
         z = torch.from_numpy(np.asarray(self.x[idx.numpy(), flip.long().numpy()], np.float32))
-        mean, std = (self.stats[k][:, None, None] for k in ('mean', 'std'))
+        mean, std = (self.stats[k][:, None, None] for k in ("mean", "std"))
         return (z - mean) / std
 
 
+class Resized(torch.utils.data.Dataset):
+    """uint8 images (N, 3, h, w) as (index, ADM-cropped uint8 (3, res, res), ''): what the latent
+    cache encodes, for a dataset read by another trainer (CIFAR through a latent DiT)."""
+
+    def __init__(self, x, res, crop):
+        self.x, self.res, self.crop = x, res, crop
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        img = self.crop(Image.fromarray(self.x[i].permute(1, 2, 0).numpy()), self.res)
+        return i, torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()), ""
+
+
+def reader(mod, args):
+    """The trainer that reads args.dataset: the run's own, or train_unet.py's loaders for a pixel
+    dataset the run's trainer does not hold (CIFAR or Tiny-ImageNet for a DiT)."""
+    own = args.dataset in mod.DATASETS or args.dataset not in import_trainer("train_unet.py").DATASETS
+    return mod if own else import_trainer("train_unet.py")
+
+
 def load_split(mod, args, ckpt, split):
-    """The split's Data: pixels through the trainer's loader (resized to the model's input if they
-    differ: a transfer probe), latents from the cache of the VA-VAE's encoding."""
-    if getattr(args, 'latent', 'none') == 'none':
-        x, y = mod.load_pixels(args, split)
+    """The split's Data: pixels resized to the model's input, or the split's latent cache."""
+    src = reader(mod, args)
+    if getattr(args, "latent", "none") == "none":
+        x, y = src.load_pixels(src.get_args(["--dataset", args.dataset, "--data-path",
+                                             args.data_path]) if src is not mod else args, split)
         if x.shape[-1] != args.resolution:
-            x = F.interpolate(x.float(), size=args.resolution, mode='bicubic', antialias=True)
+            x = F.interpolate(x.float(), size=args.resolution, mode="bicubic", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
         return Data(x, y)
-    d = mod.latent_cache(args, split)
-    y = torch.from_numpy(np.load(d / 'labels.npy'))
-    return Data(np.load(d / 'latents.npy', mmap_mode='r'), y, ckpt['latent_stats'])
+    source = None
+    if src is not mod or args.dataset in mod.SHAPES:  # pixels of another loader, encoded at 256
+        x, y = src.load_pixels(src.get_args(["--dataset", args.dataset, "--data-path",
+                                             args.data_path]), split)
+        source = (Resized(x, mod.IMAGE_SIZE, mod.center_crop), y)
+    d = mod.latent_cache(args, split, source)
+    y = torch.from_numpy(np.load(d / "labels.npy"))
+    return Data(np.load(d / "latents.npy", mmap_mode="r"), y, ckpt["latent_stats"])
 
 
 def pixel_features(x):
@@ -176,33 +256,30 @@ def pixel_features(x):
     return x.flatten(1)
 
 
-def _seed(*ints):
-    """A 32-bit generator seed from a tuple of ints (torch's CPU generator keeps only 32 bits of its seed)."""
-    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
-
+# ------------------------------------------------------------------------------------------------
+# Features: this rank's rows, float16, in one or more views (noise draw x flip) per image
 
 def _rows(n, width, spill):
-    """(n, width) float16 zeros: in memory when they take under half of this node's available memory
-    shared among its ranks, else in a file under the folder `spill`, unlinked at once (the mapping
-    keeps it until the array is freed, so nothing is left behind even by a kill)."""
+    """(n, width) float16 zeros: in memory when they take under half of this node's available
+    memory shared among its ranks, else in a file under `spill`, unlinked at once (the mapping
+    keeps it until freed, so nothing is left behind even by a kill)."""
     need = 2 * n * width
     with contextlib.suppress(OSError, StopIteration):
-        with open('/proc/meminfo') as f:
-            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable'))
-        if need > avail / 2 / int(os.environ.get('LOCAL_WORLD_SIZE', 1)) and spill is not None:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        if need > avail / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1)) and spill is not None:
             spill.mkdir(parents=True, exist_ok=True)
-            path = spill / f'.features-{os.getpid()}-{time.time_ns()}.npy'
-            rows = np.lib.format.open_memmap(path, 'w+', np.float16, (n, width))
+            path = spill / f".features-{os.getpid()}-{time.time_ns()}.npy"
+            rows = np.lib.format.open_memmap(path, "w+", np.float16, (n, width))
             path.unlink()
             return torch.from_numpy(rows)
     return torch.zeros(n, width, dtype=torch.float16)
 
 
 class Features:
-    """One rank's rows of the pooled features of several layers, in one or more views (the flips of
-    an image), float16 around a float32 shift per column: the mean of its first batch, since
-    pooled features can sit far from zero, where float16 is coarse (a shift per rank is harmless:
-    every row is read back with its own rank's)."""
+    """One rank's rows of the features of several layers, `views` per image, float16 around a
+    float32 shift per column (the mean of the first batch: pooled features can sit far from zero,
+    where float16 is coarse)."""
 
     def __init__(self, n, views=1, spill=None):
         self.n, self.views, self.spill, self.data, self.cols = n, views, spill, None, {}
@@ -216,64 +293,155 @@ class Features:
             self.cols = {k: slice(a, b) for k, a, b in zip(feats, bounds[:-1], bounds[1:])}
         self.data[rows.start + view * self.n:rows.stop + view * self.n] = (f - self.shift).half()
 
-    def get(self, rows, view=None):  # (B,), the view of each row (B,) -> {layer: (B, C) float32}
-        f = torch.add(self.data[rows if view is None else rows + view.long() * self.n], self.shift)
-        return {k: f[:, c] for k, c in self.cols.items()}
+    def get(self, rows, view, layer):
+        """Local rows (B,) in view(s) (B,) or an int -> (B, C) float32 of one layer."""
+        c = self.cols[layer]
+        return torch.add(self.data[rows + view * self.n, c], self.shift[c])
 
 
 @torch.no_grad()
-def extract(models, diffusion, data, t, layers, *, seed, views=(None,), batch_size=256, spill=None,
-            desc=None, autocast=contextlib.nullcontext(), pool=True):
-    """{model name: Features} of this rank's rows of data at noise level t, every layer, in each view
-    (flips (N,): which images it flips; None: none). The noise of a batch depends on (seed, its first
-    row) alone, not on t, the view, the layers or the number of ranks: a pair probed alone sees the
-    features of a grid. pool=False: the unpooled maps, flattened."""
+def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=None, desc=None,
+            autocast=contextlib.nullcontext(), pool=True, pixels=False):
+    """{net: Features} of this rank's rows of data at noise level t, each layer, in each view
+    (flips (N,) or None, noise seed). A batch's noise depends on (the view's seed, its first row)
+    alone: a cell probed alone sees the features of a grid, on any number of ranks. pixels: also
+    the raw pixels, under 'pixels'. pool=False: the unpooled maps, flattened."""
     rank, size = world()
-    device = next(models['trained'].parameters()).device
+    device = next(models["trained"].parameters()).device
     starts = list(range(0, len(data), batch_size))[rank::size]
     n = sum(min(batch_size, len(data) - b) for b in starts)
-    out = {name: Features(n, len(views), spill) for name in models}
+    out = {name: Features(n, len(views), spill) for name in [*models, *["pixels"] * pixels]}
     row = 0
     for b in tqdm(starts, desc=desc, disable=rank > 0 or desc is None, leave=False):
         i = torch.arange(b, min(b + batch_size, len(data)))
-        for v, flips in enumerate(views):
+        for v, (flips, seed) in enumerate(views):
             x = data.batch(i, torch.zeros(len(i), dtype=torch.bool) if flips is None else flips[i])
+            rows = slice(row, row + len(i))
+            if pixels:
+                out["pixels"].put(rows, v, {"pixels": pixel_features(x) if pool else x.flatten(1)})
             noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(_seed(seed, b)))
             tt = torch.full((len(x),), t, device=device)  # int64 for DDPM, float otherwise
             xt = diffusion.add_noise(x.to(device), tt, noise.to(device))
             for name, m in models.items():
                 with autocast:  # unconditional (a conditional DiT: the null class), no augment label
                     f = diffusion.pred(m, xt, tt, feats=tuple(layers), pool=pool)[1]
-                out[name].put(slice(row, row + len(i)), v, {l: f[l].flatten(1) for l in layers})
+                out[name].put(rows, v, {l: f[l].flatten(1) for l in layers})
         row += len(i)
     return out
 
 
-# ----------------------------------------------------------------------------
-# Linear probes: one head per feature key, all trained in the same loop, data-parallel
-
 class Split:
-    """A split as one rank sees it: every label (N,), the width of each feature key, and epoch(e) ->
-    feats(i), which gives {key: (len(i), C) float32} for rows i this rank owns (see owned())."""
+    """A split as this rank holds it: all labels (N,), each cell's store and layer, the number of
+    views per image, and this rank's images in storage order."""
 
-    def __init__(self, y, dims, epoch, block):
-        self.y, self.dims, self.epoch, self.block = y, dims, epoch, block
+    def __init__(self, y, stores, views, block):
+        self.y, self.stores, self.views, self.block = y, stores, views, block
+        rows = torch.arange(len(y))
+        self.mine = rows[owned(rows, block)]  # global index of each local row
 
-    def owned(self, i):
-        return owned(i, self.block)
+    def feats(self, cell, local, view):
+        store, layer = self.stores[cell]
+        return store.get(local, view, layer)
+
+    def chunks(self, cell, keep=None, chunk=4096):
+        """(features (m, C), labels (m,)) of this rank's rows in every view; keep (N,): a subset."""
+        for s in range(0, len(self.mine), chunk):
+            local = torch.arange(s, min(s + chunk, len(self.mine)))
+            if keep is not None:
+                local = local[keep[self.mine[local]]]
+            for v in range(self.views):
+                yield self.feats(cell, local, v), self.y[self.mine[local]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Heads: the converged logistic regression (L-BFGS), and Table 11's recipe (Adam, cosine)
+
+def moments(chunks, width):
+    """(mean, std) (C,) of the rows of chunks, from float64 sums over all ranks."""
+    s = torch.zeros(3, width, dtype=torch.float64)
+    for x, _ in chunks:
+        x = x.double()
+        s += torch.stack([x.sum(0), x.square().sum(0), torch.full((width,), float(len(x)))])
+    s1, s2, n = all_sum(s)
+    mean = s1 / n
+    std = (s2 / n - mean.square()).clamp(min=0).sqrt()
+    return mean.float(), torch.where(std > 0, std, 1).float()
+
+
+def lbfgs(rows, n, classes, width, l2, init=None):
+    """Minimise mean cross-entropy + l2/2 |W|^2 over n rows (rows(): this rank's chunks of
+    (standardised features, labels)) by full-batch L-BFGS with a strong-Wolfe line search, from
+    `init` (a warm start) or zero. Returns (W, b, |gradient|_max at the end)."""
+    W, b = (torch.zeros(classes, width, dtype=torch.float64),
+            torch.zeros(classes, dtype=torch.float64)) if init is None else map(torch.clone, init)
+    opt = torch.optim.LBFGS([W, b], line_search_fn="strong_wolfe", **LBFGS)
+
+    def closure():
+        s = torch.zeros(1 + W.numel() + b.numel(), dtype=torch.float64)
+        w, c = W.float(), b.float()
+        for x, y in rows():
+            z = torch.addmm(c, x, w.t())  # (m, K) logits
+            lse = z.logsumexp(1, keepdim=True)
+            g = (z - lse).exp_()  # softmax; minus the one-hot labels: d(cross-entropy)/dz
+            g[torch.arange(len(y)), y] -= 1
+            loss = lse.sum() - z.gather(1, y[:, None]).sum()
+            s += torch.cat([loss[None], (g.t() @ x).flatten(), g.sum(0)]).double()
+        s = all_sum(s) / n
+        W.grad, b.grad = s[1:1 + W.numel()].view_as(W) + l2 * W, s[1 + W.numel():]
+        return s[0] + l2 / 2 * W.square().sum()
+
+    opt.step(closure)
+    closure()
+    return W, b, max(W.grad.abs().max().item(), b.grad.abs().max().item())
+
+
+def fit_lbfgs(split, cell, classes, seed, log):
+    """The converged head: standardised features, the L2 strength of L2_PATH that scores best on a
+    held-out tenth of the training images (ties: the stronger; the path stops once two strengths
+    in a row score below the best), refitted on all of them.
+    Returns (predict(features) -> logits, held-out accuracy %, l2)."""
+    width = split.feats(cell, torch.arange(1), 0).shape[1]
+    mean, std = moments(split.chunks(cell), width)
+    order = torch.randperm(len(split.y), generator=torch.Generator().manual_seed(_seed(seed, HOLD)))
+    hold = torch.zeros(len(split.y), dtype=torch.bool)
+    hold[order[:max(1, round(HELD_OUT * len(split.y)))]] = True
+    cache = split.views * len(split.mine) * width * 4 < CACHE_BYTES / int(os.environ.get(
+        "LOCAL_WORLD_SIZE", 1))  # standardised once, when they fit; else streamed
+
+    def rows(keep):  # chunks of standardised rows: one tensor held when they fit, else streamed
+        make = lambda: (((x - mean) / std, y) for x, y in split.chunks(cell, keep))
+        if not cache:
+            return make
+        held = [tuple(map(torch.cat, zip(*make())))]
+        return lambda: held
+    predict = lambda wb: lambda x: torch.addmm(wb[1].float(), (x - mean) / std, wb[0].float().t())
+    fit, n_fit, best, wb = rows(~hold), split.views * int((~hold).sum()), None, None
+    for l2 in L2_PATH:  # strongest first; stop once two in a row score below the best
+        wb = lbfgs(fit, n_fit, classes, width, l2, wb)[:2]
+        acc = evaluate(split, cell, predict(wb), hold)[1]
+        if best is None or acc > best[0]:
+            best, worse = (acc, l2, wb), 0
+        elif (worse := worse + 1) == 2:
+            break
+    acc, l2, wb = best
+    W, b, grad = lbfgs(rows(None), split.views * len(split.y), classes, width, l2, wb)
+    if grad > 10 * LBFGS["tolerance_grad"]:
+        log(f"warning: {cell}: L-BFGS stopped at gradient {grad:.1e} (l2 {l2:g}), not converged")
+    return predict((W, b)), acc, l2
 
 
 class Probe(nn.Module):
-    """BatchNorm without affine (feature scales differ by orders of magnitude across t and layers) + Linear.
-    Its batch statistics come from the caller, summed over every rank's part of the batch."""
+    """Table 11's head: BatchNorm without affine + Linear. The BatchNorm is our choice (MAE's
+    probe; DDAE's is a plain Linear): feature scales differ by orders of magnitude across t and
+    layers. Its batch statistics come from the caller, summed over every rank's part."""
 
     def __init__(self, dim, classes):
         super().__init__()
-        self.register_buffer('mean', torch.zeros(dim))  # running statistics, as nn.BatchNorm1d's
-        self.register_buffer('var', torch.ones(dim))
+        self.register_buffer("mean", torch.zeros(dim))  # running statistics, as nn.BatchNorm1d's
+        self.register_buffer("var", torch.ones(dim))
         self.fc = nn.Linear(dim, classes)
-        nn.init.zeros_(self.fc.weight)  # the problem is convex: zero init loses nothing and needs no RNG,
-        nn.init.zeros_(self.fc.bias)    # so a head in a grid starts exactly like its single run
+        nn.init.zeros_(self.fc.weight)  # a convex problem: zero init loses nothing, needs no RNG
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, f, mean=None, var=None):  # training: the batch's statistics; eval: running
         mean, var = (self.mean, self.var) if mean is None else (mean, var)
@@ -284,35 +452,21 @@ class Probe(nn.Module):
         self.var.lerp_(var * n / (n - 1), 0.1)
 
 
-def all_sum(t):
-    """t summed over all ranks (in place)."""
-    if world()[1] > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def batch_stats(f, n):
-    """{key: (mean, biased var)} of a batch of n rows over all ranks, from float64 sums of each
-    rank's rows f {key: (m, C)}: the statistics of the whole batch, as one process would see it."""
-    sums = [torch.stack([v.double().sum(0), v.double().square().sum(0)]) for v in f.values()]
-    flat = all_sum(torch.cat([s.flatten() for s in sums]))
-    out = {}
-    for k, s in zip(f, flat.split([s.numel() for s in sums])):
-        s1, s2 = s.view(2, -1) / n
-        out[k] = (s1.float(), (s2 - s1.square()).clamp(min=0).float())
-    return out
+    """(mean, biased var) over all ranks of a batch of n rows, this rank's part f (m, C)."""
+    s1, s2 = all_sum(torch.stack([f.double().sum(0), f.double().square().sum(0)])) / n
+    return s1.float(), (s2 - s1.square()).clamp(min=0).float()
 
 
-def optimizer(heads, lr, steps):
-    """Adam over every head's parameters with a cosine schedule over `steps` (Table 11)."""
-    opt = torch.optim.Adam([p for h in heads.values() for p in h.parameters()], lr=lr)
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+def adam(params, lr, steps):
+    """Adam with a cosine schedule over `steps` (Table 11)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
 def step(opt, loss):
     """Backward, the gradients summed over the ranks, an Adam step."""
-    params = [p for group in opt.param_groups for p in group['params']]
+    params = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)  # a rank with no rows in the batch still sends zeros
     loss.backward()
     grads = all_sum(torch.cat([p.grad.flatten() for p in params]))
@@ -321,233 +475,168 @@ def step(opt, loss):
     opt.step()
 
 
-def train_probes(train, test, *, lr, epochs, batch_size, seed=0, device='cpu', log=None):
-    """Train one probe per feature key of the Splits train and test; returns {key: test top-1 %}.
-
-    One Adam over all heads equals one Adam per head (it is per-parameter) and the summed loss gives
-    each head exactly its own gradient, so every head trains as if alone. Each rank takes the loss of
-    the batch members it owns, over the whole batch's size; BatchNorm statistics are summed over the
-    ranks and so are the gradients, so the steps do not depend on the number of ranks."""
-    classes = int(max(train.y.max(), test.y.max())) + 1
-    heads = {k: Probe(d, classes).to(device) for k, d in train.dims.items()}
-    opt, sched = optimizer(heads, lr, epochs * math.ceil(len(train.y) / batch_size))
+def fit_table11(split, cell, classes, *, lr, epochs, batch_size, seed, flip, device="cpu"):
+    """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip),
+    minibatches from a seeded permutation. Returns predict(features) -> logits."""
+    width = split.feats(cell, torch.arange(1), 0).shape[1]
+    head = Probe(width, classes).to(device)
+    n = len(split.y)
+    opt, sched = adam(head.parameters(), lr, epochs * math.ceil(n / batch_size))
     g = torch.Generator().manual_seed(seed)
+    draws = split.views // (1 + flip)  # view 2d + f is draw d in flip f (without flips: d)
     for epoch in range(epochs):
-        feats = train.epoch(epoch)
-        perm = torch.randperm(len(train.y), generator=g)
-        for i in range(0, len(train.y), batch_size):
+        flips = torch.rand(n, generator=torch.Generator().manual_seed(_seed(seed, FLIPS, epoch))) < 0.5
+        view = epoch % draws * (1 + flip) + flips.long() * flip
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             if len(idx) > 1:  # BatchNorm cannot train on a single sample
-                mine = idx[train.owned(idx)]
-                f = {k: v.to(device) for k, v in feats(mine).items()}
+                mine = idx[owned(idx, split.block)]
+                f = split.feats(cell, local_rows(mine, split.block), view[mine]).to(device)
                 stats = batch_stats(f, len(idx))
-                yb = train.y[mine].to(device)
-                loss = sum(F.cross_entropy(h(f[k], *stats[k]), yb, reduction='sum')
-                           for k, h in heads.items()) / len(idx)
-                step(opt, loss)
-                for k, h in heads.items():
-                    h.track(*stats[k], len(idx))
+                y = split.y[mine].to(device)
+                step(opt, F.cross_entropy(head(f, *stats), y, reduction="sum") / len(idx))
+                head.track(*stats, len(idx))
             sched.step()
-        if log:
-            loss = all_sum(loss.detach().reshape(1)).item()
-            log(f"epoch {epoch + 1}/{epochs} last-batch loss per head {loss / len(heads):.4f}")
-    return evaluate(heads, test, device)
+    head.eval()
+    return lambda x: head(x.to(device)).cpu()
 
 
 @torch.no_grad()
-def evaluate(heads, test, device):
-    """{key: top-1 accuracy in %} of the heads on the test split, counted over all ranks."""
-    feats = test.epoch(0)
-    rows = torch.arange(len(test.y))
-    rows = rows[test.owned(rows)]
-    correct = torch.zeros(len(heads), dtype=torch.float64, device=device)
-    for i in range(0, len(rows), 4096):
-        r = rows[i:i + 4096]
-        f, y = feats(r), test.y[r].to(device)
-        for j, (k, h) in enumerate(heads.items()):
-            h.eval()
-            correct[j] += (h(f[k].to(device)).argmax(1) == y).sum()
-    correct = all_sum(correct).cpu()
-    return {k: 100.0 * c.item() / len(test.y) for k, c in zip(heads, correct)}
+def evaluate(split, cell, predict, keep=None):
+    """(mean cross-entropy, top-1 accuracy in %) over the rows of split in every view, all ranks."""
+    s = torch.zeros(3, dtype=torch.float64)
+    for x, y in split.chunks(cell, keep):
+        z = predict(x)
+        s += torch.tensor([F.cross_entropy(z, y, reduction="sum").item(),
+                           (z.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+    loss, correct, n = all_sum(s).tolist()
+    return loss / n, 100 * correct / n
 
 
-# ----------------------------------------------------------------------------
-# Dense probing: the usual linear segmentation protocol on frozen features, per location
+# ------------------------------------------------------------------------------------------------
+# Dense probing: a linear classifier per location on the unpooled features, scored by mIoU
 
-SEG_SPLITS = {'train': ('training', 'train'), 'test': ('validation', 'val')}  # ADE20K's, plain
+DENSE = {  # the standard protocols: default folder, classes scored; 255 is ignored everywhere
+    "ade20k": ("data/ADEChallengeData2016", 150),  # label 0 ('other') ignored: 1..150 -> 0..149
+    "voc": ("data/VOCdevkit/VOC2012", 21),  # background and 20 classes; 255 marks boundaries
+}
+
+
+def segmentation_files(dataset, root, split):
+    """[(image, label map)] of a split: VOC's ImageSets/Segmentation lists, else ADE20K's layout
+    images/ + annotations/ {training, validation} (a plain folder: {train, val})."""
+    root = Path(root)
+    if dataset == "voc":
+        names = (root / "ImageSets" / "Segmentation" / f"{'train' if split == 'train' else 'val'}.txt")
+        if not names.is_file():
+            raise SystemExit(f"--dense: no {names}: point --data-path at VOC2012 (VOCdevkit/VOC2012)")
+        return [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClass" / f"{n}.png")
+                for n in names.read_text().split()]
+    subs = [s for s in {"train": ("training", "train"), "test": ("validation", "val")}[split]
+            if (root / "images" / s).is_dir()]
+    if not subs:
+        raise SystemExit(f"--dense: no {root / 'images'}/training or /train: point --data-path at a "
+                         f"folder with images/ and annotations/ (ADE20K's layout)")
+    return [(f, root / "annotations" / subs[0] / f"{f.stem}.png")
+            for f in sorted((root / "images" / subs[0]).iterdir())]
 
 
 def load_segmentation(mod, args, split, res):
-    """(uint8 images (N, 3, res, res), uint8 label maps (N, res, res), 255 ignored): the toy's masks
-    for shapes; else <data-path>/images/<split>/* with <data-path>/annotations/<split>/<stem>.png
-    (ADE20K's layout, split 'training'/'validation' or 'train'/'val')."""
-    if args.dataset in getattr(mod, 'SHAPES', ()):
+    """(uint8 images (N, 3, res, res), uint8 label maps (N, res, res) with 255 ignored), each one
+    ADM centre crop at the model's resolution (label maps nearest-neighbour)."""
+    if args.dataset in mod.SHAPES:  # the toy's masks: 0 background, 1 + class on a dot
         x, _, masks, _ = mod.shapes_split(args, split)
         return x, masks
-    root = Path(args.data_path)
-    found = [n for n in SEG_SPLITS[split] if (root / 'images' / n).is_dir()]
-    if not found:
-        raise SystemExit(f"--dense: no {root / 'images'}/{' or '.join(SEG_SPLITS[split])}: point "
-                         f"--data-path at a folder with images/ and annotations/ (ADE20K's layout)")
     xs, ms = [], []
-    for f in sorted((root / 'images' / found[0]).iterdir()):
-        mask = root / 'annotations' / found[0] / f'{f.stem}.png'
-        if not mask.exists():
-            raise SystemExit(f"--dense: {f} has no label map {mask}")
-        with Image.open(f) as im, Image.open(mask) as m:
-            xs.append(np.asarray(mod.center_crop(im.convert('RGB'), res)).transpose(2, 0, 1))
-            ms.append(np.asarray(mod.center_crop(m, res, labels=True)))
-    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms))
+    for f, m in segmentation_files(args.dataset, args.data_path, split):
+        if not m.exists():
+            raise SystemExit(f"--dense: {f} has no label map {m}")
+        with Image.open(f) as im, Image.open(m) as lab:
+            xs.append(np.asarray(mod.center_crop(im.convert("RGB"), res)).transpose(2, 0, 1))
+            ms.append(np.asarray(mod.center_crop(lab, res, labels=True)))
+    masks = np.stack(ms)
+    if args.dataset == "ade20k":  # reduce_zero_label: 0 -> 255 (ignored), c -> c - 1
+        masks = (masks.astype(np.int16) - 1).astype(np.uint8)
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(masks)
 
 
-def dense_probe(models, diffusion, train, test, t, layer, *, seed, block, epochs, lr, batch_size,
-                device, autocast, log):
-    """{model name: (mIoU %, pixel accuracy %)} of a per-location BatchNorm + Linear on the (C, h, w)
-    features at (t, layer), its logits upsampled bilinearly to the label map (the same as upsampling
-    the features: both maps are linear), cross-entropy over the labelled pixels. train, test: (Data,
-    label maps); flips: two cached views, one picked per image and epoch, its label map flipped
-    alike. Data-parallel as train_probes."""
-    (data, masks), (data_test, masks_test) = train, test
-    classes = int(max(masks[masks != 255].max(), masks_test[masks_test != 255].max())) + 1
-    x0 = data.batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device)
-    t0 = torch.full((1,), t, device=device)
-    shape = diffusion.pred(models['trained'], x0, t0, feats=(layer,), pool=False)[1][layer].shape[1:]
-    ex = dict(t=t, layers=[layer], batch_size=block, autocast=autocast, pool=False)
-    both = (torch.zeros(len(data), dtype=torch.bool), torch.ones(len(data), dtype=torch.bool))
-    stores = extract(models, diffusion, data, seed=_seed(seed, 1), views=both, **ex)
-    stores_test = extract(models, diffusion, data_test, seed=_seed(seed, 0), **ex)
-    heads = {name: Probe(shape[0], classes).to(device) for name in models}
-    opt, sched = optimizer(heads, lr, epochs * math.ceil(len(data) / batch_size))
-    g, n_loc = torch.Generator().manual_seed(seed), shape[1] * shape[2]
+def fit_dense(split, cell, shape, masks, classes, *, lr, epochs, batch_size, seed, device="cpu"):
+    """A per-location BatchNorm + Linear on the (C, h, w) maps of cell, its logits upsampled
+    bilinearly to the label map (the same as upsampling the features: both maps are linear),
+    cross-entropy over the labelled pixels; each image in a random flip per epoch, its label map
+    flipped alike. Data-parallel as fit_table11. Returns predict(maps (B, C*h*w)) -> logits."""
+    C, h, w = shape
+    head, n = Probe(C, classes).to(device), len(split.y)
+    opt, sched = adam(head.parameters(), lr, epochs * math.ceil(n / batch_size))
+    g = torch.Generator().manual_seed(seed)
 
-    def maps(store, i, view=None):  # owned images i -> their feature rows (m * h * w, C)
-        f = store.get(local_rows(i, block), view)[layer].view(len(i), *shape)
-        return f.permute(0, 2, 3, 1).reshape(-1, shape[0]).to(device)
-
-    def logits(out, size):  # (m * h * w, K) -> (m, K, H, W)
-        out = out.view(-1, shape[1], shape[2], classes).permute(0, 3, 1, 2)
-        return F.interpolate(out, size=size, mode='bilinear', align_corners=False)
+    def predict(f, size=masks.shape[1:]):  # (B, C*h*w) -> (B, K, H, W)
+        f = f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
+        out = head(f, *stats) if head.training else head(f)
+        out = out.view(-1, h, w, classes).permute(0, 3, 1, 2)
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
 
     for epoch in range(epochs):
-        pick = torch.rand(len(data), generator=torch.Generator().manual_seed(_seed(seed, 2 + epoch))) < 0.5
-        perm = torch.randperm(len(data), generator=g)
-        for i in range(0, len(data), batch_size):
+        flips = torch.rand(n, generator=torch.Generator().manual_seed(_seed(seed, FLIPS, epoch))) < 0.5
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             if len(idx) > 1:  # BatchNorm cannot train on a single sample
-                mine = idx[owned(idx, block)]
-                y = torch.where(pick[mine, None, None], masks[mine].flip(-1), masks[mine]).long().to(device)
-                f = {k: maps(s, mine, pick[mine]) for k, s in stores.items()}
-                stats = batch_stats(f, len(idx) * n_loc)
-                labelled = all_sum((y != 255).sum().double().reshape(1)).item()
-                loss = sum(F.cross_entropy(logits(heads[k](v, *stats[k]), y.shape[1:]), y, ignore_index=255,
-                                           reduction='sum') for k, v in f.items()) / max(labelled, 1)
+                mine = idx[owned(idx, split.block)]
+                y = torch.where(flips[mine, None, None], masks[mine].flip(-1), masks[mine])
+                f = split.feats(cell, local_rows(mine, split.block), flips[mine].long())
+                rows = f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
+                stats = batch_stats(rows, len(idx) * h * w)
+                labelled = all_sum(torch.tensor([(y != 255).sum().item()], dtype=torch.float64))
+                loss = F.cross_entropy(predict(f), y.long().to(device), ignore_index=255,
+                                       reduction="sum") / max(labelled.item(), 1)
                 step(opt, loss)
-                for k, h in heads.items():
-                    h.track(*stats[k], len(idx) * n_loc)
+                head.track(*stats, len(idx) * h * w)
             sched.step()
-        log(f"dense epoch {epoch + 1}/{epochs} last-batch loss per head {loss.item() / len(heads):.4f}")
-    conf = {k: torch.zeros(classes * classes, dtype=torch.float64, device=device) for k in heads}
-    rows = torch.arange(len(data_test))
-    with torch.no_grad():
-        for i in rows[owned(rows, block)].split(256):
-            y = masks_test[i].long().to(device)
-            valid = y != 255
-            for k, h in heads.items():
-                pred = logits(h.eval()(maps(stores_test[k], i)), y.shape[1:]).argmax(1)
-                conf[k] += torch.bincount(y[valid] * classes + pred[valid], minlength=classes ** 2)
-    out = {}
-    for k, c in conf.items():  # IoU per class present, mean; pixel accuracy
-        c = all_sum(c).view(classes, classes).cpu()
-        tp, union = c.diag(), c.sum(0) + c.sum(1) - c.diag()
-        out[k] = (100 * (tp[union > 0] / union[union > 0]).mean().item(), 100 * (tp.sum() / c.sum()).item())
-    return out
-
-
-# ----------------------------------------------------------------------------
-# Report: table and Fig. 4-5 style chart
-
-def fmt_t(t):
-    return 'pixels' if t is None else f"{t:g}"
-
-
-def table(acc, ts, layers):
-    """Rows t, columns layers, accuracy in %."""
-    w = max(8, *(len(l) + 1 for l in layers))
-    lines = ['t'.ljust(8) + ''.join(l.rjust(w) for l in layers)]
-    lines += [fmt_t(t).ljust(8) + ''.join(f"{acc[(t, l)]:{w}.2f}" for l in layers) for t in ts]
-    return '\n'.join(lines)
-
-
-def chart(path, series, title, baseline=None):
-    """Accuracy against layer index (paper Fig. 4-5): one line per series {label: {layer index:
-    (mean, std)}}, std as error bars, and a dashed raw-pixel baseline."""
-    xs = sorted({i for pts in series.values() for i in pts})
-    W, H, L, R, T, B = 760, 440, 60, 190, 40, 50
-    vals = [m + s * sign for pts in series.values() for m, s in pts.values() for sign in (-1, 1)]
-    vals += [baseline] if baseline is not None else []
-    lo, hi = math.floor(min(vals) / 5) * 5, math.floor(max(vals) / 5) * 5 + 5
-    img = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(img)
-    X = lambda i: L + (W - L - R) * (xs.index(i) + 0.5) / len(xs)
-    Y = lambda a: H - B - (H - T - B) * (a - lo) / (hi - lo)
-    d.rectangle([L, T, W - R, H - B], outline='black')
-    for a in range(lo, hi + 1, 5 if hi - lo <= 50 else 10):
-        d.line([L, Y(a), W - R, Y(a)], fill=(225, 225, 225))
-        d.text((L - 8, Y(a)), f"{a}", fill='black', anchor='rm')
-    for i in xs:
-        d.text((X(i), H - B + 6), str(i), fill='black', anchor='ma')
-    d.text(((L + W - R) / 2, H - 20), 'layer', fill='black', anchor='ma')
-    d.text((L, T - 24), 'linear probe accuracy (%)   ' + title, fill='black')
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-              (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-    for j, (label, pts) in enumerate(series.items()):
-        c, ly = colors[j % len(colors)], T + 10 + 18 * j
-        xy = [(X(i), Y(m)) for i, (m, _) in sorted(pts.items())]
-        if len(xy) > 1:
-            d.line(xy, fill=c, width=2)
-        for (x, y), (m, s) in zip(xy, (pts[i] for i in sorted(pts))):
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-            if s:
-                d.line([x, Y(m - s), x, Y(m + s)], fill=c, width=1)
-        d.line([W - R + 12, ly, W - R + 32, ly], fill=c, width=2)
-        d.text((W - R + 38, ly), label, fill='black', anchor='lm')
-    if baseline is not None:
-        for x in range(L, W - R, 12):
-            d.line([x, Y(baseline), min(x + 6, W - R), Y(baseline)], fill='gray', width=2)
-        d.text((W - R + 12, T + 10 + 18 * len(series)), f"pixels {baseline:.1f}", fill='gray',
-               anchor='lm')
-    img.save(path)
-
-
-def layer_series(acc, ts, layers):
-    """{'t=... [kind]': {layer index: (acc, 0)}} of one checkpoint: a line per t and layer kind."""
-    kinds = {}  # 'out' -> {index: name}; UViT adds 'cls' (the alias 'cls' has no index)
-    for l in layers:
-        kind, _, i = l.rpartition('_')
-        if i.isdigit():
-            kinds.setdefault(kind, {})[int(i)] = l
-    return {f"t={fmt_t(t)}" + ('' if len(kinds) == 1 else f" {k}"):
-            {i: (acc[(t, l)], 0.0) for i, l in names.items()} for t in ts for k, names in kinds.items()}
+    head.eval()
+    return predict
 
 
 @torch.no_grad()
+def dense_scores(split, cell, predict, masks, classes):
+    """(mIoU %, pixel accuracy %, mean cross-entropy) over the labelled pixels of split's first
+    view: IoU per class present in the labels or predictions, from a confusion matrix of all ranks."""
+    conf, ce = torch.zeros(classes * classes, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    local = torch.arange(len(split.mine))
+    for j in local.split(256):
+        y = masks[split.mine[j]].long()
+        z = predict(split.feats(cell, j, 0)).cpu()
+        ce += F.cross_entropy(z, y, ignore_index=255, reduction="sum").item()
+        valid = y != 255
+        conf += torch.bincount(y[valid] * classes + z.argmax(1)[valid], minlength=classes ** 2)
+    conf = all_sum(conf).view(classes, classes)
+    tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    n = conf.sum()
+    return (100 * (tp[union > 0] / union[union > 0]).mean().item(), 100 * (tp.sum() / n).item(),
+            all_sum(ce).item() / n.item())
+
+
+# ------------------------------------------------------------------------------------------------
+# Diagnostics: the held-out denoising loss, what the self-conditioning term carries
+
+@torch.no_grad()
 def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, repeats=4):
-    """The plain denoising loss of held-out images (no augmentation, no EDM uncertainty weight,
-    so arms compare alike) per noise-level bin, binned by the trainer's own LossSums (`sums`,
-    empty) as its training log is: `repeats` draws of t and noise per image, the same for every
-    checkpoint given the seed."""
+    """The plain denoising loss of held-out images (no augmentation, no EDM uncertainty weight, so
+    arms compare alike) per noise-level bin, binned by the trainer's LossSums (`sums`, empty) as
+    its training log is: `repeats` draws of t and noise per image, the same for every checkpoint."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     for _ in range(repeats):
         for i in range(0, len(data), batch_size):
             i = torch.arange(i, min(i + batch_size, len(data)))
             xb = data.batch(i, torch.zeros(len(i), dtype=torch.bool)).to(device)
-            cond = {'y': data.y[i].to(device)} if getattr(model, 'num_classes', 0) else {}
+            cond = {"y": data.y[i].to(device)} if getattr(model, "num_classes", 0) else {}
             with autocast:
                 loss, level = diffusion.loss(model, xb, **cond)[:2]
             sums.add(loss.float(), level, {})
     rec = sums.read(1)  # every rank computed the same: nothing to reduce
-    return [rec[f'loss_bin{i}'] for i in range(sums.BINS)]
+    return [rec[f"loss_bin{i}"] for i in range(sums.BINS)]
 
 
 def explained(target, x):
@@ -560,13 +649,10 @@ def explained(target, x):
 
 @torch.no_grad()
 def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast):
-    """What self-conditioning adds to the conditioning vector: the term d = TimeMLP_sc(t) *
-    Linear(GAP(h_k)) (Sec. 4.1), seen by a hook on the model's SelfCond. Its norm over emb's per
-    noise-level bin, for t drawn as in training; and at noise level t, the share of d's variance
-    across images explained linearly by class and by `nuisance` (N, k), when given."""
-    if getattr(model, 'self_cond', None) is None:
-        raise SystemExit("--sc-stats needs a UNet or DiT trained with --self-cond (UViT's [CLS] "
-                         "token adds no term to measure)")
+    """What self-conditioning adds to the conditioning vector: d = TimeMLP_sc(t) * Linear(GAP(h_k))
+    (Sec. 4.1), seen by a hook on the model's SelfCond. Its norm over emb's per noise-level bin (t
+    drawn as in training); at noise level t the share of d's variance across images explained
+    linearly by class and by `nuisance` (N, k), when given."""
     seen = []  # (d, emb) of each forward
     hook = model.self_cond.register_forward_hook(
         lambda m, inputs, out: seen.append(((out - inputs[0]).float().cpu(), inputs[0].float().cpu())))
@@ -579,8 +665,8 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
             with autocast:  # t drawn as training draws it
                 level = diffusion.loss(model, x)[1].cpu()
             d, emb = seen.pop()
-            ratios = (d.norm(dim=1) / emb.norm(dim=1)).tolist()
-            for b, r in zip((level * 5).long().clamp(max=4).tolist(), ratios):
+            for b, r in zip((level * 5).long().clamp(max=4).tolist(),
+                            (d.norm(dim=1) / emb.norm(dim=1)).tolist()):
                 bins[b].append(r)
             tt = torch.full((len(x),), t, device=device)
             with autocast:  # at the probe level
@@ -589,306 +675,467 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
     finally:
         hook.remove()
     d = torch.cat(terms)
-    return {'norm_ratio_by_level': [float(np.mean(b)) if b else None for b in bins],
-            'r2_class': explained(d, F.one_hot(data.y).float()),
-            'r2_nuisance': None if nuisance is None else explained(d, torch.as_tensor(nuisance))}
+    return {"norm_ratio_by_level": [float(np.mean(b)) if b else None for b in bins],
+            "r2_class": explained(d, F.one_hot(data.y).float()),
+            "r2_nuisance": None if nuisance is None else explained(d, torch.as_tensor(nuisance))}
 
 
-# ----------------------------------------------------------------------------
-# Main
+# ------------------------------------------------------------------------------------------------
+# Report: tables and the Fig. 4-5 chart (accuracy against layer)
+
+def table(acc, ts, layers):
+    """Rows t, columns layers: accuracy {(t, layer): %}."""
+    w = max(8, *(len(l) + 1 for l in layers))
+    lines = ["t".ljust(8) + "".join(l.rjust(w) for l in layers)]
+    return "\n".join(lines + [f"{t:<8g}" + "".join(f"{acc[(t, l)]:{w}.2f}" for l in layers)
+                              for t in ts])
+
+
+def chart(path, series, title, baseline=None):
+    """One line per series {label: {layer index: (mean, std)}}, std as error bars, and a dashed
+    raw-pixel baseline."""
+    xs = sorted({i for pts in series.values() for i in pts})
+    W, H, L, R, T, B = 760, 440, 60, 190, 40, 50
+    vals = [m + s * k for pts in series.values() for m, s in pts.values() for k in (-1, 1)]
+    vals += [] if baseline is None else [baseline]
+    lo, hi = math.floor(min(vals) / 5) * 5, math.floor(max(vals) / 5) * 5 + 5
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    X = lambda i: L + (W - L - R) * (xs.index(i) + 0.5) / len(xs)
+    Y = lambda a: H - B - (H - T - B) * (a - lo) / (hi - lo)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for a in range(lo, hi + 1, 5 if hi - lo <= 50 else 10):
+        d.line([L, Y(a), W - R, Y(a)], fill=(225, 225, 225))
+        d.text((L - 8, Y(a)), f"{a}", fill="black", anchor="rm")
+    for i in xs:
+        d.text((X(i), H - B + 6), str(i), fill="black", anchor="ma")
+    d.text(((L + W - R) / 2, H - 20), "layer", fill="black", anchor="ma")
+    d.text((L, T - 24), "linear probe accuracy (%)   " + title, fill="black")
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+              (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for j, (label, pts) in enumerate(series.items()):
+        c, ly = colors[j % len(colors)], T + 10 + 18 * j
+        xy = [(X(i), Y(pts[i][0])) for i in sorted(pts)]
+        if len(xy) > 1:
+            d.line(xy, fill=c, width=2)
+        for (x, y), (m, s) in zip(xy, (pts[i] for i in sorted(pts))):
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+            if s:
+                d.line([x, Y(m - s), x, Y(m + s)], fill=c, width=1)
+        d.line([W - R + 12, ly, W - R + 32, ly], fill=c, width=2)
+        d.text((W - R + 38, ly), label, fill="black", anchor="lm")
+    if baseline is not None:
+        for x in range(L, W - R, 12):
+            d.line([x, Y(baseline), min(x + 6, W - R), Y(baseline)], fill="gray", width=2)
+        d.text((W - R + 12, T + 10 + 18 * len(series)), f"pixels {baseline:.1f}", fill="gray",
+               anchor="lm")
+    img.save(path)
+
+
+def by_layer(results, t, kind):
+    """{layer index: [test accuracy]} of the trained network's `kind` layers (out, block, cls) at t."""
+    out = {}
+    for r in results:
+        k, _, i = r["layer"].rpartition("_")
+        if r["net"] == "trained" and r["t"] == t and k == kind and i.isdigit():
+            out.setdefault(int(i), []).append(r["test"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan: every checkpoint read and every flag checked against it before any work
+
+# what does not make two runs differ: bookkeeping (the seed makes a replicate of one arm)
+BOOKKEEPING = {"out", "log_every", "ckpt_every", "ckpt_minutes", "sample_every", "workers",
+               "data_path", "cache_dir", "extract_batch", "train_images", "keep_every"}
+
+
+@dataclass
+class Job:
+    """One checkpoint to probe: where it is and writes, its trainer, run arguments and cells."""
+    path: Path
+    out: Path
+    mod: object
+    args: argparse.Namespace
+    ts: list
+    layers: list
+    run: str  # the run it is a snapshot of: its arguments but bookkeeping
+
 
 def resolve_layers(names, model):
-    """Canonical layer names: '6' -> out_6 / block_6, 'all' -> every layer (UViT: also cls_1 ..);
-    one line for an unknown one."""
-    known = list(model.feature_layers) + list(getattr(model, 'cls_layers', []))  # UViT [CLS] per out-block
+    """Canonical layer names: '6' -> out_6 / block_6, 'all' -> every layer (UViT: also cls_1 ..)."""
+    known = list(model.feature_layers) + list(getattr(model, "cls_layers", []))
+    extra = {"cls"} if len(known) > len(model.feature_layers) else set()
     out = []
     for n in names:
         n = f"{known[0].rsplit('_', 1)[0]}_{n}" if n.isdigit() else n
-        new = known if n == 'all' else [n]
-        if not set(new) <= set(known) | ({'cls'} if len(known) > len(model.feature_layers) else set()):
-            raise SystemExit(f"unknown layer {n!r}: use one of {', '.join(known)}, all"
-                             + (", cls" if len(known) > len(model.feature_layers) else ''))
+        new = known if n == "all" else [n]
+        if not set(new) <= set(known) | extra:
+            raise SystemExit(f"unknown layer {n!r}: use one of {', '.join(known + sorted(extra))}, all")
         out += [l for l in new if l not in out]
     return out
 
 
-def probe_checkpoint(a, path, out, device, log):
-    """Probe one checkpoint: (accuracy {(t, layer): %}, the record written to out/probe.json)."""
-    rank = world()[0]
-    mod, args, model, diffusion, ckpt = load_checkpoint(path, raw=a.raw, device=device)
-    trained_on = args.dataset
-    if a.dataset:  # transfer ("transferable representations", abstract): another labelled dataset
-        vars(args).update(dataset=a.dataset, data_path=a.data_path or args.data_path, cache_dir=None)
-    models = {'trained': model}
-    if a.init:  # what training starts from: the trainer seeds with --seed, then builds
-        torch.manual_seed(args.seed)
-        models['init'] = for_inference(mod.build_model(args), device)  # as the trained one
+def retarget(a, args):
+    """Point a run's args at --dataset (transfer, dense): a name the trainers know, read from
+    --data-path or its own default, never from the run's folder; an existing folder is itself."""
+    name, path = a.dataset, a.data_path
+    if path is None and name not in DENSE and Path(name).is_dir():
+        name, path = Path(name).name, name
+    default = DENSE[name][0] if name in DENSE else "data"  # the trainers' default --data-path
+    vars(args).update(dataset=name, data_path=path or default, cache_dir=None)
 
-    # pairs to probe
-    integer = diffusion.kind == 'DDPM'
-    ts = a.t or (GRIDS[diffusion.kind] + [args.probe_t] if a.grid else [args.probe_t])
-    ts = sorted({int(round(t)) if integer else float(t) for t in ts})
-    hi = diffusion.T if integer else 1 if diffusion.kind == 'RF' else math.inf
-    if not all(0 < t <= hi for t in ts):
-        raise SystemExit(f"--t {ts} out of range for {diffusion.kind}: use native units in "
-                         f"(0, {hi}] (DDPM step of T, EDM sigma, RF t with 1 = noise)")
-    layers = resolve_layers(a.layer or (['all'] if a.grid else [args.sc_layer]), model)
 
-    latent = getattr(args, 'latent', 'none') != 'none'
-    lr = a.lr or (2e-3 if latent else 4e-3)
-    epochs = a.epochs or (15 if args.dataset in ('cifar10', 'cifar100') else 30)
-    batch_size = a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128))
-    autocast = mod.autocast(device, a.precision)
-    if a.dense:
-        return dense(a, path, mod, args, ckpt, models, diffusion, ts[0], layers[0], out, device, log,
-                     dict(epochs=epochs, lr=lr, batch_size=batch_size, autocast=autocast))
+def plan(a):
+    """[Job] of every --ckpt, or one line on the first checkpoint or flag that does not fit."""
+    if a.data_path and not a.dataset:
+        raise SystemExit("--data-path needs --dataset (the dataset it holds)")
+    folder = "probe" + "-dense" * a.dense + (f"-{Path(a.dataset).name}" if a.dataset else "")
+    paths = [Path(p) for p in a.ckpt]
+    root = Path(a.out) if a.out else None  # several checkpoints: a folder each, the summary here
+    if len(paths) > 1:
+        root = root or Path(os.path.commonpath([p.parent.absolute() for p in paths])) / folder
+    jobs = []
+    for p in paths:
+        mod, args, ckpt = read_checkpoint(p)  # metadata only: exists, loads, names a trainer
+        run = json.dumps({k: v for k, v in ckpt["args"].items() if k not in BOOKKEEPING}, sort_keys=True)
+        if a.raw and "model" not in ckpt:
+            raise SystemExit(f"--raw: {p} is a snapshot holding the EMA only; use the run's ckpt.pt")
+        if a.dataset:
+            retarget(a, args)
+        elif a.dense and args.dataset not in mod.SHAPES:
+            raise SystemExit(f"--dense: {args.dataset} has no label maps; pass --dataset ade20k, voc "
+                             f"or a folder with images/ and annotations/")
+        with torch.device("meta"):  # shapes only: layers and modules, no weights
+            model = mod.build_model(args)
+        diffusion = mod.build_diffusion(args)
+        if a.sc_stats and getattr(model, "self_cond", None) is None:
+            raise SystemExit(f"--sc-stats: {p} was not trained with --self-cond (a UNet or DiT's "
+                             f"term is measured; UViT's [CLS] token adds none)")
+        integer = diffusion.kind == "DDPM"
+        ts = a.t or (GRIDS[diffusion.kind] + [args.probe_t] if a.grid else [args.probe_t])
+        ts = sorted({int(round(t)) if integer else float(t) for t in ts})
+        hi = diffusion.T if integer else 1 if diffusion.kind == "RF" else math.inf
+        if not all(0 < t <= hi for t in ts):
+            raise SystemExit(f"--t {ts} out of range for {diffusion.kind} in {p}: native units in "
+                             f"(0, {hi}] (DDPM step of T, EDM sigma, RF t with 1 = noise)")
+        layers = resolve_layers(a.layer or (["all"] if a.grid else [args.sc_layer]), model)
+        out = root / ckpt_name(p) if len(paths) > 1 else root or p.parent / folder
+        jobs.append(Job(p, out, mod, args, ts, layers, run))
+    return jobs, root
 
-    # data (labels required), optional fixed subset
-    train, test = (load_split(mod, args, ckpt, s) for s in ('train', 'test'))
+
+# ------------------------------------------------------------------------------------------------
+# Probing one checkpoint
+
+def fit(a, train, test, cell, classes, table11, flip, log):
+    """The head of cell trained on train, scored on train and test: a Score."""
+    held = l2 = None
+    if a.head == "lbfgs":
+        predict, held, l2 = fit_lbfgs(train, cell, classes, a.seed, log)
+    else:
+        predict = fit_table11(train, cell, classes, seed=a.seed, flip=flip, **table11)
+    loss, acc = evaluate(train, cell, predict)
+    return Score(evaluate(test, cell, predict)[1], acc, loss, held, l2)
+
+
+def recipe(a, args):
+    """Table 11's lr, epochs and global batch (the table11 and dense heads)."""
+    latent = getattr(args, "latent", "none") != "none"
+    return dict(lr=a.lr or (2e-3 if latent else 4e-3),
+                epochs=a.epochs or (15 if args.dataset in ("cifar10", "cifar100") else 30),
+                batch_size=a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128)))
+
+
+def networks(a, job, device, first=None):
+    """{name: model} (the EMA, or --raw the online weights; --init: the run's initial weights,
+    unless `first`, an earlier snapshot of the run, measured them), diffusion, checkpoint."""
+    _, _, model, diffusion, ckpt = load_checkpoint(job.path, raw=a.raw, device=device)
+    models = {"trained": model}
+    if a.init and first is None:  # what training starts from: the trainer seeds, then builds
+        torch.manual_seed(job.args.seed)
+        models["init"] = for_inference(job.mod.build_model(job.args), device)
+    return models, diffusion, ckpt
+
+
+def probe_checkpoint(a, job, device, log, first=None):
+    """Probe one checkpoint; its record, also written to job.out/probe.json. first: the record of
+    an earlier snapshot of the same run, whose --init and --raw-pixels figures stand for this one."""
+    mod, args = job.mod, job.args
+    models, diffusion, ckpt = networks(a, job, device, first)
+    train, test = (load_split(mod, args, ckpt, s) for s in ("train", "test"))
+    n_train = len(train)
     if a.limit:
         pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
             len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
         train, test = pick(train), pick(test)
-    log(f"probing {path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
-        f"{len(train)} train / {len(test)} test, t {ts}, layers {layers}, {a.feature_mode} "
-        f"features, lr {lr:g} epochs {epochs} batch {batch_size}")
-
-    # One noise level at a time: the same forwards as all at once, a level's features in memory.
-    # Noise streams: 0 test, 1 cached train (both flips alike), 2 + epoch fresh train.
-    timer = {'images': 0, 'seconds': 0.0}
-    block = a.extract_batch
-    kw = dict(layers=layers, batch_size=block, spill=out, autocast=autocast)
-    names = lambda name, t: {l: (t, l) if name == 'trained' else (name, t, l) for l in layers}
-
-    def run(data, t, stream, views=(None,), desc=None):  # {model name: Features}, timed
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.time()
-        stores = extract(models, diffusion, data, t, seed=_seed(a.seed, stream), views=views,
-                         desc=desc, **kw)
-        timer['images'] += len(data) * len(models) * len(views)
-        timer['seconds'] += time.time() - t0
-        return stores
-
-    def getter(stores, t, data, pick=None):  # rows i -> {key: (len(i), C)}; pick: each row's view
-        def feats(i):
-            rows, view, out_ = local_rows(i, block), None if pick is None else pick[i], {}
-            for name, store in stores.items():
-                out_.update({names(name, t)[l]: f for l, f in store.get(rows, view).items()})
-            if a.raw_pixels and t == ts[0]:
-                flip = torch.zeros(len(i), dtype=torch.bool) if pick is None else pick[i]
-                out_[(None, 'pixels')] = pixel_features(data.batch(i, flip))
-            return out_
-        return feats
-
-    def flips(stream):
-        return torch.rand(len(train), generator=torch.Generator().manual_seed(_seed(a.seed, stream))) < 0.5
-
-    x0 = train.batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device)
-    dims = {l: f.shape[1] for l, f in diffusion.pred(
-        model, x0, torch.full((1,), ts[0], device=device), feats=tuple(layers))[1].items()}
-    def level(t):  # {key: accuracy} of every head at noise level t; its features freed after
-        keys = {k: dims[l] for name in models for l, k in names(name, t).items()}
-        if a.raw_pixels and t == ts[0]:
-            keys[(None, 'pixels')] = pixel_features(x0).shape[1]
-        test_feats = getter(run(test, t, 0, desc=f't={fmt_t(t)} test features'), t, test)
-        if a.feature_mode == 'cached':  # each epoch, each image takes one of its two flips
-            both = (torch.zeros(len(train), dtype=torch.bool), torch.ones(len(train), dtype=torch.bool))
-            stores = run(train, t, 1, both, desc=f't={fmt_t(t)} train features (both flips)')
-            epoch = lambda e: getter(stores, t, train, flips(2 + e))
-        else:  # the paper's protocol: new noise and flips every epoch (an extraction per epoch)
-            epoch = lambda e: getter(run(train, t, 2 + e, (flips(2 + e),), desc=f'epoch {e + 1} features'),
-                                     t, train)
-        return train_probes(Split(train.y, keys, epoch, block),
-                            Split(test.y, keys, lambda e: test_feats, block), lr=lr, epochs=epochs,
-                            batch_size=batch_size, seed=a.seed, device=device, log=log)
-
-    acc = {k: v for t in ts for k, v in level(t).items()}
-    at_init = {k[1:]: acc.pop(k) for k in list(acc) if k[0] == 'init'}
-    losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, 3),
-                          batch_size=block, autocast=autocast) if a.loss else None
+    flip = a.flip if a.flip is not None else getattr(args, "flip", True)
+    views = [(f, _seed(a.seed, TRAIN, d)) for d in range(a.draws)
+             for f in [None, torch.ones(len(train), dtype=torch.bool)][:1 + flip]]
+    classes, table11 = int(max(train.y.max(), test.y.max())) + 1, recipe(a, args)
+    log(f"probing {job.path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
+        f"{len(train)} train / {len(test)} test, t {job.ts}, layers {job.layers}, {a.head} head, "
+        f"{len(views)} views per training image" + (
+            f", lr {table11['lr']:g} epochs {table11['epochs']} batch {table11['batch_size']}"
+            if a.head == "table11" else ""))
+    autocast, scores, clock = mod.autocast(device, a.precision), {}, [0, 0.0]
+    for t in job.ts:
+        pixels = a.raw_pixels and first is None and t == job.ts[0]
+        ex = dict(batch_size=a.extract_batch, spill=job.out, autocast=autocast, pixels=pixels)
+        start = time.time()
+        test_f = extract(models, diffusion, test, t, job.layers, [(None, _seed(a.seed, TEST))],
+                         desc=f"t={t:g} test features", **ex)
+        train_f = extract(models, diffusion, train, t, job.layers, views,
+                          desc=f"t={t:g} train features", **ex)
+        clock = [clock[0] + (len(test) + len(train) * len(views)) * len(models),
+                 clock[1] + time.time() - start]
+        cells = [Cell(net, t, l) for net in models for l in job.layers] + [Cell("pixels")] * pixels
+        tr, te = (Split(d.y, {c: (f[c.net], c.layer) for c in cells}, v, a.extract_batch)
+                  for d, f, v in ((train, train_f, len(views)), (test, test_f, 1)))
+        for c in cells:
+            scores[c] = fit(a, tr, te, c, classes, table11, flip, log)
+    model = models["trained"]
+    losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, LOSS),
+                          batch_size=a.extract_batch, autocast=autocast) if a.loss else None
     sc = None
     if a.sc_stats:
-        shapes = args.dataset in getattr(mod, 'SHAPES', ())
-        nuisance = mod.shapes_split(args, 'test')[3][test.rows.numpy()] if shapes else None
-        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, 4),
-                      batch_size=block, autocast=autocast)
-    speed = timer['images'] / max(timer['seconds'], 1e-9)
-
-    best = max((k for k in acc if k[0] is not None), key=acc.get)
-    cell = (args.probe_t, args.sc_layer) if (args.probe_t, args.sc_layer) in acc else best
-    classes = int(max(train.y.max(), test.y.max())) + 1
-    flags = f"--sc-layer {best[1].replace('cls_', 'out_')} --probe-t {fmt_t(best[0])}"
-    record = {'ckpt': str(path), 'script': ckpt['script'], 'kind': diffusion.kind,
-              'weights': 'online' if a.raw else 'ema', 'dataset': args.dataset,
-              'trained_on': trained_on,
-              'args': ckpt['args'], 'images': ckpt.get('images'), 'train_images': len(train),
-              'test_images': len(test), 'classes': classes, 'feature_mode': a.feature_mode,
-              'lr': lr, 'epochs': epochs, 'batch_size': batch_size, 'seed': a.seed, 'ts': ts,
-              'layers': layers, 'extract_img_per_s': speed, 'chance': 100 / classes,
-              'raw_pixels': acc.get((None, 'pixels')), 'heldout_loss_by_level': losses,
-              'sc_stats': sc,
-              'cell': {'t': cell[0], 'layer': cell[1], 'acc': acc[cell],
-                       'init': at_init.get(cell)},
-              'best': {'t': best[0], 'layer': best[1], 'acc': acc[best], 'flags': flags},
-              'results': [{'t': t, 'layer': l, 'acc': acc[(t, l)],
-                           **({'init': at_init[(t, l)]} if at_init else {})}
-                          for t in ts for l in layers]}
-    if rank == 0:
-        log(table(acc, ts, layers))
-        if at_init:
-            log('at init\n' + table(at_init, ts, layers))
-        report = [f"trained {acc[cell]:.2f}%"]
-        report += [f"at init {at_init[cell]:.2f}%"] if at_init else []
-        report += [f"raw pixels {acc[(None, 'pixels')]:.2f}%"] if a.raw_pixels else []
-        log(f"t={fmt_t(cell[0])} {cell[1]}: {', '.join(report)}, chance {100 / classes:.2f}%")
-        home = Path(path).parent / 'probe' / 'probe.json'  # the in-domain figure, beside a transfer
-        if a.dataset and home.exists():
-            r = json.loads(home.read_text())
-            same_cell = [e['acc'] for e in r['results'] if [e['t'], e['layer']] == list(cell)]
-            if same_cell:
-                log(f"in-domain ({r['dataset']}, {home}): {same_cell[0]:.2f}% at the same cell")
-        if losses:
-            log("held-out loss by noise level " + " ".join(f"{v:.4f}" for v in losses))
-        if sc:
-            log("self-conditioning term / emb norm by noise level " + " ".join(
-                '-' if r is None else f"{r:.3f}" for r in sc['norm_ratio_by_level']) +
-                f"; at t={fmt_t(args.probe_t)} its variance explained by class {sc['r2_class']:.1%}" +
-                ('' if sc['r2_nuisance'] is None else f", by the nuisance draws {sc['r2_nuisance']:.1%}"))
-        log(f"best {acc[best]:.2f}% at t={fmt_t(best[0])} {best[1]}; feature extraction "
-            f"{speed:.1f} img/s (one image at one t)")
-        if a.grid:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer
-            log(f"the paper's rule for a new setting: on a baseline checkpoint the best cell is "
-                f"where self-conditioning reads; train with the baseline's command plus\n"
-                f"    --self-cond {flags}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / 'probe.json').write_text(json.dumps(record, indent=1))
-        if sum(l.rpartition('_')[2].isdigit() for l in layers) > 1:
-            chart(out / 'probe.png', layer_series(acc, ts, layers),
-                  f"{record['script']} {diffusion.kind} {args.dataset}", acc.get((None, 'pixels')))
-        log(f"wrote {out / 'probe.json'}")
-    return acc, record
-
-
-def dense(a, path, mod, args, ckpt, models, diffusion, t, layer, out, device, log, train_kw):
-    """--dense on one checkpoint: ({model name: mIoU}, the record written to out/probe.json)."""
-    res, encode = args.resolution, None
-    if getattr(args, 'latent', 'none') != 'none':  # images at 256, through the run's VA-VAE
-        vae, stats = mod.load_vae(args, device), ckpt['latent_stats']
-        mean, std = (stats[k].to(device)[None, :, None, None] for k in ('mean', 'std'))
-        encode, res = lambda x: (vae.encode(x.to(device)).float() - mean) / std, mod.IMAGE_SIZE
-    if a.limit:
-        log("--limit does not apply to --dense")
-    split = lambda s: (lambda x, m: (Data(x, torch.zeros(len(x), dtype=torch.long), encode=encode), m))(
-        *load_segmentation(mod, args, s, res))
-    train, test = split('train'), split('test')
-    log(f"dense probe of {path} at t={fmt_t(t)} {layer} on {args.dataset}: {len(train[0])} train / "
-        f"{len(test[0])} test images, lr {train_kw['lr']:g} epochs {train_kw['epochs']} batch "
-        f"{train_kw['batch_size']}")
-    res_ = dense_probe(models, diffusion, train, test, t, layer, seed=a.seed, block=a.extract_batch,
-                       device=device, log=log, **train_kw)
-    record = {'ckpt': str(path), 'dataset': args.dataset, 't': t, 'layer': layer,
-              'images': ckpt.get('images'),
-              **{name: {'miou': m, 'pixel_acc': acc} for name, (m, acc) in res_.items()}}
+        nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
+            if args.dataset in mod.SHAPES else None
+        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, SC),
+                      batch_size=a.extract_batch, autocast=autocast)
+    results = [{"net": c.net, "t": c.t, "layer": c.layer, **asdict(s)} for c, s in scores.items()]
+    results += [r for r in (first or {}).get("results", []) if r["net"] != "trained"]
+    rec = record(a, job, ckpt, diffusion, results, classes, flip,
+                 dict(train_images=len(train), test_images=len(test), views=len(views),
+                      **(table11 if a.head == "table11" else {}),
+                      epoch=(ckpt.get("images") or 0) / n_train, train_size=n_train,
+                      extract_img_per_s=clock[0] / max(clock[1], 1e-9),
+                      heldout_loss_by_level=losses, sc_stats=sc))
     if world()[0] == 0:
-        for name, (m, acc) in res_.items():
-            log(f"dense t={fmt_t(t)} {layer} {name}: mIoU {m:.2f}%, pixel accuracy {acc:.2f}%")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / 'probe.json').write_text(json.dumps(record, indent=1))
-    return {name: m for name, (m, _) in res_.items()}, record
+        report(rec, job, log)
+    return rec
 
+
+def record(a, job, ckpt, diffusion, results, classes, flip, extra):
+    """The record of a checkpoint's probe: its run, the protocol, every head's figures, the cell
+    that stands for it (Table 10's, else the best) and the best cell (held out; table11: test)."""
+    args, get = job.args, lambda net, t, l: next(
+        (r for r in results if (r["net"], r["t"], r["layer"]) == (net, t, l)), None)
+    trained = [r for r in results if r["net"] == "trained"]
+    best = max(trained, key=lambda r: r["held_out" if a.head == "lbfgs" else "test"])
+    cell = get("trained", args.probe_t, args.sc_layer) or best
+    flags = f"--sc-layer {best['layer'].replace('cls_', 'out_')} --probe-t {best['t']:g}"
+    init, pixels = get("init", cell["t"], cell["layer"]), get("pixels", None, "pixels")
+    return {"ckpt": str(job.path), "script": ckpt["script"], "kind": diffusion.kind,
+            "weights": "online" if a.raw else "ema", "dataset": args.dataset,
+            "trained_on": ckpt["args"]["dataset"], "args": ckpt["args"], "images": ckpt.get("images"),
+            "head": a.head, "draws": a.draws, "flip": flip, "classes": classes,
+            "chance": 100 / classes, "seed": a.seed, "ts": job.ts, "layers": job.layers, **extra,
+            "cell": {**cell, "init": init and init["test"]},
+            "best": {**best, "flags": flags}, "raw_pixels": pixels and pixels["test"],
+            "results": results}
+
+
+def report(rec, job, log):
+    """Rank 0's lines and files for one checkpoint's record."""
+    for r in rec["results"]:
+        held = f", held-out {r['held_out']:.2f}% at l2 {r['l2']:g}" if r["l2"] is not None else ""
+        log(f"{Cell(r['net'], r['t'], r['layer'])}: test {r['test']:.2f}%, train {r['train']:.2f}% "
+            f"(loss {r['loss']:.4f}){held}")
+    acc = {(r["t"], r["layer"]): r["test"] for r in rec["results"] if r["net"] == "trained"}
+    if len(acc) > 1:
+        log("test accuracy (%)\n" + table(acc, rec["ts"], rec["layers"]))
+    cell = rec["cell"]
+    parts = [f"trained {cell['test']:.2f}%"]
+    parts += [] if cell["init"] is None else [f"at init {cell['init']:.2f}%"]
+    parts += [] if rec["raw_pixels"] is None else [f"raw pixels {rec['raw_pixels']:.2f}%"]
+    log(f"t={cell['t']:g} {cell['layer']} ({rec['head']} head): {', '.join(parts)}, "
+        f"chance {rec['chance']:.2f}%")
+    home = job.path.parent / "probe" / "probe.json"  # the in-domain figure, beside a transfer
+    if rec["dataset"] != rec["trained_on"] and home.exists():
+        same = [r["test"] for r in json.loads(home.read_text())["results"]
+                if (r["net"], r["t"], r["layer"]) == ("trained", cell["t"], cell["layer"])]
+        if same:
+            log(f"in-domain ({rec['trained_on']}, {home}): {same[0]:.2f}% at the same cell")
+    if rec["heldout_loss_by_level"]:
+        log("held-out loss by noise level " + " ".join(f"{v:.4f}" for v in rec["heldout_loss_by_level"]))
+    if rec["sc_stats"]:
+        sc = rec["sc_stats"]
+        log("self-conditioning term / emb norm by noise level " + " ".join(
+            "-" if r is None else f"{r:.3f}" for r in sc["norm_ratio_by_level"]) +
+            f"; its variance explained by class {sc['r2_class']:.1%}" +
+            ("" if sc["r2_nuisance"] is None else f", by the nuisance draws {sc['r2_nuisance']:.1%}"))
+    best = rec["best"]
+    how = "on the held-out tenth of train" if rec["head"] == "lbfgs" else "on test (the paper's practice)"
+    log(f"best cell t={best['t']:g} {best['layer']}, chosen {how}: test {best['test']:.2f}%; "
+        f"features {rec['extract_img_per_s']:.1f} img/s")
+    if len(acc) > 1:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer
+        log(f"the paper's rule for a new setting: on a baseline checkpoint the best cell is where "
+            f"self-conditioning reads; train with the baseline's command plus\n"
+            f"    --self-cond {best['flags']}")
+    job.out.mkdir(parents=True, exist_ok=True)
+    (job.out / "probe.json").write_text(json.dumps(rec, indent=1))
+    kind = cell["layer"].rpartition("_")[0]
+    series = {f"t={t:g}": {i: (v[0], 0.0) for i, v in by_layer(rec["results"], t, kind).items()}
+              for t in rec["ts"]}
+    if max(map(len, series.values())) > 1:
+        chart(job.out / "probe.png", series, f"{rec['script']} {rec['kind']} {rec['dataset']}",
+              rec["raw_pixels"])
+    log(f"wrote {job.out / 'probe.json'}")
+
+
+def dense_checkpoint(a, job, device, log):
+    """--dense on one checkpoint: its record, also written to job.out/probe.json."""
+    mod, args = job.mod, job.args
+    models, diffusion, ckpt = networks(a, job, device)
+    res, encode = args.resolution, None
+    if getattr(args, "latent", "none") != "none":  # images at 256, through the run's VA-VAE
+        vae, stats = mod.load_vae(args, device), ckpt["latent_stats"]
+        mean, std = (stats[k].to(device)[None, :, None, None] for k in ("mean", "std"))
+        encode, res = lambda x: (vae.encode(x.to(device)).float() - mean) / std, mod.IMAGE_SIZE
+    (x, masks), (x_test, masks_test) = (load_segmentation(mod, args, s, res) for s in ("train", "test"))
+    classes = DENSE[args.dataset][1] if args.dataset in DENSE else int(max(
+        masks[masks != 255].max(), masks_test[masks_test != 255].max())) + 1
+    train, test = (Data(d, torch.zeros(len(d), dtype=torch.long), encode=encode) for d in (x, x_test))
+    hp, block = recipe(a, args), a.extract_batch
+    log(f"dense probe of {job.path} on {args.dataset}: {len(x)} train / {len(x_test)} test images, "
+        f"each one ADM centre crop at {res}x{res} (label maps nearest-neighbour), {classes} classes "
+        f"(255 ignored), lr {hp['lr']:g} epochs {hp['epochs']} batch {hp['batch_size']}")
+    x0 = train.batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device)
+    autocast, results = mod.autocast(device, a.precision), []
+    for t in job.ts:
+        pixels = a.raw_pixels and t == job.ts[0]
+        ex = dict(batch_size=block, autocast=autocast, pool=False, pixels=pixels)
+        both = [(None, _seed(a.seed, TRAIN, 0)), (torch.ones(len(x), dtype=torch.bool), _seed(a.seed, TRAIN, 0))]
+        train_f = extract(models, diffusion, train, t, job.layers, both, **ex)
+        test_f = extract(models, diffusion, test, t, job.layers, [(None, _seed(a.seed, TEST))], **ex)
+        maps = diffusion.pred(models["trained"], x0, torch.full((1,), t, device=device),
+                              feats=tuple(job.layers), pool=False)[1]
+        shapes = {"pixels": x0.shape[1:], **{l: m.shape[1:] for l, m in maps.items()}}
+        cells = [Cell(net, t, l) for net in models for l in job.layers] + [Cell("pixels")] * pixels
+        tr, te = (Split(torch.zeros(len(d)), {c: (f[c.net], c.layer) for c in cells}, v, block)
+                  for d, f, v in ((x, train_f, 2), (x_test, test_f, 1)))
+        for c in cells:
+            predict = fit_dense(tr, c, shapes[c.layer], masks, classes, seed=a.seed, device=device, **hp)
+            miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
+            _, train_acc, loss = dense_scores(tr, c, predict, masks, classes)
+            results.append({"net": c.net, "t": c.t, "layer": c.layer, "miou": miou, "pixel_acc": acc,
+                            "train_pixel_acc": train_acc, "train_loss": loss})
+            log(f"dense {c}: mIoU {miou:.2f}%, pixel accuracy {acc:.2f}%; train pixel accuracy "
+                f"{train_acc:.2f}% (loss {loss:.4f})")
+    rec = {"ckpt": str(job.path), "dataset": args.dataset, "trained_on": ckpt["args"]["dataset"],
+           "resolution": res, "classes": classes, "images": ckpt.get("images"), **hp,
+           "results": results}
+    if world()[0] == 0:
+        job.out.mkdir(parents=True, exist_ok=True)
+        (job.out / "probe.json").write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# Several checkpoints: App. A's snapshot rule, seeds, arms and their paired differences
 
 def mean_std(values):
     v = [x for x in values if x is not None]
     return (float(np.mean(v)), float(np.std(v))) if v else None
 
 
+def app_a(snapshots):
+    """The snapshot that stands for a run (App. A): on CIFAR the best of those at epochs 800, 1000
+    and 1200 (of those the run has), elsewhere the final one."""
+    step = lambda r: r["args"]["batch_size"] / r["train_size"]  # a snapshot lands within a step
+    picks = [r for r in snapshots if r["dataset"] == r["trained_on"] and any(
+        0 <= r["epoch"] - e < step(r) for e in APP_A_EPOCHS.get(r["trained_on"], ()))]
+    return max(picks, key=lambda r: r["cell"]["test"]) if picks else \
+        max(snapshots, key=lambda r: r["images"] or 0)
+
+
 def summarize(records, out, log):
-    """Accuracy along each run given by several snapshots, and which is best; mean +- std over the
-    seeds of each arm (runs whose training settings differ in more than the seed), a table and
-    out/layers.png: accuracy by layer at each arm's cell's t."""
-    # an arm is what is trained: seeds are its replicates, and bookkeeping does not count
-    same = {'seed', 'out', 'log_every', 'ckpt_every', 'ckpt_minutes', 'sample_every', 'workers',
-            'data_path', 'cache_dir', 'extract_batch', 'train_images', 'keep_every'}
-    key = lambda r: json.dumps({k: v for k, v in r['args'].items() if k not in same}, sort_keys=True)
-    runs = {}  # snapshots of one run (--keep-every): the run counts with its best (App. A)
+    """Each run's snapshots and the one App. A's rule names; mean +- std over the seeds of each
+    arm and its paired difference from the first arm; out/summary.json and out/layers.png."""
+    key = lambda r, skip: json.dumps({k: v for k, v in r["args"].items() if k not in skip},
+                                     sort_keys=True)
+    runs, trajectories = {}, []
     for r in records:
-        runs.setdefault(f"{key(r)} {r['args']['seed']}", []).append(r)
-    trajectories = []
+        runs.setdefault(key(r, BOOKKEEPING), []).append(r)
     for rs in (rs for rs in runs.values() if len(rs) > 1):
-        rs.sort(key=lambda r: r['images'] or 0)
-        best = max(rs, key=lambda r: r['cell']['acc'])
-        trajectories.append({'ckpts': [r['ckpt'] for r in rs], 'images': [r['images'] for r in rs],
-                             'cell_acc': [r['cell']['acc'] for r in rs], 'best': best['ckpt']})
-        log(f"along {Path(rs[0]['ckpt']).parent} at t={fmt_t(best['cell']['t'])} "
-            f"{best['cell']['layer']}: " + ", ".join(f"{r['images']:,} images {r['cell']['acc']:.2f}%"
-                                                     for r in rs))
-        log(f"    best snapshot {best['ckpt']} ({best['images']:,} images)")
-    records = [max(rs, key=lambda r: r['cell']['acc']) for rs in runs.values()]
+        rs.sort(key=lambda r: r["images"] or 0)
+        pick = app_a(rs)
+        trajectories.append({"ckpts": [r["ckpt"] for r in rs], "images": [r["images"] for r in rs],
+                             "test": [r["cell"]["test"] for r in rs], "stands": pick["ckpt"]})
+        log(f"along {Path(rs[0]['ckpt']).parent} at t={pick['cell']['t']:g} "
+            f"{pick['cell']['layer']}: " + ", ".join(f"{r['images']:,} images {r['cell']['test']:.2f}%"
+                                                    for r in rs))
+        log(f"    the run's figure (App. A: CIFAR's best of epochs 800/1000/1200, else the final "
+            f"snapshot): {pick['ckpt']} ({pick['images']:,} images)")
+    chosen = [app_a(rs) for rs in runs.values()]
     arms = {}
-    for r in records:
-        arms.setdefault(key(r), []).append(r)
-    varying = sorted({k for r in records for k, v in r['args'].items() if k not in same
-                      and any(v != q['args'].get(k) for q in records)})
-    rows, series = [], {}
+    for r in chosen:
+        arms.setdefault(key(r, BOOKKEEPING | {"seed"}), []).append(r)
+    varying = sorted({k for r in chosen for k, v in r["args"].items() if k not in BOOKKEEPING
+                      and k != "seed" and any(v != q["args"].get(k) for q in chosen)})
+    rows, series, first = [], {}, None
+    f = lambda ms, d=2: "-" if ms is None else f"{ms[0]:.{d}f} +- {ms[1]:.{d}f}"
     for rs in arms.values():
-        label = ', '.join(f"{k}={rs[0]['args'].get(k)}" for k in varying) or 'all'
-        cell = rs[0]['cell']
-        row = {'arm': label, 'n': len(rs), 'seeds': [r['args']['seed'] for r in rs],
-               'cell': {'t': cell['t'], 'layer': cell['layer']},
-               'cell_acc': mean_std(r['cell']['acc'] for r in rs),
-               'best_acc': mean_std(r['best']['acc'] for r in rs),
-               'best_cells': [f"t={fmt_t(r['best']['t'])} {r['best']['layer']}" for r in rs],
-               'init_acc': mean_std(r['cell']['init'] for r in rs),
-               'raw_pixels': mean_std(r['raw_pixels'] for r in rs)}
-        if rs[0]['heldout_loss_by_level']:
-            row['heldout_loss_by_level'] = [mean_std(r['heldout_loss_by_level'][i] for r in rs)
-                                            for i in range(len(rs[0]['heldout_loss_by_level']))]
+        label = ", ".join(f"{k}={rs[0]['args'].get(k)}" for k in varying) or "all"
+        cell, seeds = rs[0]["cell"], {r["args"]["seed"]: r["cell"]["test"] for r in rs}
+        row = {"arm": label, "n": len(rs), "seeds": list(seeds), "cell": [cell["t"], cell["layer"]],
+               "test": mean_std(seeds.values()), "train": mean_std(r["cell"]["train"] for r in rs),
+               "best": mean_std(r["best"]["test"] for r in rs),
+               "best_cells": [f"t={r['best']['t']:g} {r['best']['layer']}" for r in rs],
+               "init": mean_std(r["cell"]["init"] for r in rs),
+               "raw_pixels": mean_std(r["raw_pixels"] for r in rs)}
+        if rs[0]["heldout_loss_by_level"]:
+            row["heldout_loss_by_level"] = [mean_std(r["heldout_loss_by_level"][i] for r in rs)
+                                            for i in range(len(rs[0]["heldout_loss_by_level"]))]
+        first = first or (label, seeds)
+        common = [s for s in seeds if s in first[1]]
+        if first[0] != label and common:  # per seed: both arms start from the same weights and data
+            row["paired"] = {"vs": first[0], "seeds": common,
+                             "diff": [seeds[s] - first[1][s] for s in common],
+                             "mean_std": mean_std(seeds[s] - first[1][s] for s in common)}
         rows.append(row)
-        kind = cell['layer'].rpartition('_')[0]
         per_layer = {}
         for r in rs:
-            for e in r['results']:
-                if e['t'] == cell['t'] and e['layer'].rpartition('_')[0] == kind:
-                    per_layer.setdefault(int(e['layer'].rpartition('_')[2]), []).append(e['acc'])
-        series[f"{label} (t={fmt_t(cell['t'])})"] = {i: mean_std(v) for i, v in per_layer.items()}
-    f = lambda ms, d=2: '-' if ms is None else f"{ms[0]:.{d}f} +- {ms[1]:.{d}f}"
-    for row in rows:
-        cell = f"t={fmt_t(row['cell']['t'])} {row['cell']['layer']}"
-        log(f"{row['arm']} ({row['n']} seeds): {cell} {f(row['cell_acc'])}%, best cell "
-            f"{f(row['best_acc'])}% ({', '.join(row['best_cells'])}), at init {f(row['init_acc'])}%, "
-            f"raw pixels {f(row['raw_pixels'])}%")
-        if 'heldout_loss_by_level' in row:
+            for i, v in by_layer(r["results"], cell["t"], cell["layer"].rpartition("_")[0]).items():
+                per_layer.setdefault(i, []).extend(v)
+        series[f"{label} (t={cell['t']:g})"] = {i: mean_std(v) for i, v in per_layer.items()}
+        log(f"{label} ({len(rs)} seeds): t={cell['t']:g} {cell['layer']} {f(row['test'])}% "
+            f"(train {f(row['train'])}%), best cell {f(row['best'])}% ({', '.join(row['best_cells'])})"
+            f", at init {f(row['init'])}%, raw pixels {f(row['raw_pixels'])}%")
+        if "heldout_loss_by_level" in row:
             log("    held-out loss by noise level " + ", ".join(f(ms, 4) for ms in
-                                                             row['heldout_loss_by_level']))
+                                                             row["heldout_loss_by_level"]))
+        if "paired" in row:
+            p = row["paired"]
+            log(f"    minus {p['vs']}, per seed {', '.join(f'{d:+.2f}' for d in p['diff'])}: "
+                f"{f(p['mean_std'])} points")
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'summary.json').write_text(json.dumps({'arms': rows, 'runs': trajectories}, indent=1))
-    pixels = mean_std(r['raw_pixels'] for r in records)
-    chart(out / 'layers.png', series, f"{records[0]['script']} {records[0]['dataset']}",
-          pixels[0] if pixels else None)
+    (out / "summary.json").write_text(json.dumps({"arms": rows, "runs": trajectories}, indent=1))
+    pixels = mean_std(r["raw_pixels"] for r in chosen)
+    chart(out / "layers.png", series, f"{chosen[0]['script']} {chosen[0]['dataset']}",
+          pixels and pixels[0])
     log(f"wrote {out / 'summary.json'} and {out / 'layers.png'}")
 
 
 def main(argv=None):
     a = get_args(argv)
-    rank, _, device = setup_distributed()
+    jobs, root = plan(a)  # before any work: a flag that does not fit is one line within seconds
+    rank, _, device = jobs[0].mod.setup_distributed()
     log = print if rank == 0 else (lambda *_: None)
-    paths = [Path(p) for p in a.ckpt]
-    folder = 'probe' + '-dense' * a.dense + (f'-{Path(a.dataset).name}' if a.dataset else '')
-    if len(paths) == 1:
-        out = Path(a.out or paths[0].parent / folder)
-        outs = [out]
-    else:  # one folder per checkpoint, the summary beside them
-        out = Path(a.out or Path(os.path.commonpath([p.parent for p in paths])) / folder)
-        outs = [out / ckpt_name(p) for p in paths]
-    results = [probe_checkpoint(a, p, o, device, log) for p, o in zip(paths, outs)]
-    if len(results) > 1 and rank == 0 and not a.dense:
-        summarize([r for _, r in results], out, log)
+    records, firsts = [], {}  # firsts: the first snapshot of each run (--init, --raw-pixels once)
+    for job in jobs:
+        if a.dense:
+            records.append(dense_checkpoint(a, job, device, log))
+            continue
+        records.append(probe_checkpoint(a, job, device, log, firsts.get(job.run)))
+        firsts.setdefault(job.run, records[-1])
+    if len(records) > 1 and rank == 0 and not a.dense:
+        summarize(records, root, log)
     if dist.is_initialized():
         dist.destroy_process_group()
-    accs = [acc for acc, _ in results]
-    return accs[0] if len(accs) == 1 else accs
+    return records[0] if len(records) == 1 else records
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

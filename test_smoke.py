@@ -66,25 +66,26 @@ def _one_thread():
 TRAINERS = ("train_unet.py", "train_uvit.py", "train_dit.py")
 PIXEL = ("train_unet.py", "train_uvit.py")
 SHARED = {  # top-level definition -> the trainers that hold a copy of it, character for character
-    **dict.fromkeys([  # data, training infrastructure, benchmark, main: the spine of every trainer
-        "DATASETS", "CIFAR", "IMG_EXT", "SHAPES", "make_shapes", "shapes_split", "local_rank", "raise_on_any", "fetch_once",
-        "download_cifar", "load_cifar", "center_crop", "image_files", "ImageFiles", "decode_images",
-        "load_pixels", "add_training_args", "setup_distributed", "use_bf16", "autocast", "memory_format",
-        "epoch_order", "batch_indices", "update_ema", "count_params", "save_grid", "atomic_save", "check_out_dir",
-        "load_checkpoint_for_resume", "Log", "LossSums", "sync", "matmul_tflops", "benchmark", "main",
-        "crossed", "is_gate", "agree", "Meter", "check_finite", "log_metrics", "save_checkpoint",
-        "resolve_length",
-        "timestep_embedding"], TRAINERS),
+    **dict.fromkeys([  # the plumbing: main, processes, checkpoints, logs, the toy, image files, bench
+        "SHAPES", "IMG_EXT", "make_shapes", "shapes_split", "local_rank", "raise_on_any", "fetch_once",
+        "center_crop", "ImageFiles", "add_training_args", "setup_distributed", "use_bf16", "autocast",
+        "memory_format", "epoch_order", "batch_indices", "update_ema", "count_params", "save_grid",
+        "atomic_save", "check_out_dir", "resume", "Log", "LossSums", "sync", "matmul_tflops",
+        "benchmark", "main", "crossed", "is_gate", "agree", "check_finite", "log_metrics",
+        "save_checkpoint", "snapshot_plan", "resolve_length", "timestep_embedding"], TRAINERS),
     **dict.fromkeys(["time_mlp", "SelfCond"], ("train_unet.py", "train_dit.py")),  # adaptive-norm nets
-    **dict.fromkeys([  # the pixel trainers: DDPM, augmentation, contrastive, and their step
-        "add_aug_args", "DDPM", "SYM6", "_affine", "_rotate", "_scale", "_sym6_operator", "_apply_matrix", "AugmentPipe",
-        "AUGMENT", "ProjHead", "contrastive_loss", "contrastive_step", "load_train_data", "fake_batch",
-        "train_step", "sample_preview"], PIXEL),
+    **dict.fromkeys([  # the pixel trainers: their data, DDPM, augmentation, contrastive, and their step
+        "TOOL_INTERFACE", "DATASETS", "CIFAR", "load_cifar", "image_files", "decode_images",
+        "load_pixels", "add_aug_args", "DDPM", "SYM6", "_affine", "_rotate", "_scale", "_sym6_operator",
+        "_apply_matrix", "AugmentPipe", "AUGMENT", "AUGMENT_NO_FLIP", "ProjHead", "contrastive_loss",
+        "contrastive_step", "load_train_data", "fake_batch", "train_step", "sample_preview"], PIXEL),
 }
-# The part of the spine each trainer writes its own way: what the shared main and the tools call by name
-# (train_dit.py's latent data, step and preview differ from the pixel trainers' shared ones).
+# The part each trainer writes its own way: what the shared main and the tools call by name
+# (train_dit.py's latent data, step and preview differ from the pixel trainers' shared ones; it keeps
+# only the data its model trains on: the shapes toy in pixels, class folders as latents).
 PER_SCRIPT = {"NETS", "ARCH_KEYS", "get_args", "build_model", "build_diffusion", "build_optimizer",
-              "param_report", "load_train_data", "fake_batch", "train_step", "sample_preview"}
+              "param_report", "load_train_data", "fake_batch", "train_step", "sample_preview",
+              "TOOL_INTERFACE", "DATASETS", "image_files", "load_pixels"}
 
 
 def _top_level(path):
@@ -144,6 +145,56 @@ def test_shared_main_reads_only_what_every_get_args_defines():
         args = vars(importlib.import_module(f[:-3]).get_args(["--dataset", "shapes", "--latent", "none"]
                                                                if f == "train_dit.py" else []))
         assert read - written - set(args) == set(), f
+
+
+# The tool interface: each trainer's TOOL_INTERFACE names what sample.py, probe.py, fid.py and .ci/*.py may call
+# in it. `mod` is the trainer a checkpoint names (any of the three); names only a latent trainer has are
+# reached for its checkpoints alone; every other name a tool reaches through `mod`, every trainer declares.
+TOOLS = ("sample.py", "probe.py", "fid.py", *sorted(f".ci/{p.name}" for p in (ROOT / ".ci").glob("*.py")))
+LATENT_ONLY = {"IMAGE_SIZE", "latent_cache", "build_vae", "load_vae", "decode"}
+REACH = {"mod": TRAINERS, "_trainer()": ("train_unet.py",), **{f[:-3]: (f,) for f in TRAINERS}}
+
+
+def _interface_breaks(root):
+    """What breaks the tool interface under root: a declared name a trainer does not define, or a name a
+    tool reaches through a trainer (mod.X, train_unet.X, getattr(mod, "X")) that the trainer does not declare."""
+    import ast
+    import re
+    declared, broken = {}, []
+    for f in TRAINERS:
+        tree = ast.parse((root / f).read_text())
+        node = next((n for n in tree.body if isinstance(n, ast.Assign)
+                     and [getattr(t, "id", None) for t in n.targets] == ["TOOL_INTERFACE"]), None)
+        declared[f] = set(ast.literal_eval(node.value)) if node else set()
+        broken += [f"{f} declares {n} but does not define it" for n in sorted(declared[f] - set(_top_level(root / f)))]
+    for tool in TOOLS:
+        text = (root / tool).read_text()
+        uses = set(re.findall(r"\b(mod|train_unet|train_uvit|train_dit|_trainer\(\))\.([A-Za-z_]\w*)", text))
+        uses |= {("mod", n) for n in re.findall(r"getattr\(mod, [\"'](\w+)[\"']", text)}
+        # neither a file name (train_unet.py) nor a module's own attribute (__name__)
+        for via, name in sorted(u for u in uses if u[1] != "py" and not u[1].startswith("__")):
+            for f in REACH[via]:
+                if name not in declared[f] and not (via == "mod" and name in LATENT_ONLY and f != "train_dit.py"):
+                    broken.append(f"{tool} calls {via}.{name}, which {f} does not declare")
+    return broken
+
+
+def test_tool_interface_is_declared_defined_and_all_the_tools_use(tmp_path):
+    assert _interface_breaks(ROOT) == []
+    for f in TRAINERS:  # a block near the top: after the imports, before the method
+        text = (ROOT / f).read_text()
+        assert text.index("\nimport torch\n") < text.index("\nTOOL_INTERFACE = (") < text.index("\n# Self-conditioning")
+    # the test bites: a trainer that drops a name it declares, or one that the tools call, breaks it
+    (tmp_path / ".ci").mkdir()
+    for f in (*TRAINERS, *TOOLS):
+        (tmp_path / f).write_text((ROOT / f).read_text())
+    uvit = tmp_path / "train_uvit.py"
+    uvit.write_text(uvit.read_text().replace("def center_crop(", "def centre_crop("))
+    assert _interface_breaks(tmp_path) == ["train_uvit.py declares center_crop but does not define it"]
+    uvit.write_text((ROOT / "train_uvit.py").read_text().replace('    "build_model",  #', "    #"))
+    broken = _interface_breaks(tmp_path)
+    assert "sample.py calls mod.build_model, which train_uvit.py does not declare" in broken
+    assert all(m.endswith(" calls mod.build_model, which train_uvit.py does not declare") for m in broken)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,21 +298,71 @@ def test_unet_resume_is_exact(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_unet_keep_every_writes_snapshots_that_load_and_resume(tmp_path):
-    """--keep-every keeps ckpt-<images>.pt beside the rolling checkpoint: the same self-describing file
-    (weights-only loadable); a run resumed from a snapshot ends where the whole run ends."""
+def test_unet_keep_every_keeps_evaluation_snapshots_and_the_final_weights(tmp_path):
+    """--keep-every keeps ckpt-<images>.pt beside the rolling checkpoint, the final weights too (320 images
+    kept every 128 end at 320): what evaluation reads (EMA, args), not the model or the optimizer, loadable
+    weights-only; the run's start says how many it keeps and the disk they take."""
     out, (model, ema) = _unet(tmp_path, "--keep-every", 128, images=320)
-    assert sorted(p.name for p in out.glob("ckpt-*.pt")) == ["ckpt-000000128.pt", "ckpt-000000256.pt"]
-    snap = torch.load(out / "ckpt-000000128.pt", weights_only=True)
-    assert (snap["step"], snap["images"], snap["script"]) == (4, 128, "train_unet.py") and "opt" in snap
+    assert sorted(p.name for p in out.glob("ckpt-*.pt")) == [f"ckpt-{i:09d}.pt" for i in (128, 256, 320)]
+    snap = torch.load(out / "ckpt-000000320.pt", weights_only=True)
+    assert set(snap) == {"script", "args", "ema", "step", "images"} and (snap["step"], snap["images"]) == (10, 320)
+    assert all(torch.equal(snap["ema"][k], v) for k, v in ema.state_dict().items())
+    assert torch.load(out / "ckpt.pt", weights_only=True).keys() >= {"model", "opt"}  # the resume file: all
+    size = sum(v.nbytes for v in ema.state_dict().values())  # EMA parameters x 4 bytes
+    assert size < (out / "ckpt-000000128.pt").stat().st_size < 1.05 * size  # measured on disk: +2%
+    assert (f"snapshots: 3 kept (every 128 images and the final weights), 3 x {size / 1e6:.3g} MB = "
+            f"{3 * size / 1e9:.3g} GB in {out}") in (out / "log.txt").read_text()
+    assert sample.load_checkpoint(out / "ckpt-000000128.pt")[4]["images"] == 128  # sampling reads it
     assert train_unet.get_args(["--dataset", "shapes"]).keep_epochs == 0  # the quickstart keeps none
     assert train_unet.get_args([]).keep_epochs == 200  # App. A: FID every 200 epochs
-    (tmp_path / "again" / "run").mkdir(parents=True)
-    (tmp_path / "again" / "run" / "ckpt.pt").write_bytes((out / "ckpt-000000128.pt").read_bytes())
-    _, (model2, ema2) = _unet(tmp_path / "again", "--keep-every", 128, images=320)
-    for a, b in zip(list(model.parameters()) + list(ema.parameters()),
-                    list(model2.parameters()) + list(ema2.parameters())):
-        assert torch.equal(a, b)
+
+
+def test_snapshot_plan_counts_the_final_weights_once():
+    """ImageNet-1k: 90 epochs kept every 20 keep 20/40/60/80 and 90; a final step that is itself a
+    multiple is not counted twice; a keep-every under the batch keeps every step; 0 keeps none."""
+    ema, n = nn.Linear(10, 10), 1_281_167
+    size = sum(v.nbytes for v in ema.state_dict().values())
+    plan = lambda images, batch, every: train_dit.snapshot_plan(types.SimpleNamespace(
+        train_images=images, batch_size=batch, keep_every=every, out="run"), ema)
+    assert plan(90 * n, 1024, 20 * n).startswith(f"snapshots: 5 kept (every {20 * n:,} images and the final")
+    assert plan(320, 32, 160).startswith("snapshots: 2 kept") and plan(330, 32, 160).startswith("snapshots: 3 ")
+    assert plan(320, 32, 1).startswith("snapshots: 10 kept") and plan(320, 32, 0) == "snapshots: none kept (--keep-every 0)"
+    assert plan(320, 32, 160).endswith(f"2 x {size / 1e6:.3g} MB = {2 * size / 1e9:.3g} GB in run")
+
+
+def test_keep_every_negative_is_a_one_line_error_before_anything_is_written(tmp_path, capsys):
+    for mod in (train_unet, train_uvit, train_dit):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--net", "tiny", "--keep-every", "-5", "--out", str(tmp_path / "run")])
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+            ": error: argument --keep-every: -5 is negative: give a count of images, >= 0")
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_flip_steps_see_unflipped_images_and_the_default_still_flips(monkeypatch):
+    """--no-flip (classes that are not mirror-symmetric): train_step's flip, and with --aug the pipe's
+    x-flip, are off; the random draws stay those of a flipping run (its unflipped rows are the same)."""
+    batch = torch.linspace(-1, 1, 16).expand(8, 3, 16, 16).contiguous()  # a ramp: a flip reverses it
+    seen = {}
+    for flags in ([], ["--no-flip"], ["--aug"], ["--aug", "--no-flip"]):
+        args = train_unet.get_args(["--net", "tiny", "--dataset", "shapes", "--resolution", "16", *flags])
+        model = train_unet.build_model(args)
+        diffusion = train_unet.build_diffusion(args, model)
+        loss = diffusion.loss
+        monkeypatch.setattr(diffusion, "loss", lambda net, x, aug, feats: seen.__setitem__(
+            " ".join(flags), (x, aug)) or loss(net, x, aug, feats))
+        torch.manual_seed(0)
+        train_unet.train_step(model, model, train_unet.build_model(args), train_unet.build_optimizer(model, args),
+                              diffusion, batch, 0, args)
+        seen[" ".join(flags)] += (torch.rand(4),)  # the draws after the step
+    flipped = (seen[""][0] == batch.flip(3)).flatten(1).all(1)
+    assert 0 < flipped.sum() < 8 and torch.equal(seen[""][0][~flipped], batch[~flipped])
+    assert torch.equal(seen["--no-flip"][0], batch) and torch.equal(seen["--no-flip"][2], seen[""][2])
+    xflip = seen["--aug"][1][:, 0] > 0  # the pipe's label says which rows it flipped
+    assert 0 < xflip.sum() < 8 and not seen["--aug --no-flip"][1][:, 0].any()
+    assert torch.equal(seen["--aug --no-flip"][1][:, 1:], seen["--aug"][1][:, 1:])  # the other ops alike
+    assert torch.equal(seen["--aug --no-flip"][0][~xflip], seen["--aug"][0][~xflip])
+    assert torch.equal(seen["--aug --no-flip"][2], seen["--aug"][2])
 
 
 def test_unet_resume_refuses_other_architecture(tmp_path):
@@ -605,18 +706,75 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert not [p for p in os.listdir(out) if p.startswith("samples")]  # nothing written
 
 
-def test_sample_fid_loads_a_dataset_reference_at_the_samples_size(tmp_path, monkeypatch):
+def test_sample_fid_reads_a_dataset_reference_through_the_checkpoints_trainer(tmp_path, monkeypatch):
+    warnings.simplefilter("ignore")  # a handful of images: rank-deficient covariances
     out, _ = _unet(tmp_path, images=32)  # a 16x16 run of shapes (native 32x32)
-    calls = []
-    monkeypatch.setattr(fid, "load_inception", lambda device: "inception")
-    monkeypatch.setattr(fid, "fid_from_samples", lambda source, ref, model, data_args, cache_dir: calls.append(
-        (torch.cat([x for _, x in source.batches]), source.n, ref, model, data_args)) or dict(
-        fid=1.0, is_mean=1.0, is_std=0.0, n=2, n_ref=None))
-    sample.main(["--ckpt", str(out / "ckpt.pt"), "--num-samples", "2", "--steps", "2",
-                 "--out", str(tmp_path / "s"), "--fid", "shapes"])
-    (x, n, ref, model, data_args), = calls  # the FID reads the shards, not the merged file
-    assert (n, ref, model, data_args) == (2, "shapes", "inception", ["--data-path", "data", "--resolution", "16"])
-    assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["arr_0"]))
+    monkeypatch.setattr(fid, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "load_inception", lambda device: _StubInception())
+    monkeypatch.setattr(fid, "frechet_distance", _fid_distance_stand_in)
+    calls, load_pixels = [], train_unet.load_pixels
+    monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: calls.append(
+        (args.dataset, args.resolution, split)) or [x[:20] for x in load_pixels(args, split)])
+    common = ["--ckpt", str(out / "ckpt.pt"), "--num-samples", "4", "--steps", "2", "--fid", "shapes"]
+    first, = sample.main(common + ["--out", str(tmp_path / "s")])
+    assert calls == [("shapes", 16, "train")] and first["n"] == 4 and first["n_ref"] == 20
+    again, = sample.main(common + ["--out", str(tmp_path / "s2")])  # the reference from its cache
+    assert calls == [("shapes", 16, "train")] and again["fid"] == pytest.approx(first["fid"], rel=1e-9)
+
+
+def test_sample_fid_class_folder_reference_streams_and_its_cache_is_read_before_listing(tmp_path, monkeypatch):
+    """A class-folder reference is streamed from its files; its cached statistics are found before
+    anything is listed or decoded; an unreadable file is a one-line error naming it."""
+    warnings.simplefilter("ignore")  # 6 images: a rank-deficient covariance
+    monkeypatch.setattr(fid, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "frechet_distance", _fid_distance_stand_in)
+    for i, im in enumerate(_fid_images(6, size=20).permute(0, 2, 3, 1).numpy()):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.png")
+    args = train_unet.get_args(["--dataset", "folders", "--data-path", str(tmp_path / "data")])
+    with pytest.raises(SystemExit, match="--fid cifar: not a file or folder, nor a dataset .* folders, or cifar10"):
+        sample.fid_reference("cifar", train_unet, args, 16)
+    ref, cache, check = sample.fid_reference("folders", train_unet, args, 16, workers=0)
+    assert len(check()) == 6 and not os.path.exists(cache)  # the check lists, reads no pixel
+    samples, model = _fid_images(5, size=16, seed=1), _StubInception()
+    first = fid.fid_from_samples(samples, ref, model, batch_size=4, cache=cache)
+    assert first["n_ref"] == 6 and first["fid"] > 0 and os.listdir(tmp_path / "cache") == [Path(cache).name]
+
+    def no(*a, **k):
+        raise AssertionError("decoded or listed the dataset although its statistics are cached")
+
+    with monkeypatch.context() as m:
+        for name in ("image_files", "load_pixels", "decode_images"):
+            m.setattr(train_unet, name, no)
+        m.setattr(train_unet.ImageFiles, "__getitem__", no)
+        again = fid.fid_from_samples(samples, ref, model, batch_size=4, cache=cache)
+    assert again == pytest.approx(first, rel=1e-12)
+    (tmp_path / "data" / "c1" / "bad.png").write_bytes(b"not a png")
+    ref, other, _ = sample.fid_reference("folders", train_unet, args, 8, workers=0)
+    assert other != cache  # another size is another entry
+    with pytest.raises(SystemExit, match=r"cannot read image .*bad.png .*fix or remove it") as e:
+        fid.fid_from_samples(_fid_images(5, size=8), ref, model, batch_size=4, cache=other)
+    assert "\n" not in str(e.value)
+
+
+def test_sample_checks_every_checkpoint_and_flag_before_sampling(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "rf").mkdir()
+    ckpt = _sample_ckpt(tmp_path / "run", "--dataset", "shapes", "--model", "DDPM")
+    rf = _sample_ckpt(tmp_path / "rf", "--dataset", "shapes", "--model", "RF")
+    snapshot = tmp_path / "run" / "ckpt-000000100.pt"  # what evaluation reads, no online weights
+    torch.save({k: v for k, v in torch.load(ckpt, weights_only=True).items() if k != "model"}, snapshot)
+    for argv, msg in (([ckpt, tmp_path / "run" / "missing.pt"], "missing.pt not found"),
+                      ([ckpt, snapshot, "--raw"], "--raw: .*ckpt-000000100.pt is a snapshot holding the EMA"),
+                      ([ckpt, rf, "--sampler", "ddim"], "--sampler ddim needs a DDPM model; .*rf/ckpt.pt is RF"),
+                      ([ckpt, snapshot, "--fid", "cifar"], "--fid cifar: not a file or folder, nor a dataset"),
+                      ([ckpt, "--fid", tmp_path / "nope"], "--fid .*nope: .*nope: no such file or folder"),
+                      ([ckpt, "--fid", "shapes", "--n", "2"], "--fid needs at least 3 samples")):
+        t = time.time()
+        with pytest.raises(SystemExit, match=msg) as e:
+            sample.main(["--ckpt", *map(str, argv)])
+        assert "\n" not in str(e.value) and time.time() - t < 10
+    assert not list(tmp_path.rglob("samples-*"))  # nothing written
 
 
 def test_sample_merge_streams_the_shards_into_what_savez_writes(tmp_path):
@@ -653,6 +811,8 @@ def _sample_fid_worker(rank, world, argv, port, result_dir):
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     fid.load_inception = lambda device: _StubInception()
+    fid.CACHE_DIR = str(Path(result_dir) / f"cache-{world}")  # the reference computed on `world` ranks
+    fid.frechet_distance = _fid_distance_stand_in
     read, shard_images = [], sample.shard_images
     sample.shard_images = lambda path: read.append(Path(path).name) or shard_images(path)
     result = {}
@@ -676,8 +836,9 @@ def test_sample_fid_on_two_ranks_reads_each_rank_its_own_shards(tmp_path):
             port = sock.getsockname()[1]
         mp.spawn(_sample_fid_worker, args=(world, argv, port, str(tmp_path)), nprocs=world, join=True)
         results[world] = [json.loads((tmp_path / f"{world}-{r}.json").read_text()) for r in range(world)]
-    assert results[1][0]["read"] == [f"shard-{s:07d}.npz" for s in (0, 3, 6, 9)]
-    assert [r["read"] for r in results[2]] == [["shard-0000000.npz", "shard-0000006.npz"],
+    grid = [f"shard-{s:07d}.npz" for s in (0, 3, 6, 9)]  # rank 0: the first 64 images for grid.png
+    assert results[1][0]["read"] == grid + [f"shard-{s:07d}.npz" for s in (0, 3, 6, 9)]
+    assert [r["read"] for r in results[2]] == [grid + ["shard-0000000.npz", "shard-0000006.npz"],
                                                ["shard-0000003.npz", "shard-0000009.npz"]]
     one, two = results[1][0], results[2][0]
     assert two["n"] == one["n"] == 12 and two["fid"] == pytest.approx(one["fid"], rel=1e-6)
@@ -687,6 +848,8 @@ def test_sample_fid_on_two_ranks_reads_each_rank_its_own_shards(tmp_path):
 def test_sample_snapshots_of_a_run_each_get_a_folder_and_fid_names_the_best(tmp_path, monkeypatch, capsys):
     warnings.simplefilter("ignore")  # a handful of images: rank-deficient covariances
     monkeypatch.setattr(fid, "load_inception", lambda device: _StubInception())
+    monkeypatch.setattr(fid, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "frechet_distance", _fid_distance_stand_in)
     (tmp_path / "ref").mkdir()
     for i, im in enumerate(_fid_images(5).permute(0, 2, 3, 1).numpy()):
         Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
@@ -695,7 +858,8 @@ def test_sample_snapshots_of_a_run_each_get_a_folder_and_fid_names_the_best(tmp_
         torch.manual_seed(seed)
         (run / "x").mkdir(parents=True, exist_ok=True)
         ckpt = torch.load(_sample_ckpt(run / "x", "--dataset", "shapes", "--model", "DDPM"), weights_only=True)
-        torch.save({**ckpt, "images": images}, run / f"ckpt-{images:09d}.pt")
+        snapshot = {k: v for k, v in ckpt.items() if k != "model"}  # the EMA alone, as the trainers keep
+        torch.save({**snapshot, "images": images}, run / f"ckpt-{images:09d}.pt")
     paths = [str(run / f"ckpt-{i:09d}.pt") for i in (100, 200)]
     results = sample.main(["--ckpt", *paths, "--num-samples", "6", "--batch-size", "3", "--steps", "2",
                            "--fid", str(tmp_path / "ref")])
@@ -1228,11 +1392,55 @@ def test_dit_class_folders_size_the_label_table_from_get_args(tmp_path):
     # get_args counts the training split's class folders, so build_model needs no data loading
     for c in ("cat", "dog", "owl"):
         (tmp_path / "train" / c).mkdir(parents=True)
-    args = _dit_args("--latent", "none", "--dataset", "toy", "--data-path", str(tmp_path),
-                     "--net", "tiny", "--class-cond")
+    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path), "--net", "tiny", "--class-cond")
     assert args.num_classes == 3
     assert train_dit.build_model(args).y_embed.weight.shape == (4, 64)  # + the null class
     assert _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "absent")).num_classes is None
+
+
+def test_dit_pixels_are_the_shapes_toy_only_other_data_trains_as_latents(capsys):
+    """train_dit.py keeps the data its model trains on: latents of ImageNet or class folders, and the
+    shapes toy in pixel space (--latent none, the CPU tests); CIFAR trains in train_unet.py / train_uvit.py."""
+    for argv in (["--latent", "none", "--dataset", "cifar10"], ["--dataset", "shapes"]):
+        with pytest.raises(SystemExit):
+            _dit_args(*argv)
+        assert "pixel space (--latent none) is for the shapes toy" in capsys.readouterr().err
+    args = _dit_args("--latent", "none", "--dataset", "shapes-fixed")
+    assert (args.num_classes, args.epochs, args.keep_epochs) == (10, 40, 0)
+    assert train_dit.load_pixels(args, "test")[0].shape == (2000, 3, 32, 32)
+    assert train_dit.DATASETS == {"shapes": (10, 32), "shapes-fixed": (10, 32)}
+    assert not hasattr(train_dit, "load_cifar") and hasattr(train_unet, "load_cifar")
+    with pytest.raises(SystemExit, match="shapes toy only, not of 'mydata': encode those with latent_cache"):
+        train_dit.load_pixels(_dit_args("--dataset", "mydata"))
+
+
+def test_dit_no_flip_takes_the_unflipped_view_latent_and_pixel(tmp_path):
+    """--no-flip: a latent batch reads the cache's unflipped copy, a pixel batch is not flipped; the
+    default picks either copy."""
+    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                     "--net", "tiny", "--sample-every", "0")
+    out = train_dit.cache_dir(args, "train")
+    out.mkdir(parents=True)
+    lat = np.zeros((8, 2, 32, 16, 16), np.float16)
+    lat[:, 1] = 1  # the flipped copy
+    np.save(out / "latents.npy", lat)
+    np.save(out / "labels.npy", np.arange(8) % 2)
+    (out / "key.json").write_text(json.dumps(train_dit.cache_key(args, 8)))
+    torch.save({"mean": torch.zeros(32), "std": torch.ones(32)}, out / "stats.pt")
+    (out / "complete").write_text("{}")
+    idx = torch.arange(8)
+    for extra in ([], ["--no-flip"]):
+        a = _dit_args("--dataset", "toy", "--data-path", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                      "--net", "tiny", "--sample-every", "0", *extra)
+        torch.manual_seed(0)
+        views = train_dit.load_train_data(a, torch.device("cpu")).batch(idx)[0].flatten(1).mean(1)
+        assert 0 < views.sum() < 8 if not extra else not views.any()
+        p = _dit_args("--latent", "none", "--dataset", "shapes", "--net", "tiny", *extra)
+        data = train_dit.load_train_data(p, torch.device("cpu"))
+        x = data.batch(idx)[0]
+        clean = train_dit.load_pixels(p)[0][:8].float() / 127.5 - 1
+        flipped = ~(x == clean).flatten(1).all(1)
+        assert 0 < flipped.sum() < 8 if not extra else not flipped.any()
 
 
 def test_dit_label_dropout_rate_and_null_class():
@@ -1297,13 +1505,19 @@ class _DitCountingVAE:
         return self.vae.encode(x)
 
 
+def _dit_source(files):
+    """What latent_cache encodes of class folders: their images at 256 and their labels."""
+    return train_dit.ImageFiles(files, train_dit.IMAGE_SIZE), torch.tensor([y for _, y in files])
+
+
 def _dit_cache_worker(rank, world, args, init_file, result_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     vae = train_dit.load_vae(args, torch.device("cpu"))
     out = train_dit.cache_dir(args, "train")
     files = train_dit.image_files(args, "train")  # decoded by 2 DataLoader worker processes per rank
-    encoded = train_dit.extract_latents(files, out, vae, torch.device("cpu"), 2, 2, rank, world)
+    encoded = train_dit.extract_latents(*_dit_source(files), out, train_dit.cache_key(args, len(files)), vae,
+                                        torch.device("cpu"), 2, 2, rank, world)
     (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps(encoded))
     dist.destroy_process_group()
 
@@ -1325,7 +1539,8 @@ def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch)
 
     # 1) a single-process extraction killed during its second batch: images 0 and 1 are done
     with pytest.raises(KeyboardInterrupt):
-        train_dit.extract_latents(files, out, _DitCountingVAE(vae, fail_on=2), torch.device("cpu"), batch=2)
+        train_dit.extract_latents(*_dit_source(files), out, train_dit.cache_key(args, 6),
+                                  _DitCountingVAE(vae, fail_on=2), torch.device("cpu"), batch=2)
     assert np.load(out / "done.rank0.npy").tolist() == [True, True, False, False, False, False]
 
     # 2) two gloo ranks finish the rest, each writing only its own rows
@@ -1358,9 +1573,11 @@ def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch)
         assert np.allclose(lat[i].astype(np.float32), ref, atol=2e-2, rtol=1e-2)
     assert np.abs(lat.astype(np.float32)).sum(axis=(2, 3, 4)).min() > 0  # no row left empty
 
-    # 4) a latent-space training run reads the cache (both flips) and stores the normalisation in its checkpoint
+    # 4) a latent-space training run reads the cache (both flips) and stores the normalisation in its checkpoint;
+    # the cache is of this VA-VAE file, which need not be there any more
+    (tmp_path / "vae.pt").rename(tmp_path / "vae.moved")
     cmd = [sys.executable, str(ROOT / "train_dit.py"), "--dataset", "toy", "--data-path", str(tmp_path / "data"),
-           "--cache-dir", str(tmp_path / "cache"), "--vae", str(tmp_path / "missing.pt"), "--vae-config", "tiny",
+           "--cache-dir", str(tmp_path / "cache"), "--vae", str(tmp_path / "vae.pt"), "--vae-config", "tiny",
            "--net", "tiny", "--self-cond", "--class-cond", "--batch-size", "4", "--train-images", "8",
            "--sample-every", "0", "--out", str(tmp_path / "run")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -1383,10 +1600,11 @@ def _dit_cache_error_worker(rank, world, args, init_file, result_dir, what="cach
     try:
         if what == "extract":
             vae, cpu = train_dit.load_vae(args, torch.device("cpu")), torch.device("cpu")
-            train_dit.extract_latents(train_dit.image_files(args, "train"), train_dit.cache_dir(args, "train"),
-                                      vae, cpu, 1, 0, rank, world)
+            files = train_dit.image_files(args, "train")
+            train_dit.extract_latents(*_dit_source(files), train_dit.cache_dir(args, "train"),
+                                      train_dit.cache_key(args, len(files)), vae, cpu, 1, 0, rank, world)
         else:
-            train_dit.latent_cache(args, "train")
+            train_dit.latent_cache(args, "test" if what == "cache test" else "train")
         msg = "no error"
     except SystemExit as e:
         msg = str(e)
@@ -1402,6 +1620,7 @@ def test_dit_bad_latent_cache_ends_every_rank_with_one_line(tmp_path):
     out.mkdir(parents=True)
     np.save(out / "latents.npy", np.zeros((3, 2, 32, 16, 16), np.float16))  # as the old code wrote it
     (out / "complete").write_text("{}")
+    (out / "key.json").write_text(json.dumps(train_dit.cache_key(args, 3)))
     assert train_dit.latent_cache(args, "train") == out  # one process: the old layout reads
     with open(out / "latents.npy", "r+b") as f:
         f.truncate(5000)
@@ -1439,6 +1658,67 @@ def test_dit_ranks_without_a_shared_cache_stop_with_one_line(tmp_path):
              nprocs=2, join=True)
     msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert msgs[0] == msgs[1] and "do not share the latent cache" in msgs[0]
+
+
+class _DitTensorImages(torch.utils.data.Dataset):
+    """Images held in memory, as another dataset reaches the latent cache: (index, uint8 (3, 256, 256), "")."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return i, self.images[i], ""
+
+
+def test_dit_latent_cache_encodes_any_source_and_refuses_another_key(tmp_path):
+    """latent_cache(args, split, source): a tensor-backed dataset (a transfer dataset to probe) encodes as class
+    folders do. The cache is keyed (dataset, data folder, VA-VAE file and layout, images): a cache of another
+    dataset, folder or VA-VAE, complete or partial, is refused on every rank with one line naming both keys."""
+    torch.manual_seed(0)
+    for name in ("vae.pt", "other.pt"):
+        torch.save(train_dit.build_vae(_dit_args("--vae-config", "tiny")).state_dict(), tmp_path / name)
+    common = ["--cache-dir", str(tmp_path / "cache"), "--vae-config", "tiny", "--net", "tiny", "--extract-batch", "3"]
+    cifar = ["--dataset", "cifar10", "--data-path", str(tmp_path / "cifar")]
+    args = _dit_args(*cifar, "--vae", str(tmp_path / "vae.pt"), *common)
+    images = torch.randint(0, 256, (5, 3, 256, 256), dtype=torch.uint8)
+    out = train_dit.latent_cache(args, "test", (_DitTensorImages(images), torch.arange(5) % 2))
+    assert out == tmp_path / "cache" / "val" and (out / "complete").exists()
+    key = {"dataset": "cifar10", "data_path": str(tmp_path / "cifar"), "vae": str(tmp_path / "vae.pt"),
+           "vae_config": "tiny", "images": 5}
+    assert json.loads((out / "key.json").read_text()) == key == train_dit.cache_key(args, 5)
+    x = images[[3]].float() / 127.5 - 1
+    ref = train_dit.load_vae(args, torch.device("cpu")).encode(torch.cat([x, x.flip(3)])).numpy()
+    assert np.allclose(np.load(out / "latents.npy")[3].astype(np.float32), ref, atol=2e-2, rtol=1e-2)
+    assert np.load(out / "labels.npy").tolist() == [0, 1, 0, 1, 0]
+    assert train_dit.latent_cache(args, "test") == out  # complete and of this key: reused, no source needed
+
+    before = (out / "latents.npy").read_bytes()
+    for i, argv in enumerate((["--dataset", "cifar100", "--data-path", str(tmp_path / "cifar")],
+                              [*cifar[:3], str(tmp_path / "elsewhere")], [*cifar, "--vae", str(tmp_path / "other.pt")])):
+        if i == 2:  # a partial cache is refused too
+            (out / "complete").unlink()
+        other = _dit_args(*argv, *common)
+        other.vae = other.vae or str(tmp_path / "vae.pt")
+        with pytest.raises(SystemExit) as e:
+            train_dit.latent_cache(other, "test", (_DitTensorImages(images), torch.arange(5) % 2))
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"latent cache {out} holds {json.dumps(key)}, not ")
+        assert json.dumps(train_dit.cache_key(other)) in msg and msg.endswith(
+            "pass another --cache-dir, or delete it to encode afresh")
+    assert (out / "latents.npy").read_bytes() == before and not (out / "complete").exists()
+    (out / "key.json").unlink()  # a cache that records no key is never taken for this one
+    with pytest.raises(SystemExit, match="records no key"):
+        train_dit.latent_cache(args, "test")
+    # every rank stops with the same line
+    (out / "key.json").write_text(json.dumps({**key, "dataset": "in100"}))
+    args.cache_dir = str(tmp_path / "cache")
+    mp.spawn(_dit_cache_error_worker, args=(2, args, str(tmp_path / "init"), str(tmp_path), "cache test"),
+             nprocs=2, join=True)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[0] == msgs[1] and '"dataset": "in100"' in msgs[0] and "\n" not in msgs[0]
 
 
 def _dit_train(out, images, *extra):
@@ -1497,6 +1777,11 @@ def _fid_weights(tmp_path_factory, _fid_model):
     path = tmp_path_factory.mktemp("weights") / fid.FID_WEIGHTS
     torch.save(sd, path)
     return path
+
+
+def _fid_distance_stand_in(mu1, sigma1, mu2, sigma2):
+    """0 iff the statistics agree: where the plumbing is under test (a 2048-d sqrtm takes a minute)."""
+    return float(abs(mu1 - mu2).sum() + abs(sigma1 - sigma2).sum())
 
 
 def _fid_images(n, size=32, shift=0, seed=0):
@@ -1575,8 +1860,10 @@ def test_fid_inception_score():
 
 
 def test_fid_too_few_images_and_warning(_fid_model):
-    with pytest.raises(ValueError, match="at least 3 images"):
+    with pytest.raises(SystemExit, match="at least 3 images"):
         fid.compute_statistics(_fid_images(2), _fid_model)
+    with pytest.raises(ValueError, match="at least 3 images"):
+        fid.Sums(2).statistics()
     with pytest.warns(UserWarning, match="2049"):
         fid.statistics(np.random.default_rng(0).normal(size=(10, 2048)))
 
@@ -1610,15 +1897,16 @@ def test_fid_cli_npz_folder_stats(_fid_weights, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "FID" in out and "IS" in out and "(3 samples, 3 ref)" in out and "images/s" in out
     assert r["fid"] < 1e-5 and r["n"] == 3 and r["n_ref"] == 3
-    # a reference folder is computed once, then read from the cache
-    model = fid.load_inception(str(_fid_weights))
+    # a reference folder is computed once (3 samples + 3 reference images), then read from the cache
     seen = fid.THROUGHPUT["images"]
-    first = fid._stats_of(str(tmp_path / "imgs"), model, 2, 0, cache_dir=str(tmp_path / "cache"))
-    again = fid._stats_of(str(tmp_path / "imgs"), model, 2, 0, cache_dir=str(tmp_path / "cache"))
-    assert fid.THROUGHPUT["images"] == seen + 3 and len(list((tmp_path / "cache").glob("imgs-*.npz"))) == 1
-    assert np.array_equal(first[0], again[0]) and again[2] == 3
-    with pytest.raises(SystemExit, match="no such file"):
-        fid.main([str(tmp_path / "nope.npz"), "cifar10"] + common)
+    first = fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "imgs")] + common)
+    again = fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "imgs")] + common)
+    assert fid.THROUGHPUT["images"] == seen + 3 + 3 + 3 and first == again and again["n_ref"] == 3
+    assert [p_.name.startswith("imgs-") for p_ in (tmp_path / "cache").iterdir()] == [True]
+    for argv, msg in (([tmp_path / "nope.npz", tmp_path / "s.npz"], "nope.npz: no such file"),
+                      ([tmp_path / "samples.npz", "cifar10"], "cifar10: no such .* sample.py --fid")):
+        with pytest.raises(SystemExit, match=msg):
+            fid.main([str(a) for a in argv] + common)
 
 
 def test_fid_running_sums_equal_numpy_statistics_and_inception_score():
@@ -1643,48 +1931,61 @@ def test_fid_running_sums_equal_numpy_statistics_and_inception_score():
     assert fid.inception_score(logits, 7) == pytest.approx(s.inception_score(), rel=1e-12)
 
 
-def test_fid_cached_dataset_reference_decodes_nothing(tmp_path, monkeypatch):
-    """A class-folder reference is streamed from its files; its cached statistics are found before
-    anything is listed or decoded; an unreadable file is a one-line error naming it."""
-    warnings.simplefilter("ignore")  # 6 images: a rank-deficient covariance
-    monkeypatch.setattr(fid, "frechet_distance", lambda m1, s1, m2, s2: float(abs(m1 - m2).sum() + abs(s1 - s2).sum()))
-    for i, im in enumerate(_fid_images(6, size=20).permute(0, 2, 3, 1).numpy()):
-        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(im).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.png")
-    common = dict(model=_StubInception(), batch_size=4, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                  data_args=["--data-path", str(tmp_path / "data"), "--resolution", "16"])
-    samples = _fid_images(5, size=16, seed=1)
-    first = fid.fid_from_samples(samples, "folders", **common)
-    assert first["n_ref"] == 6 and first["fid"] > 0 and len(os.listdir(tmp_path / "cache")) == 1
-
-    def no(*a, **k):
-        raise AssertionError("decoded or listed the dataset although its statistics are cached")
-
-    with monkeypatch.context() as m:
-        for name in ("image_files", "load_pixels", "decode_images"):
-            m.setattr(train_unet, name, no)
-        m.setattr(train_unet.ImageFiles, "__getitem__", no)
-        again = fid.fid_from_samples(samples, "folders", **common)
-    assert again == pytest.approx(first, rel=1e-12)
-    (tmp_path / "data" / "c1" / "bad.png").write_bytes(b"not a png")
-    common["data_args"][-1] = "8"  # another resolution is another entry
-    with pytest.raises(SystemExit, match=r"cannot read image .*bad.png .*fix or remove it") as e:
-        fid.fid_from_samples(_fid_images(5, size=8), "folders", **common)
-    assert "\n" not in str(e.value)
+_FID_STANDALONE = """import json, sys, warnings
+import torch
+import fid
+warnings.simplefilter("ignore")  # 4 images: a rank-deficient covariance
+fid.frechet_distance = lambda m1, s1, m2, s2: float(abs(m1 - m2).sum())  # a 2048-d sqrtm is slow
+torch.hub.download_url_to_file = None  # no network: the weights are given
+r = fid.main([*sys.argv[1:3], "--inception", sys.argv[3], "--num-workers", "0", "--cache-dir", sys.argv[4]])
+print(json.dumps({**r, "trainers": sorted(m for m in sys.modules if m.startswith("train"))}))
+"""
 
 
-def test_fid_dataset_input(monkeypatch):
-    # a stand-in for train_unet: the contract's get_args / load_pixels -> (uint8 (N, C, H, W), labels)
-    fake = types.SimpleNamespace(
-        DATASETS={"shapes": (10, 16), "latent-in1k": (1000, 16)},  # in-memory names (folders stream)
-        get_args=lambda argv: types.SimpleNamespace(dataset=argv[1], data_path=argv[3] if len(argv) > 3 else None),
-        load_pixels=lambda args, split: (_fid_images(5, size=16), torch.zeros(5, dtype=torch.long)))
-    monkeypatch.setitem(sys.modules, "train_unet", fake)
-    x = fid.load_input("shapes")
-    assert x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16)
-    fake.load_pixels = lambda args, split: (torch.zeros(5, 4, 8, 8), torch.zeros(5, dtype=torch.long))
-    with pytest.raises(SystemExit, match="not made of pixels"):
-        fid.load_input("latent-in1k", data_args=["--data-path", "/x"])
+def test_fid_between_two_folders_imports_no_trainer(_fid_weights, tmp_path):
+    for name, seed in (("a", 0), ("b", 1)):
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(_fid_images(4, seed=seed).permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(im).save(tmp_path / name / f"{i}.png")
+    argv = [tmp_path / "a", tmp_path / "b", _fid_weights, tmp_path / "cache"]
+    p = subprocess.run([sys.executable, "-c", _FID_STANDALONE, *map(str, argv)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["trainers"] == [] and r["n"] == r["n_ref"] == 4 and r["fid"] > 0
+
+
+def test_fid_bad_input_exits_in_one_line_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))  # no weights there: they would be fetched
+
+    def never(*a, **k):
+        raise AssertionError("downloaded the weights or built the network before checking the inputs")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", never)
+    monkeypatch.setattr(fid, "InceptionV3", never)
+    x = _fid_images(3).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "good.npz", arr_0=x)
+    np.savez(tmp_path / "two.npz", arr_0=x[:2])
+    np.savez(tmp_path / "float.npz", arr_0=x.astype(np.float32))
+    np.savez(tmp_path / "other.npz", images=x)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.zeros((4, 3)))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 half a file")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    good = tmp_path / "good.npz"
+    for argv, msg in (([good, tmp_path / "missing"], "missing: no such file or folder"),
+                      ([tmp_path / "two.npz", good], "at least 3 images, .*two.npz has 2"),
+                      ([tmp_path / "float.npz", good], "arr_0 must be uint8 .* float32"),
+                      ([good, tmp_path / "other.npz"], "expected 'arr_0' .* found images"),
+                      ([good, tmp_path / "stats.npz"], r"statistics must be float mu \(D,\) and sigma"),
+                      ([good, tmp_path / "broken.npz"], "not a readable .npz"),
+                      ([good, tmp_path / "empty"], "empty: no images"),
+                      ([good, tmp_path / "notes.txt"], "notes.txt: not an .npz or a folder"),
+                      ([good, "--stats-out", tmp_path / "notes.txt" / "s.npz"], "--stats-out .*cannot write")):
+        with pytest.raises(SystemExit, match=msg) as e:
+            fid.main([str(a) for a in argv] + ["--cache-dir", str(tmp_path / "cache")])
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "home").exists() and not (tmp_path / "cache").exists()
 
 
 def test_fid_fast_forward_matches_plain_forward(tmp_path, monkeypatch):
@@ -1753,8 +2054,11 @@ def test_fid_failed_stats_write_leaves_no_temp_file(_fid_model, tmp_path, monkey
         fid.save_statistics(str(tmp_path / "out" / "s.npz"), np.zeros(3), np.eye(3), 5)
     assert "\n" not in str(e.value) and os.listdir(tmp_path / "out") == []
     # a reference cache that cannot be written costs the cache, not the FID
-    mu, sigma, n, _ = fid._stats_of(str(tmp_path / "three.npz"), _fid_model, 3, 0, cache_dir=str(tmp_path / "c"))
-    assert mu.shape == (2048,) and n == 3 and os.listdir(tmp_path / "c") == []
+    warnings.simplefilter("ignore")  # 3 images: rank-deficient covariance (tested above)
+    monkeypatch.setattr(fid, "frechet_distance", _fid_distance_stand_in)
+    three = str(tmp_path / "three.npz")
+    r = fid.fid_from_samples(three, three, _fid_model, 3, cache=str(tmp_path / "c" / "three.npz"))
+    assert r["fid"] == 0 and r["n_ref"] == 3 and os.listdir(tmp_path / "c") == []
 
 
 def test_fid_bench_times_the_extraction_alone_without_pytorch_fid(capsys, monkeypatch):
@@ -1959,7 +2263,8 @@ def test_sample_ranks_and_resume_identical(tmp_path, _one_thread):
     sample.main(common + ["--out", str(tmp_path / "one")])
     one = _sample_load(tmp_path / "one" / "samples.npz")
     assert one["arr_0"].shape == (10, 32, 32, 3) and one["arr_0"].dtype == np.uint8 and "arr_1" not in one
-    assert (tmp_path / "one" / "grid.png").exists()
+    grid = np.asarray(Image.open(tmp_path / "one" / "grid.png"))  # 8 a row: two rows
+    assert grid.shape == (64, 256, 3) and np.array_equal(grid[32:, 32:64], one["arr_0"][9])
     _sample_two_ranks(common + ["--out", str(tmp_path / "two")], tmp_path)
     np.testing.assert_array_equal(_sample_load(tmp_path / "two" / "samples.npz")["arr_0"], one["arr_0"])
     (tmp_path / "one" / "shards" / "shard-0000004.npz").unlink()  # an interrupted run: one shard missing
@@ -2042,34 +2347,61 @@ def _probe_blobs(n, dim=32, classes=10, noise=0.3, seed=0):
 
 
 def _probe_split(feats, y):
-    """In-memory features {key: (N, C)} as the Split of one process."""
-    return probe.Split(y, {k: v.shape[1] for k, v in feats.items()},
-                       lambda e: lambda i: {k: v[i] for k, v in feats.items()}, len(y))
+    """Features {Cell: (N, C)} in one view, as the Split one process holds."""
+    stores = {}
+    for cell, f in feats.items():
+        stores[cell] = (probe.Features(len(y)), cell.layer)
+        stores[cell][0].put(slice(0, len(y)), 0, {cell.layer: f})
+    return probe.Split(y, stores, 1, len(y))
 
 
-def _probe_train(feats, y, feats_test, y_test, **kw):
+def _probe_fit(head, feats, y, feats_test, y_test, **kw):
+    """{Cell: Score} of each head trained on feats, scored on feats_test."""
+    a = types.SimpleNamespace(head=head, seed=0)
+    train, test = _probe_split(feats, y), _probe_split(feats_test, y_test)
     kw = dict(lr=4e-3, epochs=10, batch_size=128) | kw
-    return probe.train_probes(_probe_split(feats, y), _probe_split(feats_test, y_test), **kw)
+    return {c: probe.fit(a, train, test, c, 10, kw, False, print) for c in feats}
 
 
-def test_probe_separable_synthetic_reaches_100():
+def test_probe_heads_reach_100_on_separable_data():
     x, y = _probe_blobs(2000)
     xt, yt = _probe_blobs(500, seed=1)
-    acc = _probe_train({"f": x}, y, {"f": xt}, yt)
-    assert acc["f"] >= 99.0, acc
+    cell = probe.Cell("trained", 0.1, "out_1")
+    for head in ("lbfgs", "table11"):
+        score = _probe_fit(head, {cell: x}, y, {cell: xt}, yt)[cell]
+        assert score.test >= 99.0 and score.train >= 99.0, (head, score)
 
 
-def test_probe_grid_heads_equal_single_runs():
-    # three feature sets of different quality (noise), one with a different scale and width
-    x, y = _probe_blobs(1000, noise=2.0)
-    xt, yt = _probe_blobs(400, noise=2.0, seed=1)
-    feats = {("a", 1): x, ("b", 2): x[:, :8] * 50, ("c", 3): x + torch.randn_like(x) * 3}
-    feats_t = {("a", 1): xt, ("b", 2): xt[:, :8] * 50, ("c", 3): xt + torch.randn_like(xt) * 3}
-    grid = _probe_train(feats, y, feats_t, yt, epochs=3)
-    for k in feats:
-        single = _probe_train({k: feats[k]}, y, {k: feats_t[k]}, yt, epochs=3)
-        assert abs(single[k] - grid[k]) <= 0.5, (k, single[k], grid[k])
-    assert len(set(grid.values())) > 1  # the heads really differ
+def test_probe_lbfgs_head_reaches_the_optimum_of_its_objective():
+    """The converged head's objective, minimised independently by scipy's L-BFGS-B in float64 on the
+    same standardised rows: the same minimum and the same predictions. Table 11's head, on the same
+    features, stops well above that loss."""
+    from scipy.optimize import minimize
+    x, y = _probe_blobs(1500, dim=16, noise=2.5)  # overlapping classes: the optimum is not 0 loss
+    cell = probe.Cell("trained", 0.1, "out_1")
+    split = _probe_split({cell: x}, y)
+    mean, std = probe.moments(split.chunks(cell), 16)
+    xs = ((split.feats(cell, torch.arange(1500), 0) - mean) / std).double()
+    rows = lambda: [(xs.float(), y)]
+    l2 = 1e-3
+    W, b, grad = probe.lbfgs(rows, 1500, 10, 16, l2)
+    assert grad <= probe.LBFGS["tolerance_grad"] * 10
+
+    def objective(p):
+        w = torch.from_numpy(p[:160]).view(10, 16).requires_grad_()
+        c = torch.from_numpy(p[160:]).requires_grad_()
+        loss = F.cross_entropy(xs @ w.t() + c, y) + l2 / 2 * w.square().sum()
+        loss.backward()
+        return loss.item(), torch.cat([w.grad.flatten(), c.grad]).numpy()
+    ref = minimize(objective, np.zeros(170), jac=True, method="L-BFGS-B", options=dict(gtol=1e-10, maxiter=10000))
+    ours = objective(torch.cat([W.flatten(), b]).numpy())[0]
+    assert abs(ours - ref.fun) < 1e-4, (ours, ref.fun)  # converged to sklearn's gradient tolerance
+    w_ref = torch.from_numpy(ref.x[:160]).view(10, 16)
+    same = ((xs @ W.t() + b).argmax(1) == (xs @ w_ref.t() + torch.from_numpy(ref.x[160:])).argmax(1)).float()
+    assert same.mean() >= 0.995
+    short = _probe_fit("table11", {cell: x}, y, {cell: x}, y, epochs=2)[cell]
+    converged = _probe_fit("lbfgs", {cell: x}, y, {cell: x}, y)[cell]
+    assert short.loss > converged.loss + 0.05, (short, converged)
 
 
 def test_probe_pixel_features_pool_large_images():
@@ -2089,7 +2421,7 @@ def _probe_ckpt(tmp_path_factory):
     sd = model.state_dict()
     path = tmp_path_factory.mktemp("probe") / "ckpt.pt"
     torch.save({"script": "train_unet.py", "args": vars(args), "model": sd, "ema": sd, "opt": {}, "step": 0,
-                "images": 0, "rng": []}, path)
+                "images": 0}, path)
     return path, train_unet, args, model
 
 
@@ -2104,41 +2436,48 @@ def _probe_small_shapes(monkeypatch):
     monkeypatch.setattr(train_unet, "load_pixels", _probe_shapes)
 
 
+def _probe_results(rec, net="trained"):
+    return {(r["t"], r["layer"]): r["test"] for r in rec["results"] if r["net"] == net}
+
+
 def test_probe_features_deterministic(_probe_ckpt):
     _, train_unet, args, model = _probe_ckpt
     model.eval()
     diffusion = train_unet.build_diffusion(args)
     data = probe.Data(torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8), torch.zeros(20, dtype=torch.long))
     layers = model.feature_layers[:2]
-    kw = dict(seed=7, batch_size=8, views=(torch.arange(20) % 2 == 0,))
+    views = [(torch.arange(20) % 2 == 0, 7)]
 
-    def extract(ts, layers, **extra):  # {(t, layer): (20, C)} as train_probes reads them back
+    def extract(ts, layers, views=views):  # {(t, layer): (20, C)} as the heads read them back
         out = {}
         for t in ts:
-            f = probe.extract({"trained": model}, diffusion, data, t, layers, **(kw | extra))["trained"]
-            out.update({(t, l): v for l, v in f.get(torch.arange(20)).items()})
+            f = probe.extract({"trained": model}, diffusion, data, t, layers, views, batch_size=8)["trained"]
+            out.update({(t, l): f.get(torch.arange(20), 0, l) for l in layers})
         return out
     f1 = extract([11, 66], layers)
-    f2 = extract([66], layers[1:])  # a pair alone sees the features it sees in a grid
+    f2 = extract([66], layers[1:])  # a cell alone sees the features it sees in a grid
     assert set(f1) == {(t, l) for t in (11, 66) for l in layers}
     assert f1[(11, layers[0])].shape[0] == 20 and f1[(11, layers[0])].dtype == torch.float32
     assert torch.equal(f1[(66, layers[1])], f2[(66, layers[1])])
     assert not torch.equal(f1[(11, layers[1])], f1[(66, layers[1])])
-    f3 = extract([11], layers[:1], seed=8)
-    assert not torch.equal(f1[(11, layers[0])], f3[(11, layers[0])])  # the seed is really used
+    f3 = extract([11], layers[:1], [(views[0][0], 8)])
+    assert not torch.equal(f1[(11, layers[0])], f3[(11, layers[0])])  # the view's seed is really used
 
 
 def test_probe_cli_grid_matches_single_and_raw_pixels(_probe_ckpt, _probe_small_shapes, tmp_path):
     path, *_ = _probe_ckpt
-    common = ["--ckpt", str(path), "--limit", "120", "--epochs", "3", "--extract-batch", "100"]
-    acc = probe.main(common + ["--grid", "--t", "11", "66", "--layer", "1", "out_3", "--raw-pixels", "--out", str(tmp_path / "g")])
-    res = json.loads((tmp_path / "g" / "probe.json").read_text())
-    assert len(res["results"]) == 4 and res["layers"] == ["out_1", "out_3"] and res["ts"] == [11, 66]
-    assert res["raw_pixels"] is not None and res["extract_img_per_s"] > 0
+    common = ["--ckpt", str(path), "--limit", "120", "--extract-batch", "100"]
+    rec = probe.main(common + ["--grid", "--t", "11", "66", "--layer", "1", "out_3", "--raw-pixels",
+                               "--out", str(tmp_path / "g")])
+    assert rec == json.loads((tmp_path / "g" / "probe.json").read_text())
+    acc = _probe_results(rec)
+    assert len(acc) == 4 and rec["layers"] == ["out_1", "out_3"] and rec["ts"] == [11, 66]
+    assert rec["raw_pixels"] is not None and rec["extract_img_per_s"] > 0
+    assert all(r["train"] >= 0 and r["loss"] > 0 and r["l2"] in probe.L2_PATH for r in rec["results"])
     assert (tmp_path / "g" / "probe.png").stat().st_size > 1000
-    best = res["best"]
+    best = rec["best"]
     single = probe.main(common + ["--t", str(best["t"]), "--layer", best["layer"], "--out", str(tmp_path / "s")])
-    assert abs(single[(best["t"], best["layer"])] - acc[(best["t"], best["layer"])]) <= 0.5
+    assert _probe_results(single)[(best["t"], best["layer"])] == acc[(best["t"], best["layer"])]
 
 
 def _probe_rank_worker(rank, argv, port, result_dir):
@@ -2147,34 +2486,37 @@ def _probe_rank_worker(rank, argv, port, result_dir):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     train_unet.load_pixels = _probe_shapes
-    acc = probe.main(argv)
-    (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps([[*k, v] for k, v in acc.items()]))
+    rec = probe.main(argv)
+    (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps(rec["results"]))
 
 
-def test_probe_grid_on_two_ranks_equals_one(_probe_ckpt, _probe_small_shapes, tmp_path, _one_thread):
-    """Each rank extracts and holds only its own rows and the heads train data-parallel: the
-    accuracies of every (t, layer) and of raw pixels are those of one process."""
+@pytest.mark.parametrize("head", ["lbfgs", "table11"])
+def test_probe_grid_on_two_ranks_equals_one(_probe_ckpt, _probe_small_shapes, tmp_path, _one_thread, head):
+    """Each rank extracts and holds only its own rows and the heads train data-parallel: every
+    (t, layer) and raw pixels score as in one process."""
     import socket
     path, *_ = _probe_ckpt
     argv = ["--ckpt", str(path), "--grid", "--t", "11", "66", "--layer", "1", "4", "--raw-pixels", "--limit", "120",
-            "--epochs", "3", "--extract-batch", "16", "--batch-size", "32", "--out", str(tmp_path / "p")]
-    one = probe.main(argv)
+            "--head", head, "--epochs", "3", "--extract-batch", "16", "--batch-size", "32", "--out", str(tmp_path / "p")]
+    one = probe.main(argv)["results"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_probe_rank_worker, args=(argv, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and len(r0) == len(one) == 5
-    for t, layer, acc in r0:
-        assert acc == pytest.approx(one[(t, layer)], abs=1e-9), (t, layer)
+    for a, b in zip(r0, one):
+        assert a["test"] == pytest.approx(b["test"], abs=1e-9), (a, b)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a, b)
 
 
 def test_probe_reads_latents_by_memory_map_with_both_flips(tmp_path):
     """A latent DiT is probed from its VA-VAE cache: memory-mapped, normalised a batch at a time with
     the run's latent statistics, the cached flipped latent as the flipped view; Table 11's latent
-    batch and lr."""
+    batch and lr for its head."""
     ckpt = _sample_ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", "--no-class-cond",
                         script="train_dit.py", cache_dir=str(tmp_path / "cache"))
+    mod, args, _, _, ck = sample.load_checkpoint(ckpt)
     g, lat = np.random.default_rng(0), {}
     for split, n in (("train", 40), ("val", 16)):
         (tmp_path / "cache" / split).mkdir(parents=True)
@@ -2183,16 +2525,16 @@ def test_probe_reads_latents_by_memory_map_with_both_flips(tmp_path):
         np.save(tmp_path / "cache" / split / "latents.npy", lat[split])
         np.save(tmp_path / "cache" / split / "labels.npy", y)
         (tmp_path / "cache" / split / "complete").write_text("{}")
-    mod, args, _, _, ck = sample.load_checkpoint(ckpt)
+        (tmp_path / "cache" / split / "key.json").write_text(json.dumps(train_dit.cache_key(args, n)))
     ck["latent_stats"] = {"mean": torch.full((32,), 0.5), "std": torch.full((32,), 2.0)}
     data = probe.load_split(mod, args, ck, "train")
     assert isinstance(data.x, np.memmap) and len(data) == 40 and data.y.tolist()[:5] == [0, 1, 2, 3, 0]
     z = data.batch(torch.tensor([3, 5]), torch.tensor([False, True]))
     assert torch.equal(z, (torch.from_numpy(lat["train"][[3, 5], [0, 1]].astype(np.float32)) - 0.5) / 2)
-    probe.main(["--ckpt", str(ckpt), "--epochs", "2", "--extract-batch", "8", "--out", str(tmp_path / "p")])
-    rec = json.loads((tmp_path / "p" / "probe.json").read_text())
+    rec = probe.main(["--ckpt", str(ckpt), "--head", "table11", "--epochs", "2", "--extract-batch", "8",
+                      "--out", str(tmp_path / "p")])
     assert (rec["batch_size"], rec["lr"], rec["train_images"], rec["cell"]["layer"]) == (1440, 2e-3, 40, "block_3")
-    assert 0 <= rec["cell"]["acc"] <= 100
+    assert 0 <= rec["cell"]["test"] <= 100
 
 
 def test_probe_sc_stats_measures_the_self_conditioning_term(tmp_path, _probe_small_shapes):
@@ -2204,28 +2546,53 @@ def test_probe_sc_stats_measures_the_self_conditioning_term(tmp_path, _probe_sma
                       weights_only=True)
     ckpt["ema"]["self_cond.proj.weight"] = torch.randn_like(ckpt["ema"]["self_cond.proj.weight"])  # else d = 0
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--sc-stats", "--limit", "60", "--epochs", "1",
-                "--out", str(tmp_path / "p")])
-    sc = json.loads((tmp_path / "p" / "probe.json").read_text())["sc_stats"]
+    rec = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--sc-stats", "--limit", "60", "--out", str(tmp_path / "p")])
+    sc = rec["sc_stats"]
     assert len(sc["norm_ratio_by_level"]) == 5 and all(r is None or r > 0 for r in sc["norm_ratio_by_level"])
     assert 0 <= sc["r2_class"] <= 1 and 0 <= sc["r2_nuisance"] <= 1
+
+
+def test_probe_checks_every_checkpoint_and_flag_before_any_work(_probe_ckpt, tmp_path, monkeypatch):
+    """A missing second --ckpt, --sc-stats on a run without self-conditioning, a layer or t the model
+    has not, a flag --dense cannot honour: one line within seconds, before any feature is extracted
+    and with nothing written."""
+    path, *_ = _probe_ckpt
+    monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("extracted before the checks"))
     (tmp_path / "u").mkdir()
     uvit = _sample_ckpt(tmp_path / "u", "--dataset", "shapes", script="train_uvit.py")
-    with pytest.raises(SystemExit, match="--sc-stats needs a UNet or DiT"):
-        probe.main(["--ckpt", str(uvit), "--sc-stats", "--limit", "20", "--epochs", "1", "--out", str(tmp_path / "q")])
+    missing = tmp_path / "nope" / "ckpt.pt"
+    cases = [([path, missing], [], f"checkpoint {missing} not found"),
+             ([path], ["--sc-stats"], "--sc-stats: "),
+             ([uvit], ["--sc-stats"], "UViT's [CLS] token adds none"),
+             ([path], ["--layer", "99"], "unknown layer 'out_99'"),
+             ([path], ["--t", "5000"], "--t [5000] out of range for DDPM"),
+             ([path], ["--dense", "--loss"], "--dense does not take --loss"),
+             ([path], ["--dense", "--head", "lbfgs", "--limit", "5"], "--dense does not take --limit, --head"),
+             ([path], ["--data-path", "x"], "--data-path needs --dataset"),
+             ([path], ["--draws", "0"], "--draws must be positive")]
+    for ckpts, flags, msg in cases:
+        start = time.time()
+        with pytest.raises(SystemExit) as e:
+            probe.main(["--ckpt", *map(str, ckpts), *flags, "--out", str(tmp_path / "p")])
+        assert msg in str(e.value) and "\n" not in str(e.value), (flags, str(e.value))
+        assert time.time() - start < 10, flags
+    assert not (tmp_path / "p").exists()
 
 
-def test_probe_bad_layer_is_a_clear_error(_probe_ckpt):
+def test_probe_draws_and_no_flip_set_the_views_of_each_training_image(_probe_ckpt, _probe_small_shapes, tmp_path,
+                                                                      monkeypatch):
     path, *_ = _probe_ckpt
-    with pytest.raises(SystemExit, match="unknown layer 'out_99'"):
-        probe.main(["--ckpt", str(path), "--layer", "99", "--limit", "10"])
-
-
-def test_probe_cli_fresh_features_mode(_probe_ckpt, _probe_small_shapes, tmp_path):
-    path, *_ = _probe_ckpt
-    acc = probe.main(["--ckpt", str(path), "--limit", "60", "--epochs", "2", "--feature-mode", "fresh", "--out", str(tmp_path)])
-    assert len(acc) == 1 and 0 <= next(iter(acc.values())) <= 100
-    assert json.loads((tmp_path / "probe.json").read_text())["feature_mode"] == "fresh"
+    seen, extract = [], probe.extract
+    monkeypatch.setattr(probe, "extract", lambda ms, d, data, t, layers, views, **k: seen.append(views) or
+                        extract(ms, d, data, t, layers, views, **k))
+    for flags, n_views in (([], 2), (["--draws", "2"], 4), (["--no-flip"], 1), (["--draws", "3", "--no-flip"], 3)):
+        seen.clear()
+        rec = probe.main(["--ckpt", str(path), "--limit", "60", "--head", "table11", "--epochs", "4", *flags,
+                          "--out", str(tmp_path / "p")])
+        test_views, train_views = seen
+        assert rec["views"] == len(train_views) == n_views and len(test_views) == 1 and test_views[0][0] is None
+        assert len({seed for _, seed in train_views}) == n_views // (1 + rec["flip"])  # a noise seed per draw
+        assert all(f is None for f, _ in train_views) == (not rec["flip"])
 
 
 def test_probe_init_probes_untrained_weights_of_the_right_architecture(_probe_ckpt, _probe_small_shapes, tmp_path,
@@ -2238,48 +2605,66 @@ def test_probe_init_probes_untrained_weights_of_the_right_architecture(_probe_ck
     seen, extract = [], probe.extract
     monkeypatch.setattr(probe, "extract", lambda ms, *a, **k: seen.append(
         {name: {n: v.clone() for n, v in m.state_dict().items()} for name, m in ms.items()}) or extract(ms, *a, **k))
-    probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--init", "--limit", "60", "--epochs", "2",
-                "--out", str(tmp_path / "p")])
+    rec = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--init", "--limit", "60", "--out", str(tmp_path / "p")])
     torch.manual_seed(3)
     fresh = train_unet.build_model(args).state_dict()
     trained, init = seen[0]["trained"], seen[0]["init"]  # the test features of both models
     assert all(torch.equal(trained[k], ckpt["ema"][k]) for k in trained)
     assert all(torch.equal(init[k], fresh[k]) for k in fresh) and set(init) == set(fresh)
-    rec = json.loads((tmp_path / "p" / "probe.json").read_text())
-    assert 0 <= rec["cell"]["init"] <= 100 and "init" in rec["results"][0]
+    assert 0 <= rec["cell"]["init"] <= 100 and _probe_results(rec, "init")
 
 
 def test_probe_grid_prints_the_flags_of_its_best_cell(_probe_ckpt, _probe_small_shapes, tmp_path, capsys):
     path, train_unet, *_ = _probe_ckpt
-    probe.main(["--ckpt", str(path), "--grid", "--t", "21", "66", "--layer", "1", "4", "--limit", "80",
-                "--epochs", "2", "--out", str(tmp_path)])
+    rec = probe.main(["--ckpt", str(path), "--grid", "--t", "21", "66", "--layer", "1", "4", "--limit", "80",
+                      "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    best = json.loads((tmp_path / "probe.json").read_text())["best"]
+    best = rec["best"]
+    assert best["held_out"] == max(r["held_out"] for r in rec["results"])  # chosen on the held-out tenth
+    assert "chosen on the held-out tenth of train" in out
     flags = out.split("plus\n")[1].splitlines()[0].split()
     assert flags == ["--self-cond", "--sc-layer", best["layer"], "--probe-t", str(best["t"])]
     args = train_unet.get_args(["--net", "tiny", "--dataset", "shapes", *flags])
     assert (args.sc_layer, args.probe_t, args.self_cond) == (best["layer"], best["t"], True)
 
 
-def test_probe_several_checkpoints_summarise_arms_over_seeds(tmp_path, _probe_small_shapes):
+def test_probe_several_checkpoints_summarise_arms_over_seeds_and_pair_them(tmp_path, _probe_small_shapes, capsys):
     paths = []
-    for name, seed, flags in (("base0", 0, []), ("base1", 1, []), ("sc0", 0, ["--self-cond"])):
+    for name, seed, flags in (("base0", 0, []), ("base1", 1, []), ("sc0", 0, ["--self-cond"]),
+                              ("sc1", 1, ["--self-cond"])):
         (tmp_path / name).mkdir()
         paths.append(_sample_ckpt(tmp_path / name, "--dataset", "shapes", "--resolution", "16", "--seed", str(seed),
                                   *flags))
-    accs = probe.main(["--ckpt", *map(str, paths), "--loss", "--raw-pixels", "--limit", "60", "--epochs", "2",
+    recs = probe.main(["--ckpt", *map(str, paths), "--loss", "--raw-pixels", "--limit", "60",
                        "--out", str(tmp_path / "p")])
-    assert len(accs) == 3
+    assert len(recs) == 4
     rows = json.loads((tmp_path / "p" / "summary.json").read_text())["arms"]
-    assert [(r["arm"], r["n"], r["seeds"]) for r in rows] == [("self_cond=False", 2, [0, 1]), ("self_cond=True", 1, [0])]
-    assert rows[0]["cell_acc"][1] >= 0 and len(rows[0]["heldout_loss_by_level"]) == 5
+    assert [(r["arm"], r["n"], r["seeds"]) for r in rows] == [("self_cond=False", 2, [0, 1]),
+                                                             ("self_cond=True", 2, [0, 1])]
+    acc = [r["cell"]["test"] for r in recs]
+    assert rows[0]["test"][0] == pytest.approx((acc[0] + acc[1]) / 2) and len(rows[0]["heldout_loss_by_level"]) == 5
+    paired = rows[1]["paired"]
+    assert paired["vs"] == "self_cond=False" and paired["diff"] == pytest.approx([acc[2] - acc[0], acc[3] - acc[1]])
+    assert "minus self_cond=False, per seed" in capsys.readouterr().out
     assert (tmp_path / "p" / "layers.png").exists() and (tmp_path / "p" / "base1" / "probe.json").exists()
 
 
+def test_probe_app_a_rule_picks_cifar_best_of_800_1000_1200_else_the_final_snapshot():
+    def rec(dataset, epoch, acc, n=50_000, batch=512):
+        return {"dataset": dataset, "trained_on": dataset, "epoch": epoch, "images": round(epoch * n),
+                "train_size": n, "args": {"batch_size": batch}, "cell": {"test": acc}}
+    cifar = [rec("cifar10", e, a) for e, a in ((600, 99), (800.004, 90), (1000.003, 93), (1200, 91), (2000, 92))]
+    assert probe.app_a(cifar)["epoch"] == 1000.003  # the best of 800/1000/1200, not 600's 99 or the final
+    assert probe.app_a(cifar[:1] + cifar[-1:])["epoch"] == 2000  # none of those kept: the final one
+    assert probe.app_a([rec("cifar10", 800.5, 99), rec("cifar10", 2000, 90)])["epoch"] == 2000  # not at 800
+    assert probe.app_a([rec("in1k", e, a, 1_281_167, 1024) for e, a in ((20, 95), (90, 60))])["epoch"] == 90
 
-def test_probe_snapshots_of_one_run_print_the_trajectory_and_its_best(tmp_path, _probe_small_shapes, capsys):
-    """ckpt-<images>.pt snapshots of one run are a trajectory, not seeds: accuracy per snapshot, the best
-    named (App. A), and the run enters its arm once, with its best snapshot."""
+
+def test_probe_snapshots_of_one_run_print_the_trajectory_and_the_final_one_stands(tmp_path, _probe_small_shapes,
+                                                                                  capsys, monkeypatch):
+    """ckpt-<images>.pt snapshots of one run are a trajectory, not seeds: each snapshot's figure, the one
+    App. A's rule names (off CIFAR: the final) stands for the run, and --init and --raw-pixels, which no
+    snapshot changes, are measured once."""
     torch.manual_seed(0)
     paths = []
     for i, images in enumerate((64, 32, 96)):  # given out of order
@@ -2288,32 +2673,105 @@ def test_probe_snapshots_of_one_run_print_the_trajectory_and_its_best(tmp_path, 
         ckpt["images"] = images
         torch.save(ckpt, tmp_path / f"ckpt-{images:09d}.pt")
         paths.append(str(tmp_path / f"ckpt-{images:09d}.pt"))
-    accs = probe.main(["--ckpt", *paths, "--limit", "60", "--epochs", "2", "--out", str(tmp_path / "p")])
+    nets, extract = [], probe.extract
+    monkeypatch.setattr(probe, "extract", lambda ms, *a, **k: nets.append((set(ms), k.get("pixels"))) or
+                        extract(ms, *a, **k))
+    recs = probe.main(["--ckpt", *paths, "--init", "--raw-pixels", "--limit", "60", "--out", str(tmp_path / "p")])
+    assert nets == [({"trained", "init"}, True)] * 2 + [({"trained"}, False)] * 4  # test + train per snapshot
+    assert all(r["cell"]["init"] == recs[0]["cell"]["init"] and r["raw_pixels"] == recs[0]["raw_pixels"]
+               for r in recs)
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     (run,), (arm,) = summary["runs"], summary["arms"]
     assert run["images"] == [32, 64, 96] and run["ckpts"] == [paths[1], paths[0], paths[2]]
-    cell = [next(iter(a.values())) for a in accs]  # one cell each, in the order given
-    assert run["cell_acc"] == [cell[1], cell[0], cell[2]] and arm["n"] == 1
-    assert run["best"] == paths[cell.index(max(cell))] and arm["cell_acc"][0] == max(cell)
+    assert run["stands"] == paths[2] and arm["n"] == 1 and arm["test"][0] == recs[2]["cell"]["test"]
     out = capsys.readouterr().out
-    assert "32 images" in out and f"best snapshot {run['best']}" in out
+    assert "32 images" in out and f"else the final snapshot): {paths[2]}" in out
 
 
-def test_probe_transfer_to_another_dataset_resized_beside_the_in_domain_figure(tmp_path, _probe_small_shapes,
-                                                                               capsys, monkeypatch):
-    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16")
-    common = ["--ckpt", str(ckpt), "--limit", "60", "--epochs", "2"]
-    probe.main(common)  # in-domain: <run>/probe/probe.json
+def test_probe_transfer_reads_the_named_dataset_never_the_runs_folder(tmp_path, _probe_small_shapes, capsys,
+                                                                    monkeypatch):
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "shapes", "--resolution", "16", data_path=str(tmp_path / "own"))
+    common = ["--ckpt", str(ckpt), "--limit", "60"]
+    home = probe.main(common)["cell"]["test"]  # in-domain: <run>/probe/probe.json
     served = []
-    monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: served.append(args.dataset) or
-                        train_unet.make_shapes(300 if split == "train" else 150, int(split != "train"), 32,
-                                               args.dataset)[:2])  # 32x32: resized to the model's 16
-    acc = probe.main(common + ["--dataset", "shapes-fixed"])
-    rec = json.loads((tmp_path / "probe-shapes-fixed" / "probe.json").read_text())
-    assert served == ["shapes-fixed"] * 2 and (rec["dataset"], rec["trained_on"]) == ("shapes-fixed", "shapes")
-    assert rec["cell"]["acc"] == next(iter(acc.values()))
-    home = json.loads((tmp_path / "probe" / "probe.json").read_text())["cell"]["acc"]
-    assert f"in-domain (shapes, {tmp_path / 'probe' / 'probe.json'}): {home:.2f}% at the same cell" in capsys.readouterr().out
+    monkeypatch.setattr(train_unet, "load_pixels", lambda args, split: served.append(
+        (args.dataset, args.data_path)) or train_unet.make_shapes(
+        300 if split == "train" else 150, int(split != "train"), 32, args.dataset)[:2])  # 32x32: resized to 16
+    rec = probe.main(common + ["--dataset", "shapes-fixed"])
+    assert served == [("shapes-fixed", "data")] * 2  # its own default location, not the run's folder
+    assert (rec["dataset"], rec["trained_on"]) == ("shapes-fixed", "shapes")
+    assert rec == json.loads((tmp_path / "probe-shapes-fixed" / "probe.json").read_text())
+    assert f"in-domain (shapes, {tmp_path / 'probe' / 'probe.json'}): {home:.2f}% at the same cell" in \
+        capsys.readouterr().out
+    served.clear()
+    probe.main(common + ["--dataset", "shapes-fixed", "--data-path", str(tmp_path / "there")])
+    assert served == [("shapes-fixed", str(tmp_path / "there"))] * 2
+
+
+def test_probe_latent_dit_transfers_to_cifar_and_class_folders_through_its_vae(tmp_path, monkeypatch):
+    """A latent DiT probes CIFAR (read by train_unet.py's loader) and class folders through its own VA-VAE,
+    each encoded once into a cache keyed by dataset and autoencoder."""
+    torch.manual_seed(0)
+    args = train_dit.get_args(["--net", "tiny", "--vae-config", "tiny", "--no-class-cond", "--dataset", "in100"])
+    torch.save(train_dit.build_vae(args).state_dict(), tmp_path / "vae.pt")
+    ckpt = _sample_ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", "--no-class-cond",
+                        script="train_dit.py", vae=str(tmp_path / "vae.pt"))
+    monkeypatch.chdir(tmp_path)  # the transfer caches: runs/cache/<dataset>
+    cifar = lambda args, split: (torch.randint(0, 256, (12 if split == "train" else 6, 3, 32, 32),
+                                               dtype=torch.uint8), torch.arange(12 if split == "train" else 6) % 3)
+    monkeypatch.setattr(train_unet, "load_pixels", cifar)
+    common = ["--ckpt", str(ckpt), "--extract-batch", "4"]
+    rec = probe.main(common + ["--dataset", "cifar10"])
+    assert (rec["dataset"], rec["train_images"], rec["test_images"], rec["classes"]) == ("cifar10", 12, 6, 3)
+    key = json.loads((tmp_path / "runs" / "cache" / "cifar10" / "train" / "key.json").read_text())
+    assert (key["dataset"], key["vae"]) == ("cifar10", str(tmp_path / "vae.pt"))
+    folder = tmp_path / "flowers"
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.random.randint(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    folder / split / c / f"{i}.png")
+    rec = probe.main(common + ["--dataset", str(folder)])
+    assert (rec["dataset"], rec["train_images"], rec["test_images"], rec["classes"]) == ("flowers", 8, 4, 2)
+    assert (tmp_path / "runs" / "cache" / "flowers" / "val" / "complete").exists()
+
+
+def test_probe_dense_scores_ade20k_over_its_150_classes_label_0_ignored(tmp_path):
+    """ADE20K's label 0 ('other') is not scored: label c becomes class c - 1 and 0 is ignored (the
+    standard reduce-zero-label protocol); mIoU over the classes present, by hand."""
+    root = tmp_path / "ADEChallengeData2016"
+    labels = np.array([[0, 1, 1, 2], [0, 1, 2, 2], [3, 3, 0, 0], [3, 3, 3, 0]], np.uint8)
+    for sub in ("training", "validation"):
+        (root / "images" / sub).mkdir(parents=True)
+        (root / "annotations" / sub).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images" / sub / "a.jpg")
+        Image.fromarray(labels).save(root / "annotations" / sub / "a.png")
+    args = types.SimpleNamespace(dataset="ade20k", data_path=str(root))
+    x, masks = probe.load_segmentation(train_unet, args, "test", 4)
+    assert x.shape == (1, 3, 4, 4)
+    assert masks[0].tolist() == [[255, 0, 0, 1], [255, 0, 1, 1], [2, 2, 255, 255], [2, 2, 2, 255]]
+    pred = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 1, 1]])  # wherever label 0 was: anything
+    logits = F.one_hot(pred, 150).permute(2, 0, 1)[None].float()
+    cell = probe.Cell("trained", 0.1, "out_1")
+    split = _probe_split({cell: torch.zeros(1, 3)}, torch.zeros(1))
+    miou, acc, _ = probe.dense_scores(split, cell, lambda f: logits, masks, 150)
+    # 11 scored pixels (5 ignored), 9 right. Class 0: 3 labelled, 2 right, none more predicted -> 2/3;
+    # class 1: 3 labelled, 3 right, 2 more predicted -> 3/5; class 2: 5 labelled, 4 right -> 4/5
+    assert miou == pytest.approx(100 * (2 / 3 + 3 / 5 + 4 / 5) / 3) and acc == pytest.approx(100 * 9 / 11)
+
+
+def test_probe_dense_two_noise_levels_raw_pixels_and_init_each_get_a_head(_probe_ckpt, tmp_path, monkeypatch):
+    path, *_ = _probe_ckpt
+    monkeypatch.setattr(train_unet, "shapes_split", lambda args, split: train_unet.make_shapes(
+        40 if split == "train" else 20, int(split != "train"), args.resolution, args.dataset))
+    rec = probe.main(["--ckpt", str(path), "--dense", "--t", "11", "66", "--layer", "1", "2", "--init",
+                      "--raw-pixels", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path)])
+    cells = [(r["net"], r["t"], r["layer"]) for r in rec["results"]]
+    assert cells == [(n, t, l) for t in (11, 66) for n in ("trained", "init") for l in ("out_1", "out_2")][:4] + \
+        [("pixels", None, "pixels")] + [(n, 66, l) for n in ("trained", "init") for l in ("out_1", "out_2")]
+    assert (rec["resolution"], rec["classes"]) == (16, 11)
+    assert all(0 <= r["miou"] <= 100 and r["train_loss"] > 0 for r in rec["results"])
 
 
 def test_probe_dense_above_chance_after_a_short_run_near_chance_at_init(tmp_path, monkeypatch, _one_thread):
@@ -2325,16 +2783,17 @@ def test_probe_dense_above_chance_after_a_short_run_near_chance_at_init(tmp_path
     train_unet.main(["--net", "tiny", "--dataset", "shapes-fixed", "--model", "RF",
                      "--train-images", "4000", "--batch-size", "32", "--warmup-images", "500",
                      "--sample-every", "0", "--out", str(out)])
-    miou = probe.main(["--ckpt", str(out / "ckpt.pt"), "--dense", "--init", "--epochs", "10",
-                       "--batch-size", "32", "--lr", "0.03"])  # 250 steps: a short probe, a higher lr
-    rec = json.loads((out / "probe-dense" / "probe.json").read_text())
-    assert (rec["t"], rec["layer"]) == (0.4, "out_2") and miou["trained"] == rec["trained"]["miou"]
+    rec = probe.main(["--ckpt", str(out / "ckpt.pt"), "--dense", "--init", "--epochs", "10",
+                      "--batch-size", "32", "--lr", "0.03"])  # 250 steps: a short probe, a higher lr
+    assert rec == json.loads((out / "probe-dense" / "probe.json").read_text())
+    (trained, init) = ({(r["t"], r["layer"]): r for r in rec["results"] if r["net"] == n} for n in ("trained", "init"))
+    assert list(trained) == [(0.4, "out_2")]
     masks = train_unet.make_shapes(200, 1, 32, "shapes-fixed")[2]
     background = (masks == 0).float().mean().item()
     chance = 100 * background / 11  # every pixel background: that class's IoU, over 11 labels
-    assert abs(rec["init"]["miou"] - chance) < 1, (rec, chance)
-    assert rec["trained"]["miou"] > chance + 3, (rec, chance)  # 13.1% vs 8.4% when written
-    assert rec["trained"]["pixel_acc"] > 100 * background
+    assert abs(init[(0.4, "out_2")]["miou"] - chance) < 1, (rec, chance)
+    assert trained[(0.4, "out_2")]["miou"] > chance + 3, (rec, chance)  # 13.1% vs 8.4% when written
+    assert trained[(0.4, "out_2")]["pixel_acc"] > 100 * background
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2661,10 +3120,15 @@ def _memory_sample_fid(root):
     fid.fid_from_samples(fid.Source(own, n=n), (np.zeros(2048), np.eye(2048)), _StubInception())
 
 
+def _memory_fid_reference(root):
+    """What sample.py --fid in1k computes for its reference: the class folders streamed through the trainer."""
+    args = train_unet.get_args(["--dataset", "in1k", "--data-path", str(root / "in1k")])
+    ref, _, _ = sample.fid_reference("in1k", train_unet, args, 256, workers=0)
+    fid.compute_statistics(ref(), _StubInception(), score=False)
+
+
 _MEMORY_STEPS = {  # step -> (what it runs on the data under root, world)
-    "sample.py --fid in1k reference": lambda root, w: fid.main(
-        ["in1k", "--data-path", str(root / "in1k"), "--resolution", "256", "--num-workers", "0",
-         "--stats-out", str(root / f"ref-{w}.npz")]),
+    "sample.py --fid in1k reference": lambda root, w: _memory_fid_reference(root),
     "sample.py merge + --fid": lambda root, w: _memory_sample_fid(root),
     "probe.py default cell": lambda root, w: probe.main(
         ["--ckpt", str(root / "ckpt.pt"), "--epochs", "1", "--out", str(root / f"p{w}")]),

@@ -1,23 +1,19 @@
 """
 DDAE++ latent-space DiT: a DiT-B/1 in LightningDiT style trained with rectified flow on VA-VAE
-latents, class-conditional or not, optionally with self-conditioning (paper Tables 5, 6).
+latents (Tables 5, 6), optionally self-conditioned: the pooled feature of a designated block k
+conditions the blocks after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1).
 
     torchrun --nproc_per_node=4 train_dit.py --dataset in1k --data-path <imagenet> --self-cond
     python train_dit.py --dataset shapes --latent none --net tiny     # pixel space, CPU, no VAE
     python train_dit.py --no-class-cond --self-cond --dry-run     # config + parameter counts
 
-Latent mode encodes every training image (ADM centre crop to 256) and its horizontal flip once
-with the VA-VAE f16d32 into a memory-mapped cache (resumable, sharded over ranks), then trains
-on it. Self-conditioning: the pooled feature of a designated block k conditions the blocks
-after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1). One file, read top to
-bottom from the method down: self-conditioning, the DiT, rectified flow, train_step, the recipe
-(tables, flags), the latents (VA-VAE, cache); then the tail every trainer shares character for
-character: main, run plumbing, data, --bench.
+Each training image (ADM centre crop to 256) and its flip are encoded once by the VA-VAE f16d32
+into a memory-mapped cache. Read top to bottom: the method (self-conditioning, the DiT,
+rectified flow, train_step), the recipe, the latents, then the plumbing every trainer shares.
 """
 import argparse
 import copy
 import functools
-import hashlib
 import json
 import math
 import os
@@ -26,7 +22,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +34,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+
+# ------------------------------------------------------------------------------------------------
+# Tool interface: what sample.py, probe.py, fid.py and .ci/gpu_check.py may call in this file; a
+# trainer of another model provides these (test_smoke.py holds the tools to this list)
+
+TOOL_INTERFACE = (
+    "get_args",  # argv -> args: the paper's defaults; a checkpoint's "args" then update them
+    "build_model",  # args -> the denoiser, random weights; checkpoints hold its state_dict
+    "build_diffusion",  # (args, model=None) -> the formulation: loss, add_noise, pred, level
+    "build_optimizer", "train_step", "fake_batch",  # one training step, as --bench times it
+    "load_pixels",  # (args, split) -> uint8 images (N, 3, H, W), int64 labels (N,)
+    "shapes_split",  # (args, split) -> the toy's images, labels, masks (N, H, W), nuisance (N, 8)
+    "image_files", "ImageFiles",  # (args, split) -> [(path, label)]; -> (i, uint8 image, error)
+    "center_crop",  # (PIL image, res, labels=False) -> ADM's centre crop (labels: nearest)
+    "autocast", "use_bf16", "memory_format", "sync",  # (device[, precision]): as training runs
+    "setup_distributed",  # (timeout=None) -> rank, world, device, as torchrun starts it
+    "raise_on_any", "fetch_once",  # (error): any rank's ends every rank; one download a node
+    "atomic_save", "check_out_dir",  # (obj, path[, save]): never half a file; (out) -> error
+    "save_grid",  # (uint8 (N, 3, H, W), path, cols=8): one PNG
+    "LossSums",  # sums of per-sample losses by noise level; read(world) all-reduces them
+    "SHAPES", "DATASETS",  # the toy's variants; datasets by name -> (classes, resolution)
+    "IMAGE_SIZE",  # the side of the images a latent cache encodes: 256 -> 16x16 latents
+    "latent_cache",  # (args, split, source=None) -> the folder of the split's keyed latent cache
+    "build_vae", "load_vae",  # args -> the VA-VAE, random; (args, device) -> with its weights
+    "decode",  # (vae, normalised latents (N, 32, 16, 16), latent_stats) -> images in [-1, 1]
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,8 +100,7 @@ def timestep_embedding(t, dim, max_period=10_000):
 
 
 def time_mlp(freq_dim, dim):
-    """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning
-    vector `emb` (N, dim)."""
+    """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning `emb` (N, dim)."""
     return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
@@ -409,19 +430,17 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--net", choices=list(NETS), default="B")
     p.add_argument("--dataset", default="in1k",
-                   help="in1k, in100 or a class-folder name; with --latent none also shapes, "
-                        "cifar10, cifar100, tiny-imagenet")
+                   help="in1k, in100 or a class-folder name; --latent none: the shapes toy")
     p.add_argument("--latent", choices=["vavae", "none"], default="vavae",
-                   help="'none': pixel space, patch 2")
+                   help="'none': pixel space, patch 2, on the shapes toy (CPU tests)")
     p.add_argument("--vae", help="VA-VAE weights (default: downloaded once to ~/.cache/ddae)")
     p.add_argument("--vae-config", choices=list(VAES), default="f16d32", help="'tiny': tests")
-    p.add_argument("--cache-dir", help="latent cache of the dataset (default runs/cache/<dataset>)")
+    p.add_argument("--cache-dir", help="latent cache of the dataset (default: runs/cache/DATASET)")
     p.add_argument("--extract-batch", type=int, default=64, help="images per VA-VAE encode call")
     p.add_argument("--resolution", type=int, default=32, help="pixel mode image size")
     p.add_argument("--class-cond", action=argparse.BooleanOptionalAction,
                    help="labels, with a null class for CFG (default: on for in1k/in100)")
-    p.add_argument("--label-dropout", type=float, default=0.1,
-                   help="fraction of labels replaced by the null class")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="labels made the null class")
     p.add_argument("--self-cond", action="store_true",
                    help="condition later blocks on a pooled block feature (Sec. 4.1)")
     p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
@@ -438,23 +457,22 @@ def get_args(argv=None):
                    help="linear lr warm-up (default none: the latent recipe has none, Table 11)")
     add_training_args(p)
     args = p.parse_args(argv)
-    if args.latent != "none" and args.dataset in DATASETS:
-        p.error(f"{args.dataset} is a pixel dataset: train it with --latent none")
+    if (args.latent == "none") != (args.dataset in SHAPES):  # the paper's DiT: latents only
+        p.error(f"--dataset {args.dataset} --latent {args.latent}: pixel space (--latent none) "
+                f"is for the shapes toy, other data trains as latents")
 
     imagenet = args.dataset in IMAGENET
     args.class_cond = imagenet if args.class_cond is None else args.class_cond  # Tables 5, 6
-    pixel_classes = DATASETS.get(args.dataset, (None,))[0] if args.latent == "none" else None
-    args.num_classes = IMAGENET.get(args.dataset, pixel_classes) or folder_classes(args)
+    args.num_classes = IMAGENET.get(args.dataset) or DATASETS.get(args.dataset, (None,))[0] \
+        or folder_classes(args)
     if args.batch_size is None:
         args.batch_size = 128 if args.net == "tiny" else 1024
-    if args.latent == "none":  # as the pixel models; shapes: minutes on a CPU
-        args.epochs = 40 if args.dataset in SHAPES else 2000
-    else:  # other folders: as ImageNet-100
-        key = (args.dataset, args.class_cond)
-        args.epochs = EPOCHS.get(key, EPOCHS[("in100", args.class_cond)])
-    # kept snapshots: latents every 20 epochs (Table 6 and the authors' repository evaluate FID and
-    # accuracy there), pixels as the pixel trainers (App. A: every 200), none on shapes
-    args.keep_epochs = 0 if args.dataset in SHAPES else 20 if args.latent != "none" else 200
+    # shapes: minutes on a CPU; other folders train as long as ImageNet-100
+    args.epochs = 40 if args.dataset in SHAPES else \
+        EPOCHS.get((args.dataset, args.class_cond), EPOCHS[("in100", args.class_cond)])
+    # kept snapshots: every 20 epochs (Table 6 and the authors' repository evaluate FID and
+    # accuracy there), none on shapes
+    args.keep_epochs = 0 if args.dataset in SHAPES else 20
     args.warmup_epochs = 0  # Table 11 lists no warm-up for latent pre-training
     depth = NETS[args.net]["depth"]
     # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
@@ -511,7 +529,7 @@ def load_train_data(args, device):
     labels, layout = labels.to(device), memory_format(device)
 
     def batch(idx):  # non_blocking copies: the host does not wait for the GPU's queue
-        flip = torch.rand(len(idx)) < 0.5
+        flip = (torch.rand(len(idx)) < 0.5) & args.flip  # --no-flip: the draws stay, all False
         on_device = idx.to(device, non_blocking=True)
         if latent:
             x = torch.from_numpy(data[idx.numpy(), flip.long().numpy()])
@@ -580,29 +598,24 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-class Downsample(nn.Module):
-    def __init__(self, ch):
+class VAEResample(nn.Module):
+    """LDM's 2x resampling: a stride-2 conv, or nearest-neighbour upsampling and a conv."""
+
+    def __init__(self, ch, down):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+        self.down, self.conv = down, nn.Conv2d(ch, ch, 3, stride=1 + down, padding=1 - down)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right and bottom only
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
+        if self.down:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right and bottom only
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(blocks, attns, resample=None, resample_name=None):
+def _level(blocks, attns, resample=None):
     level = nn.Module()
     level.block, level.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
-    if resample is not None:
-        setattr(level, resample_name, resample)
+    if resample is not None:  # LDM's names: "downsample" in the encoder, "upsample" in the decoder
+        setattr(level, "downsample" if resample.down else "upsample", resample)
     return level
 
 
@@ -636,7 +649,7 @@ class Encoder(nn.Module):
                 if res in attn_resolutions:
                     attns.append(AttnBlock(cin))
             last = i == len(ch_mult) - 1
-            self.down.append(_level(blocks, attns, None if last else Downsample(cin), "downsample"))
+            self.down.append(_level(blocks, attns, None if last else VAEResample(cin, True)))
             res = res if last else res // 2
         self.mid = _mid(cin)
         self.norm_out = group_norm(cin)
@@ -669,7 +682,7 @@ class Decoder(nn.Module):
                 cin = ch * ch_mult[i]
                 if res in attn_resolutions:
                     attns.append(AttnBlock(cin))
-            levels.insert(0, _level(blocks, attns, Upsample(cin) if i else None, "upsample"))
+            levels.insert(0, _level(blocks, attns, VAEResample(cin, False) if i else None))
             res = res * 2 if i else res
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(cin)
@@ -770,11 +783,33 @@ def decode(vae, z, latent_stats):
 
 # ------------------------------------------------------------------------------------------------
 # Latents: every training image and its flip encoded once into a memory-mapped cache,
-# resumable and sharded over ranks
+# resumable, sharded over ranks, and keyed by what it holds
 
 def cache_dir(args, split):
     root = Path(args.cache_dir or Path("runs") / "cache" / args.dataset)
     return root / {"train": "train", "test": "val"}[split]
+
+
+def cache_key(args, images=None):
+    """What a cache holds: the dataset, its folder, the VA-VAE file and layout that encoded it,
+    and its image count (None: not yet known, matches any)."""
+    vae = str(Path(args.vae).absolute()) if args.vae else Path(VAVAE_URL).name
+    return {"dataset": args.dataset, "data_path": str(Path(args.data_path).absolute()),
+            "vae": vae, "vae_config": args.vae_config, "images": images}
+
+
+def key_error(out, key):
+    """None if the cache in `out` is one of `key` or not begun, else the line refusing it: a
+    cache of other images or another autoencoder is never reused."""
+    if not (out / "key.json").exists():
+        return None if not (out / "latents.npy").exists() else (
+            f"latent cache {out} records no key (an older version made it): delete it or pass "
+            f"another --cache-dir")
+    held = json.loads((out / "key.json").read_text())
+    if all(held.get(k) == v for k, v in key.items() if v is not None):
+        return None
+    return (f"latent cache {out} holds {json.dumps(held)}, not {json.dumps(key)}: pass another "
+            f"--cache-dir, or delete it to encode afresh")
 
 
 def done_mask(out, n):
@@ -809,14 +844,15 @@ def open_cache(out, n=None, mode="r"):
     return lat, None
 
 
-def extract_latents(files, out, vae, device, batch=64, workers=0, rank=0, world=1):
-    """Encode each image of `files` and its horizontal flip once into out/latents.npy
-    (N, 2, 32, 16, 16) float16. Rank r encodes r::world of the rows not done yet and writes
-    only those; out/done.rank<r>.npy (saved atomically after every batch) marks its finished
-    rows, so a killed run resumes where it stopped, with any world size. Returns its indices.
-    A collective: any rank's error (full disk, bad cache, unreadable image) ends every rank
-    with the same line, at the latest one batch later."""
-    n, shape, error = len(files), (len(files), 2, 32, 16, 16), None
+def extract_latents(dataset, labels, out, key, vae, device, batch=64, workers=0, rank=0, world=1):
+    """Encode each image of `dataset` (yielding (index, uint8 (3, 256, 256), error) as ImageFiles)
+    and its horizontal flip once into out/latents.npy (N, 2, 32, 16, 16) float16, beside labels
+    (N,) and the cache's key. Rank r encodes r::world of the rows not done yet and writes only
+    those; out/done.rank<r>.npy (saved atomically after every batch) marks its finished rows, so
+    a killed run resumes where it stopped, with any world size. Returns its indices. A
+    collective: any rank's error (full disk, bad or foreign cache, unreadable image) ends every
+    rank with the same line, at the latest one batch later."""
+    n, shape, error = len(labels), (len(labels), 2, 32, 16, 16), None
     if rank == 0 and not (out / "latents.npy").exists():
         out.mkdir(parents=True, exist_ok=True)
         need, free = 2 * math.prod(shape), shutil.disk_usage(out).free  # float16 rows
@@ -824,9 +860,12 @@ def extract_latents(files, out, vae, device, batch=64, workers=0, rank=0, world=
             error = (f"the latent cache needs {need / 2**30:.1f} GiB in {out}, "
                      f"{free / 2**30:.1f} GiB are free: free some or pass --cache-dir")
         else:
-            np.save(out / "labels.npy", np.array([label for _, label in files], dtype=np.int64))
+            (out / "key.json").write_text(json.dumps(key))
+            np.save(out / "labels.npy", np.asarray(labels, dtype=np.int64))
             create_cache_file(out / "latents.tmp.npy", shape)
             os.replace(out / "latents.tmp.npy", out / "latents.npy")
+    elif rank == 0:
+        error = key_error(out, key)
     raise_on_any(error)  # also the barrier: the file exists before any rank opens it
     lat, error = open_cache(out, n, "r+")
     raise_on_any(error)
@@ -835,7 +874,7 @@ def extract_latents(files, out, vae, device, batch=64, workers=0, rank=0, world=
     rounds = math.ceil(len(todo[0::world]) / batch)  # rank 0 has the most rows: every rank's count
     todo = todo[rank::world]
     raise_on_any(None)  # everyone has read the masks before anyone rewrites its own
-    images = torch.utils.data.Subset(ImageFiles(files, IMAGE_SIZE), todo)
+    images = torch.utils.data.Subset(dataset, todo)
     loader = iter(torch.utils.data.DataLoader(images, batch_size=batch, num_workers=workers))
     for _ in tqdm(range(rounds), desc=f"encoding {out}", disable=rank or not len(todo)):
         idx, img, errors = next(loader, (None, None, ()))
@@ -887,17 +926,23 @@ def same_cache(out, rank, world):
                  f"node sees (--cache-dir)")
 
 
-def latent_cache(args, split):
+def latent_cache(args, split, source=None):
     """The folder of the split's latent cache, encoded first if missing or unfinished (a
-    collective: every rank encodes its share). A bad cache ends every rank with one line."""
+    collective: every rank encodes its share). The images: the class folders of args.data_path,
+    or source = (dataset, labels) as extract_latents takes them (another dataset to probe). A
+    bad cache, or one of another key (cache_key), ends every rank with one line."""
     out = cache_dir(args, split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     same_cache(out, rank, world)  # before any rank branches on the folder's content
+    raise_on_any(key_error(out, cache_key(args)) if rank == 0 else None)
     if not (out / "complete").exists():
+        if source is None:
+            files = image_files(args, split)
+            source = ImageFiles(files, IMAGE_SIZE), torch.tensor([y for _, y in files])
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        extract_latents(image_files(args, split), out, load_vae(args, device), device,
-                        args.extract_batch, args.workers, rank, world)
+        extract_latents(*source, out, cache_key(args, len(source[1])), load_vae(args, device),
+                        device, args.extract_batch, args.workers, rank, world)
         error = None
         if rank == 0:
             lat, error = open_cache(out)
@@ -906,7 +951,7 @@ def latent_cache(args, split):
                 error = f"latent cache {out}: {missing} images were not encoded; rerun to finish"
             elif not error:
                 atomic_save(channel_stats(lat), out / "stats.pt")
-                (out / "complete").write_text(json.dumps({"images": len(lat), "vae": args.vae}))
+                (out / "complete").write_text(json.dumps({"images": len(lat)}))
         raise_on_any(error)  # also the barrier: the cache is complete before any rank reads it
     raise_on_any(open_cache(out)[1])  # a truncated or garbage file: one line, every rank
     return out
@@ -917,10 +962,9 @@ def latent_stats(args):
     return torch.load(latent_cache(args, "train") / "stats.pt", weights_only=True)
 
 
-# Below: identical in all three trainers
-
 # ------------------------------------------------------------------------------------------------
-# Main: EDM's loop; the events (log, checkpoint, preview, stop) are helpers below
+# Main: EDM's loop; the events (log, checkpoint, snapshot, preview, stop) are helpers below. From
+# here on every trainer holds the same plumbing, character for character, beside its own loaders.
 
 def main(argv=None):
     """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
@@ -928,9 +972,7 @@ def main(argv=None):
     if args.dry_run:
         with torch.device("meta"):  # shapes only: even DiT-B builds at once
             model = build_model(args)
-        print(json.dumps(vars(args), indent=2))
-        print(param_report(model))
-        return None
+        return print(json.dumps(vars(args), indent=2) + "\n" + param_report(model))
     if args.bench:
         return benchmark(args)
     rank, world, device = setup_distributed()
@@ -945,24 +987,19 @@ def main(argv=None):
     resolve_length(args, data.n)
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
+    log(f"building {Path(__file__).name} --net {args.net} ...")  # DiT-L: a silent minute on CPU
     torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
     model = build_model(args).to(device, memory_format=memory_format(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = build_optimizer(model, args)
     diffusion = build_diffusion(args, model)
-    step = images = 0
-    if ckpt_path.exists():
-        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, images = ckpt["step"], ckpt["images"]
-        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
+    step, images = resume(ckpt_path, args, log, model, ema, opt) if ckpt_path.exists() else (0, 0)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
     command = argv if argv is not None else sys.argv[1:]
     log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
     log(f"{param_report(model)}; {data.n:,} training images; world {world}")
+    log(snapshot_plan(args, ema))
     net = torch.compile(model) if args.compile else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -971,7 +1008,8 @@ def main(argv=None):
     stop = []  # SIGTERM / SIGINT: save at the next gate, exit
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    sums, local_bs, meter = LossSums(), args.batch_size // world, Meter(images)
+    sums, local_bs = LossSums(), args.batch_size // world
+    clock = SimpleNamespace(log=time.time(), images=images, save=time.time())  # img/s, saves
     bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
                disable=rank != 0)
     model.train()
@@ -991,26 +1029,29 @@ def main(argv=None):
                 continue  # the hot path: no host sync, no collective
 
             # Events, at a gate every rank computes alike: ranks agree on signals and the clock
-            halt, due = agree([bool(stop), meter.due(args.ckpt_minutes)], world, device)
+            due = time.time() - clock.save > 60 * args.ckpt_minutes
+            halt, due = agree([bool(stop), due], world, device)
             at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
             log_now = at(args.log_every) or done
-            keep_now = at(args.keep_every)  # a snapshot kept for evaluation along the run
+            keep_now = at(args.keep_every) or (done and args.keep_every > 0)  # the final one too
             save_now = at(args.ckpt_every) or done or halt or due or keep_now
             if log_now or save_now:  # a non-finite loss or weight stops before saving
                 rec = sums.read(world)
                 check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
             if log_now:
-                log_metrics(rec, step, images, opt, meter, out, log, bar, extra)
+                log_metrics(rec, step, images, opt, clock, out, log, bar, extra)
                 sums.reset()
             if save_now:
                 state = {"script": Path(__file__).name, "args": vars(args),
                          "model": model.state_dict(), "ema": ema.state_dict(),
                          "opt": opt.state_dict(), "step": step, "images": images, **data.state}
-                save_checkpoint(state, ckpt_path, keep_now, rank, meter)
+                save_checkpoint(state, ckpt_path, keep_now, rank)
+                clock.save = time.time()
             if rank == 0 and args.sample_every and (at(args.sample_every) or done):
-                x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # EMA preview
-                save_grid(x, out / f"grid-{images:09d}.png")
+                x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # in [-1, 1]
+                save_grid(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte(),
+                          out / f"grid-{images:09d}.png")
             if halt:
                 log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
                     f"checkpoint saved, rerun the same command to resume")
@@ -1030,8 +1071,8 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """The steps where ranks meet for events: every 10th, a log, checkpoint, snapshot or preview
-    boundary, the last. A function of (step, images) alone, so every rank reaches the same gates."""
+    """Where ranks meet for events, a function of (step, images) alone: every 10th step, a log,
+    checkpoint, snapshot or preview boundary, the last step."""
     return (step % 10 == 0 or images >= args.train_images
             or any(crossed(images, args.batch_size, every)
                    for every in (args.log_every, args.ckpt_every, args.keep_every,
@@ -1047,24 +1088,6 @@ def agree(flags, world, device):
     return flags
 
 
-class Meter:
-    """The wall clock since the last log line (for img/s) and since the last checkpoint."""
-
-    def __init__(self, images):
-        self.t_log = self.t_save = time.time()
-        self.images_log = images
-
-    def due(self, minutes):
-        """Whether the last checkpoint is more than `minutes` old."""
-        return time.time() - self.t_save > 60 * minutes
-
-    def img_per_s(self, images):
-        """Images per second since the last call (or the start), which it restarts."""
-        rate = (images - self.images_log) / (time.time() - self.t_log)
-        self.t_log, self.images_log = time.time(), images
-        return rate
-
-
 def check_finite(rec, model, ckpt_path, step, images, log):
     """Stop every rank if a loss (or, given a model, a weight) is not finite, before a save."""
     terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
@@ -1074,14 +1097,16 @@ def check_finite(rec, model, ckpt_path, step, images, log):
     if bad:
         kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
                 else "no checkpoint was written")
-        log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
-                 f"lower --lr or check the data")
+        log.fail(f"{bad} at step {step} ({images:,} images); {kept}; lower --lr or check the data")
 
 
-def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
-    """One line of the losses (overall, by noise level, extra terms) to log.txt, metrics.jsonl."""
+def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
+    """One line of the losses (overall, by noise level, extra terms) to log.txt, metrics.jsonl;
+    img/s since the last line."""
+    now = time.time()
     rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
-           "img_per_s": meter.img_per_s(images)}
+           "img_per_s": (images - clock.images) / (now - clock.log)}
+    clock.log, clock.images = now, images
     if log.rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -1093,20 +1118,32 @@ def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
 
-def save_checkpoint(state, ckpt_path, keep, rank, meter):
-    """One self-describing file, written atomically by rank 0; a kept snapshot is the same file
-    under its own name, ckpt-<images>.pt. Restarts the checkpoint clock."""
+def save_checkpoint(state, ckpt_path, keep, rank):
+    """One self-describing file, written atomically by rank 0; a kept snapshot ckpt-<images>.pt
+    holds what evaluation reads (EMA weights, args, data state), not the model or optimizer."""
     if rank == 0:
         atomic_save(state, ckpt_path)
         if keep:
-            atomic_save(state, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
-    meter.t_save = time.time()
+            snapshot = {k: v for k, v in state.items() if k not in ("model", "opt")}
+            atomic_save(snapshot, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
+
+
+def snapshot_plan(args, ema):
+    """The line announcing the snapshots the run keeps and the disk they take (EMA weights)."""
+    if not args.keep_every:
+        return "snapshots: none kept (--keep-every 0)"
+    steps, every = -(-args.train_images // args.batch_size), args.keep_every
+    final = steps * args.batch_size  # the image count after the last step
+    count = steps if every <= args.batch_size else \
+        final // every + (not crossed(final, args.batch_size, every))
+    size = sum(v.nbytes for v in ema.state_dict().values())
+    return (f"snapshots: {count} kept (every {every:,} images and the final weights), {count} x "
+            f"{size / 1e6:.3g} MB = {count * size / 1e9:.3g} GB in {args.out}")
 
 
 def resolve_length(args, n):
-    """The run's length and event spacing in images, from its n training images: the paper's
-    epochs unless --train-images."""
-    args.train_images = args.train_images or args.epochs * n
+    """The run's length and event spacing in images, from its n training images."""
+    args.train_images = args.train_images or args.epochs * n  # the paper's epochs by default
     args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
     if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
         args.warmup_images = min(args.warmup_epochs * n, args.train_images // 10)
@@ -1119,19 +1156,24 @@ def resolve_length(args, n):
 
 def add_training_args(p):
     """The command line of the training loop: the same in every trainer."""
+    def count(text):  # an image count: a negative one is a one-line error
+        if int(text) < 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative: give a count of images, >= 0")
+        return int(text)
     p.add_argument("--data-path", default="data", help="folder holding the dataset")
     p.add_argument("--out", help="run directory (default: runs/<script>-<dataset>-<config>)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no horizontal flips, for classes that are not mirror-symmetric (digits)")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--train-images", type=int, help="training length (default: the paper's)")
-    p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
-                                                  "shorter runs)")
-    p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
-    p.add_argument("--keep-every", type=int,
-                   help="images between kept snapshots ckpt-<images>.pt (default: the paper's "
-                        "evaluation points, App. A and Table 6; none on shapes; 0: none)")
+    p.add_argument("--train-images", type=count, help="training length (default: the paper's)")
+    p.add_argument("--log-every", type=count, help="images between log lines (50k, or a tenth)")
+    p.add_argument("--ckpt-every", type=count, default=10**6, help="images between checkpoints")
+    p.add_argument("--keep-every", type=count,
+                   help="images between kept snapshots ckpt-<images>.pt, the final one too "
+                        "(default: the paper's evaluation points, App. A, Table 6; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
-    p.add_argument("--sample-every", type=int, default=5_000_000,
+    p.add_argument("--sample-every", type=count, default=5_000_000,
                    help="images between preview grids of the EMA model (0: no previews)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -1143,14 +1185,16 @@ def add_training_args(p):
     p.add_argument("--dry-run", action="store_true",
                    help="print the configuration and parameter counts, then exit")
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
-                   help="time STEPS training steps on a synthetic batch, with self-conditioning "
-                        "on and off, then exit")
+                   help="time STEPS training steps on a synthetic batch, self-conditioning on "
+                        "and off, then exit")
 
 
-def setup_distributed():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one."""
+def setup_distributed(timeout=None):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one. `timeout`
+    (a timedelta): how long a collective may wait, when not torch's default."""
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                **({} if timeout is None else {"timeout": timeout}))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -1158,6 +1202,36 @@ def setup_distributed():
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
+
+
+def local_rank():
+    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def raise_on_any(error):
+    """Collective: when any rank has an error message, every rank exits with the first one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def fetch_once(path, fetch, failed):
+    """Make `path` exist: one process per node runs fetch(path), the others wait (all ranks call
+    this); a failure ends every rank with one line. Nodes on one file system: the first wins."""
+    error = None
+    if local_rank() == 0 and not path.exists():
+        try:
+            fetch(path)
+        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
+            if not path.exists():  # else another node's copy landed first (rename failed)
+                error = f"{failed} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
+    return path
 
 
 def use_bf16(device, precision):
@@ -1176,14 +1250,13 @@ def memory_format(device):
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(seed, epoch, size):
-    """The dataset's order in an epoch, seeded by (seed, epoch). Cached: drawing it takes 15 ms
-    for ImageNet-1k's 1.28M images on one CPU thread, a whole step of a fast GPU."""
+    """The dataset's order in an epoch, seeded by (seed, epoch); cached: it takes 15 ms for
+    ImageNet-1k on one CPU thread, a whole step of a fast GPU."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def batch_indices(start, n, size, seed):
-    """Dataset indices of stream positions start .. start+n, in each epoch's epoch_order: the
-    data order of a run is a function of the seed alone."""
+    """Dataset indices of stream positions start .. start+n: a function of the seed alone."""
     idx, pos = [], start
     while pos < start + n:
         epoch, off = divmod(pos, size)
@@ -1204,11 +1277,11 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def save_grid(images, path):
-    """(N, 3, H, W) in [-1, 1] -> one PNG, 8 per row."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+def save_grid(images, path, cols=8):
+    """uint8 images (N, 3, H, W) -> one PNG, `cols` per row: previews and sample.py's grids."""
+    x = torch.as_tensor(images).cpu()
     n, c, h, w = x.shape
-    cols = min(8, n)
+    cols = min(cols, n)
     grid = torch.zeros(c, math.ceil(n / cols) * h, cols * w, dtype=torch.uint8)
     for i, im in enumerate(x):
         grid[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
@@ -1216,8 +1289,8 @@ def save_grid(images, path):
 
 
 def atomic_save(obj, path, save=None):
-    """save(obj, file) (default torch.save) to a temporary name, then rename: a kill at any
-    instant, or a full disk, leaves the previous file intact and no temporary file behind."""
+    """save(obj, file) (torch.save) to a temporary name, then rename: a kill at any instant, or
+    a full disk, leaves the previous file intact and no temporary file behind."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1245,8 +1318,9 @@ def check_out_dir(out):
     return None
 
 
-def load_checkpoint_for_resume(path, args, log):
-    """Load <out>/ckpt.pt, refusing another script or architecture; warn of changed settings."""
+def resume(path, args, log, model, ema, opt):
+    """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer; refuses another
+    script or architecture, warns of changed settings."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1264,7 +1338,10 @@ def load_checkpoint_for_resume(path, args, log):
     changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if old.get(k, v) != v]
     if changed:
         log("warning: resuming with changed settings: " + ", ".join(changed))
-    return ckpt
+    for module, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
+        module.load_state_dict(ckpt[key])
+    log(f"resumed from {path} at step {ckpt['step']} ({ckpt['images']:,} images)")
+    return ckpt["step"], ckpt["images"]
 
 
 class Log:
@@ -1291,9 +1368,8 @@ class Log:
 
 
 class LossSums:
-    """Each rank's sums of the training losses since the last log line: overall, per noise-level
-    bin (with the bin's count) and for each extra term. read() all-reduces them into mean
-    losses over all ranks."""
+    """Each rank's loss sums since the last log line: overall, per noise-level bin (with its
+    count) and per extra term; read() all-reduces them into means."""
 
     BINS = 5  # equal-width bins of the noise level in [0, 1]
 
@@ -1305,10 +1381,9 @@ class LossSums:
         b = (level * self.BINS).long().clamp(max=self.BINS - 1)
         loss, zeros = loss.float(), torch.zeros(self.BINS, device=loss.device)  # sums in fp32
         new = {"loss": loss.sum()[None], "bin_count": zeros.index_add(0, b, torch.ones_like(loss)),
-               "bin_loss": zeros.index_add(0, b, loss)}
-        new.update({k: v.float()[None] * len(loss) for k, v in extra.items()})
-        for k, v in new.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+               "bin_loss": zeros.index_add(0, b, loss),
+               **{k: v.float()[None] * len(loss) for k, v in extra.items()}}
+        self.sums = {k: self.sums[k] + v if k in self.sums else v for k, v in new.items()}
 
     def read(self, world):
         """{name: mean over all ranks} with loss_bin0.. (None for an empty bin); a collective."""
@@ -1328,40 +1403,25 @@ class LossSums:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: pixel datasets by name or class folders, fetched once per node
+# Data: the shapes toy (a pixel DiT's data) and the class folders the latent cache encodes
 
 SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
     # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
     "shapes": ((0, 0.45), (0.55, 1), (0.07, 0.09), (0.22, 0.30)),
     "shapes-fixed": ((0.225, 0.225), (0.775, 0.775), (0.08, 0.08), (0.26, 0.26)),  # no nuisances
 }
-
-
-DATASETS = {  # pixel datasets known by name: classes, resolution
-    "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64),
-    **dict.fromkeys(SHAPES, (10, 32)),
-}
-CIFAR = {  # the official python pickles: url, md5, folder, train files, test files, label key
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
-                 ["train"], ["test"], b"fine_labels"),
-}
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DATASETS = dict.fromkeys(SHAPES, (10, 32))  # pixel datasets known by name: classes, resolution
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class folders
 
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds
-    four identical dots; the class is their constellation, under random position, size,
-    rotation, mirroring and colours. Colour, area and local texture carry no class, so a probe
-    sees only what the model learns of the arrangement, which is slow. 'shapes-fixed' draws the
-    same classes and poses with one colour pair, radius and size. Returns uint8 images (n, 3,
+    """A deterministic toy of 10 classes told apart by geometry alone: four identical dots whose
+    constellation is the class, under random position, size, rotation, mirroring and colours.
+    Colour, area and texture carry no class, so a probe sees only what the model learns of the
+    arrangement. 'shapes-fixed': one colour pair, radius and size. Returns uint8 images (n, 3,
     res, res), labels (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense
-    probing) and the nuisance draws (n, 8): background and dot colour, constellation size, dot
-    radius."""
+    probing) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
@@ -1399,66 +1459,10 @@ def make_shapes(n, seed, res=32, name="shapes"):
             nuisance)
 
 
-def local_rank():
-    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return int(os.environ.get("LOCAL_RANK", rank))
-
-
-def raise_on_any(error):
-    """Collective: when any rank has an error message, every rank exits with the first one."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise SystemExit(error)
-
-
-def fetch_once(path, fetch, failed):
-    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
-    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
-    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
-    error = None
-    if local_rank() == 0 and not path.exists():
-        try:
-            fetch(path)
-        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
-            if not path.exists():  # else another node's copy landed first (rename failed)
-                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
-    return path
-
-
-def download_cifar(url, md5, folder):
-    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
-    in the same file system: an interrupted fetch leaves nothing behind."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
-        archive = Path(tmp) / url.rsplit("/", 1)[1]
-        torch.hub.download_url_to_file(url, archive)
-        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
-            raise ValueError(f"wrong md5 checksum of {url}")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        os.replace(Path(tmp) / folder.name, folder)
-
-
-def load_cifar(name, root, split):
-    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
-    url, md5, folder, train_files, test_files, key = CIFAR[name]
-    root = Path(root)
-    root = root.parent if root.name == folder else root
-    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
-               f"{name} is not in {root / folder} and could not be downloaded; "
-               f"extract {url} there, or pass --data-path")
-    xs, ys = [], []
-    for f in train_files if split == "train" else test_files:
-        with open(root / folder / f, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+def shapes_split(args, split):
+    """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
+    n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+    return make_shapes(n, seed, args.resolution, args.dataset)
 
 
 def center_crop(img, res, labels=False):
@@ -1474,21 +1478,9 @@ def center_crop(img, res, labels=False):
 
 
 def image_files(args, split):
-    """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
-    class folders <root>/<class>/*, or <root>/train/<class>/* and <root>/val/<class>/*."""
+    """[(path, label)] of a class-folder split ('train' or 'test'): <root>/<class>/*, or
+    <root>/train/<class>/* and <root>/val/<class>/* (ImageNet's layout)."""
     root = Path(args.data_path)
-    if args.dataset == "tiny-imagenet":
-        root = root if (root / "wnids.txt").exists() else root / "tiny-imagenet-200"
-        if not (root / "wnids.txt").exists():
-            raise SystemExit(f"tiny-imagenet not found under {args.data_path}: "
-                             f"unzip tiny-imagenet-200.zip there")
-        wnids = (root / "wnids.txt").read_text().split()
-        if split == "train":
-            return [(f, i) for i, w in enumerate(wnids)
-                    for f in sorted((root / "train" / w / "images").iterdir())]
-        rows = (root / "val" / "val_annotations.txt").read_text().splitlines()
-        index = {w: i for i, w in enumerate(wnids)}
-        return [(root / "val" / "images" / f, index[w]) for f, w, *_ in map(str.split, rows)]
     sub = {"train": "train", "test": "val"}[split]
     if (root / sub).is_dir():
         root = root / sub
@@ -1505,8 +1497,7 @@ def image_files(args, split):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
-    '' or the reason the file could not be read."""
+    """(index, ADM-cropped uint8 (3, res, res), "" or why it could not be read) of each file."""
 
     def __init__(self, files, res):
         self.files, self.res = files, res
@@ -1524,37 +1515,13 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
 
 
-def decode_images(files, res, workers, skip_bad):
-    """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
-    xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
-    ok = torch.ones(len(files), dtype=torch.bool)
-    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
-                                         num_workers=workers)
-    for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
-        xs[idx] = img
-        for i, error in zip(idx.tolist(), errors):
-            if error and not skip_bad:
-                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
-            ok[i] = not error
-    if not ok.all():
-        print(f"skipped {int((~ok).sum())} unreadable images")
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return xs[ok], labels[ok]
-
-
-def shapes_split(args, split):
-    """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
-    n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-    return make_shapes(n, seed, args.resolution, args.dataset)
-
-
 def load_pixels(args, split="train"):
-    """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
-    if args.dataset in SHAPES:
-        return shapes_split(args, split)[:2]
-    if args.dataset in CIFAR:
-        return load_cifar(args.dataset, args.data_path, split)
-    return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
+    """(uint8 images (N, 3, H, W), labels (N,)) of the shapes toy, a pixel DiT's only data: other
+    images reach a DiT as latents (latent_cache)."""
+    if args.dataset not in SHAPES:
+        raise SystemExit(f"train_dit.py holds the pixels of the shapes toy only, not of "
+                         f"{args.dataset!r}: encode those with latent_cache")
+    return shapes_split(args, split)[:2]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,18 +1,16 @@
 """
 DDAE++ pixel-space UViT diffusion: U-ViT-S (every input a token, long skips) trained as DDPM,
-optionally with the [CLS] self-conditioning token, non-leaky augmentation and contrastive
-self-distillation (paper Fig. 2).
+optionally self-conditioned by a learnable [CLS] token that attends to the image tokens and they
+to it, so its pooled semantics condition the decoding (Sec. 4.1, Fig. 2), with non-leaky
+augmentation and contrastive self-distillation.
 
     python train_uvit.py --dataset shapes --net tiny                         # CPU quickstart
     torchrun --nproc_per_node=4 train_uvit.py --dataset cifar10 --self-cond  # Table 2
     torchrun --nproc_per_node=4 train_uvit.py --dataset cifar100 --self-cond --aug --cl  # Table 3
     python train_uvit.py --self-cond --dry-run                  # config + parameter counts
 
-Self-conditioning: a learnable [CLS] token attends to the image tokens and they to it, so its
-pooled semantics condition the decoding (Sec. 4.1, Fig. 2). One file, read top to bottom from
-the method down: self-conditioning, the U-ViT, DDPM, augmentation and contrastive, train_step,
-the recipe (tables, flags); then the tail every trainer shares character for character: main,
-run plumbing, data, --bench.
+Read top to bottom: the method (self-conditioning, the U-ViT, DDPM, augmentation and
+contrastive, train_step), the recipe, then the plumbing every trainer shares: main, run, data.
 """
 import argparse
 import copy
@@ -38,6 +36,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+
+# ------------------------------------------------------------------------------------------------
+# Tool interface: what sample.py, probe.py, fid.py and .ci/gpu_check.py may call in this file; a
+# trainer of another model provides these (test_smoke.py holds the tools to this list)
+
+TOOL_INTERFACE = (
+    "get_args",  # argv -> args: the paper's defaults; a checkpoint's "args" then update them
+    "build_model",  # args -> the denoiser, random weights; checkpoints hold its state_dict
+    "build_diffusion",  # (args, model=None) -> the formulation: loss, add_noise, pred, level
+    "build_optimizer", "train_step", "fake_batch",  # one training step, as --bench times it
+    "load_pixels",  # (args, split) -> uint8 images (N, 3, H, W), int64 labels (N,)
+    "shapes_split",  # (args, split) -> the toy's images, labels, masks (N, H, W), nuisance (N, 8)
+    "image_files", "ImageFiles",  # (args, split) -> [(path, label)]; -> (i, uint8 image, error)
+    "center_crop",  # (PIL image, res, labels=False) -> ADM's centre crop (labels: nearest)
+    "autocast", "use_bf16", "memory_format", "sync",  # (device[, precision]): as training runs
+    "setup_distributed",  # (timeout=None) -> rank, world, device, as torchrun starts it
+    "raise_on_any", "fetch_once",  # (error): any rank's ends every rank; one download a node
+    "atomic_save", "check_out_dir",  # (obj, path[, save]): never half a file; (out) -> error
+    "save_grid",  # (uint8 (N, 3, H, W), path, cols=8): one PNG
+    "LossSums",  # sums of per-sample losses by noise level; read(world) all-reduces them
+    "SHAPES", "DATASETS",  # the toy's variants; datasets by name -> (classes, resolution)
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +212,7 @@ class UViT(nn.Module):
 def build_model(args):
     model = UViT(**NETS[args.net], resolution=args.resolution, self_cond=args.self_cond,
                  aug=args.aug, sc_layer=args.sc_layer)
-    if args.cl:  # in the model, so optimizer, DDP, EMA (the teacher's head) and checkpoint cover it
+    if args.cl:  # in the model: optimizer, DDP, EMA (the teacher's head) and checkpoint cover it
         model.cl_head = ProjHead(model.dim, mode=args.cl_head)
     return model
 
@@ -224,11 +245,10 @@ class DDPM:
         return t.float() / self.T
 
     def pred(self, model, x, t, aug=None, feats=(), pool=True):
-        """The noise eps (N, C, H, W) and the features of the layers in feats (pooled or maps)."""
+        """The noise eps (N, C, H, W) and the features of feats (pooled, or maps)."""
         return model(x, self.level(t), aug, feats, pool)
 
     def loss(self, model, x0, aug=None, feats=()):
-        """Per-sample loss (N,), noise level (N,) and the pooled features of the layers in feats."""
         t = torch.randint(1, self.T + 1, (len(x0),), device=x0.device)
         noise = torch.randn_like(x0)
         eps, pooled = self.pred(model, self.add_noise(x0, t, noise), t, aug, feats)
@@ -280,8 +300,7 @@ def _scale(sx, sy):
 
 def _sym6_operator(n, up, device):
     """Sym6 2x up- (n, 2n) or downsampling (n, n // 2) along one axis as a matrix: x @ M."""
-    # A small matmul beats a depthwise (transposed) convolution ~10x on CPU
-    # and costs nothing on GPU.
+    # a small matmul beats a depthwise (transposed) convolution ~10x on CPU, free on GPU
     eye = torch.eye(n, device=device)[:, None]
     k = torch.tensor(SYM6, device=device).view(1, 1, -1)
     conv = F.conv_transpose1d if up else F.conv1d
@@ -300,7 +319,7 @@ def _apply_matrix(x, G):
     reach = (G @ corners)[:, :2]  # (N, 2, 4): where the output corners land in the input
     reach = torch.stack([-reach, reach], dim=1).amax(dim=(0, 3)).flatten()  # left top right bottom
     lo = torch.tensor([2 * pad - cx, 2 * pad - cy] * 2, device=x.device)
-    hi = torch.tensor([W - 1.0, H - 1.0] * 2, device=x.device)  # reflection cannot exceed the image
+    hi = torch.tensor([W - 1.0, H - 1.0] * 2, device=x.device)  # reflect at most the image
     ml, mt, mr, mb = (reach + lo).clamp(min=0).minimum(hi).ceil().int().tolist()
     x = F.pad(x, [ml, mr, mt, mb], mode="reflect")
     G = _affine(one, 0 * one, 0 * one, one, (ml - mr) / 2 * one, (mt - mb) / 2 * one) @ G
@@ -320,18 +339,15 @@ def _apply_matrix(x, G):
 
 class AugmentPipe(nn.Module):
     """EDM's geometric augmentation (CIFAR setting), returning the 9-d label the net is given.
-
     Label slots in EDM's order (w ~ N(0, 1); output pixel p reads the input at G p, centred):
       0 xflip (0/1)   1 yflip (0/1)   2 scale w: G = 2^(-scale_std w)
       3-4 rotation cos(a) - 1, sin(a), a ~ U[-pi, pi): G = R(a)
       5-6 aniso w cos(r), w sin(r): G = R(-r) diag(2^(-aniso_std w), 2^(aniso_std w)) R(r)
           (r = 0 half of the time)
       7-8 translation wx, wy: G p = p - translate_std (wx W, wy H)
-    All zero = not augmented (what sampling and probing pass). The x-flip is a plain 50% flip
-    (EDM writes xflip=1e8); every other op is on per image with probability p (a yflip then
-    flips half of those). Randomness comes only from `generator` (default: torch's), so a seed
-    per (rank, step) reproduces a batch exactly.
-    """
+    All zero = not augmented (sampling, probing). The x-flip is a plain 50% flip (EDM writes
+    xflip=1e8); every other op is on per image with probability p (a yflip then flips half of
+    those). Randomness comes only from `generator`: a seed per (rank, step) reproduces a batch."""
 
     def __init__(self, p=0.12, xflip=True, yflip=1, scale=1, rotate=1, aniso=1, translate=1,
                  scale_std=0.2, aniso_std=0.2, translate_std=0.125):
@@ -373,14 +389,14 @@ class AugmentPipe(nn.Module):
 
 
 AUGMENT = AugmentPipe()  # the paper's setting (EDM's CIFAR pipe, App. A); it holds no state
+AUGMENT_NO_FLIP = AugmentPipe(xflip=False)  # --no-flip: the other ops as the paper's
 
 
 # ------------------------------------------------------------------------------------------------
 # Contrastive self-distillation (Sec. 4.2): MoCo v3 against the EMA model as the teacher
 
 class ProjHead(nn.Module):
-    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time'
-    gates it by noise level."""
+    """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time' gates it by level."""
 
     def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()
@@ -428,7 +444,7 @@ def contrastive_step(model, ema, diffusion, x, f, level, args):
     t = args.probe_t if args.cl_target_t == "probe" else diffusion.t_min  # Table 7c
     t = torch.full((len(x),), t, device=x.device)  # int64 for DDPM steps, float otherwise
     with torch.no_grad():  # the teacher: one EMA forward, in the training precision
-        x2, aug2 = AUGMENT(x)
+        x2, aug2 = (AUGMENT if args.flip else AUGMENT_NO_FLIP)(x)
         x2 = diffusion.add_noise(x2, t, torch.randn_like(x2))
         f2 = diffusion.pred(ema, x2, t, aug2, (args.cl_layer,))[1][args.cl_layer]
         k = ema.cl_head.project(f2, diffusion.level(t))  # the EMA head projects the target
@@ -459,11 +475,11 @@ def train_step(net, model, ema, opt, diffusion, batch, step, args):
     """One optimisation step on a clean batch (B, 3, H, W) in [-1, 1]: flip or augment, denoising
     loss (+ gamma x contrastive with --cl), backward, clip, Adam, EMA. Training and --bench both
     run it. Returns the loss (B,), the noise level (B,) and {extra term: value}."""
-    if args.aug:  # the pipe flips too, and says so in the label
-        x, aug = AUGMENT(batch)
-    else:
+    if args.aug:  # the pipe flips too (not with --no-flip), and says so in the label
+        x, aug = (AUGMENT if args.flip else AUGMENT_NO_FLIP)(batch)
+    else:  # --no-flip draws the flips too: the later draws stay those of a flipping run
         flip = torch.rand(len(batch), 1, 1, 1, device=batch.device) < 0.5
-        x, aug = torch.where(flip, batch.flip(3), batch), None
+        x, aug = torch.where(flip & args.flip, batch.flip(3), batch), None
     extra = {}
     with autocast(x.device, args.precision):
         loss, level, f = diffusion.loss(net, x, aug, (args.cl_layer,) if args.cl else ())
@@ -523,8 +539,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.03,
                    help="AdamW; not on biases and position embeddings")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (Table 8)")
-    p.add_argument("--warmup-images", type=int,
-                   help="lr warm-up (Table 11: 13 epochs, at most a tenth of the run)")
+    p.add_argument("--warmup-images", type=int, help="lr warm-up (Table 11: 13 epochs, <= 1/10)")
     add_training_args(p)
     args = p.parse_args(argv)
     if args.model != "DDPM":
@@ -556,8 +571,7 @@ def get_args(argv=None):
         p.error(f"--sc-layer {args.sc_layer}: the {args.net} decoder has out_1 .. out_{n_out}")
     # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read
     # at the designated out-block
-    cls = args.cl_feature == "cls"
-    args.cl_layer = f"cls_{args.sc_layer[4:]}" if cls else args.sc_layer
+    args.cl_layer = f"cls_{args.sc_layer[4:]}" if args.cl_feature == "cls" else args.sc_layer
     suffix = "-sc" * args.self_cond + "-aug" * args.aug + "-cl" * args.cl
     args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-DDPM{suffix}"
     return args
@@ -602,10 +616,9 @@ def fake_batch(args, device):
     return (x * 2 - 1).contiguous(memory_format=memory_format(device))
 
 
-# Below: identical in all three trainers
-
 # ------------------------------------------------------------------------------------------------
-# Main: EDM's loop; the events (log, checkpoint, preview, stop) are helpers below
+# Main: EDM's loop; the events (log, checkpoint, snapshot, preview, stop) are helpers below. From
+# here on every trainer holds the same plumbing, character for character, beside its own loaders.
 
 def main(argv=None):
     """Train; --dry-run and --bench instead. Rerunning the same command resumes exactly."""
@@ -613,9 +626,7 @@ def main(argv=None):
     if args.dry_run:
         with torch.device("meta"):  # shapes only: even DiT-B builds at once
             model = build_model(args)
-        print(json.dumps(vars(args), indent=2))
-        print(param_report(model))
-        return None
+        return print(json.dumps(vars(args), indent=2) + "\n" + param_report(model))
     if args.bench:
         return benchmark(args)
     rank, world, device = setup_distributed()
@@ -630,24 +641,19 @@ def main(argv=None):
     resolve_length(args, data.n)
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
+    log(f"building {Path(__file__).name} --net {args.net} ...")  # DiT-L: a silent minute on CPU
     torch.manual_seed(args.seed)  # the initial weights depend on --seed alone
     model = build_model(args).to(device, memory_format=memory_format(device))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = build_optimizer(model, args)
     diffusion = build_diffusion(args, model)
-    step = images = 0
-    if ckpt_path.exists():
-        ckpt = load_checkpoint_for_resume(ckpt_path, args, log)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, images = ckpt["step"], ckpt["images"]
-        log(f"resumed from {ckpt_path} at step {step} ({images:,} images)")
+    step, images = resume(ckpt_path, args, log, model, ema, opt) if ckpt_path.exists() else (0, 0)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
     command = argv if argv is not None else sys.argv[1:]
     log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
     log(f"{param_report(model)}; {data.n:,} training images; world {world}")
+    log(snapshot_plan(args, ema))
     net = torch.compile(model) if args.compile else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -656,7 +662,8 @@ def main(argv=None):
     stop = []  # SIGTERM / SIGINT: save at the next gate, exit
     handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    sums, local_bs, meter = LossSums(), args.batch_size // world, Meter(images)
+    sums, local_bs = LossSums(), args.batch_size // world
+    clock = SimpleNamespace(log=time.time(), images=images, save=time.time())  # img/s, saves
     bar = tqdm(total=args.train_images, initial=images, unit="img", unit_scale=True,
                disable=rank != 0)
     model.train()
@@ -676,26 +683,29 @@ def main(argv=None):
                 continue  # the hot path: no host sync, no collective
 
             # Events, at a gate every rank computes alike: ranks agree on signals and the clock
-            halt, due = agree([bool(stop), meter.due(args.ckpt_minutes)], world, device)
+            due = time.time() - clock.save > 60 * args.ckpt_minutes
+            halt, due = agree([bool(stop), due], world, device)
             at = lambda every: crossed(images, args.batch_size, every)
             done = images >= args.train_images
             log_now = at(args.log_every) or done
-            keep_now = at(args.keep_every)  # a snapshot kept for evaluation along the run
+            keep_now = at(args.keep_every) or (done and args.keep_every > 0)  # the final one too
             save_now = at(args.ckpt_every) or done or halt or due or keep_now
             if log_now or save_now:  # a non-finite loss or weight stops before saving
                 rec = sums.read(world)
                 check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
             if log_now:
-                log_metrics(rec, step, images, opt, meter, out, log, bar, extra)
+                log_metrics(rec, step, images, opt, clock, out, log, bar, extra)
                 sums.reset()
             if save_now:
                 state = {"script": Path(__file__).name, "args": vars(args),
                          "model": model.state_dict(), "ema": ema.state_dict(),
                          "opt": opt.state_dict(), "step": step, "images": images, **data.state}
-                save_checkpoint(state, ckpt_path, keep_now, rank, meter)
+                save_checkpoint(state, ckpt_path, keep_now, rank)
+                clock.save = time.time()
             if rank == 0 and args.sample_every and (at(args.sample_every) or done):
-                x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # EMA preview
-                save_grid(x, out / f"grid-{images:09d}.png")
+                x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # in [-1, 1]
+                save_grid(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte(),
+                          out / f"grid-{images:09d}.png")
             if halt:
                 log(f"stopped by signal {stop[0] if stop else 'on another rank'} at step {step}; "
                     f"checkpoint saved, rerun the same command to resume")
@@ -715,8 +725,8 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """The steps where ranks meet for events: every 10th, a log, checkpoint, snapshot or preview
-    boundary, the last. A function of (step, images) alone, so every rank reaches the same gates."""
+    """Where ranks meet for events, a function of (step, images) alone: every 10th step, a log,
+    checkpoint, snapshot or preview boundary, the last step."""
     return (step % 10 == 0 or images >= args.train_images
             or any(crossed(images, args.batch_size, every)
                    for every in (args.log_every, args.ckpt_every, args.keep_every,
@@ -732,24 +742,6 @@ def agree(flags, world, device):
     return flags
 
 
-class Meter:
-    """The wall clock since the last log line (for img/s) and since the last checkpoint."""
-
-    def __init__(self, images):
-        self.t_log = self.t_save = time.time()
-        self.images_log = images
-
-    def due(self, minutes):
-        """Whether the last checkpoint is more than `minutes` old."""
-        return time.time() - self.t_save > 60 * minutes
-
-    def img_per_s(self, images):
-        """Images per second since the last call (or the start), which it restarts."""
-        rate = (images - self.images_log) / (time.time() - self.t_log)
-        self.t_log, self.images_log = time.time(), images
-        return rate
-
-
 def check_finite(rec, model, ckpt_path, step, images, log):
     """Stop every rank if a loss (or, given a model, a weight) is not finite, before a save."""
     terms = [v for k, v in rec.items() if not k.startswith("loss_bin")]
@@ -759,14 +751,16 @@ def check_finite(rec, model, ckpt_path, step, images, log):
     if bad:
         kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
                 else "no checkpoint was written")
-        log.fail(f"{bad} at step {step} ({images:,} images); {kept}; "
-                 f"lower --lr or check the data")
+        log.fail(f"{bad} at step {step} ({images:,} images); {kept}; lower --lr or check the data")
 
 
-def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
-    """One line of the losses (overall, by noise level, extra terms) to log.txt, metrics.jsonl."""
+def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
+    """One line of the losses (overall, by noise level, extra terms) to log.txt, metrics.jsonl;
+    img/s since the last line."""
+    now = time.time()
     rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
-           "img_per_s": meter.img_per_s(images)}
+           "img_per_s": (images - clock.images) / (now - clock.log)}
+    clock.log, clock.images = now, images
     if log.rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -778,20 +772,32 @@ def log_metrics(rec, step, images, opt, meter, out, log, bar, extra):
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
 
-def save_checkpoint(state, ckpt_path, keep, rank, meter):
-    """One self-describing file, written atomically by rank 0; a kept snapshot is the same file
-    under its own name, ckpt-<images>.pt. Restarts the checkpoint clock."""
+def save_checkpoint(state, ckpt_path, keep, rank):
+    """One self-describing file, written atomically by rank 0; a kept snapshot ckpt-<images>.pt
+    holds what evaluation reads (EMA weights, args, data state), not the model or optimizer."""
     if rank == 0:
         atomic_save(state, ckpt_path)
         if keep:
-            atomic_save(state, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
-    meter.t_save = time.time()
+            snapshot = {k: v for k, v in state.items() if k not in ("model", "opt")}
+            atomic_save(snapshot, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
+
+
+def snapshot_plan(args, ema):
+    """The line announcing the snapshots the run keeps and the disk they take (EMA weights)."""
+    if not args.keep_every:
+        return "snapshots: none kept (--keep-every 0)"
+    steps, every = -(-args.train_images // args.batch_size), args.keep_every
+    final = steps * args.batch_size  # the image count after the last step
+    count = steps if every <= args.batch_size else \
+        final // every + (not crossed(final, args.batch_size, every))
+    size = sum(v.nbytes for v in ema.state_dict().values())
+    return (f"snapshots: {count} kept (every {every:,} images and the final weights), {count} x "
+            f"{size / 1e6:.3g} MB = {count * size / 1e9:.3g} GB in {args.out}")
 
 
 def resolve_length(args, n):
-    """The run's length and event spacing in images, from its n training images: the paper's
-    epochs unless --train-images."""
-    args.train_images = args.train_images or args.epochs * n
+    """The run's length and event spacing in images, from its n training images."""
+    args.train_images = args.train_images or args.epochs * n  # the paper's epochs by default
     args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
     if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
         args.warmup_images = min(args.warmup_epochs * n, args.train_images // 10)
@@ -804,19 +810,24 @@ def resolve_length(args, n):
 
 def add_training_args(p):
     """The command line of the training loop: the same in every trainer."""
+    def count(text):  # an image count: a negative one is a one-line error
+        if int(text) < 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative: give a count of images, >= 0")
+        return int(text)
     p.add_argument("--data-path", default="data", help="folder holding the dataset")
     p.add_argument("--out", help="run directory (default: runs/<script>-<dataset>-<config>)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no horizontal flips, for classes that are not mirror-symmetric (digits)")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--train-images", type=int, help="training length (default: the paper's)")
-    p.add_argument("--log-every", type=int, help="images between log lines (50k; a tenth of "
-                                                  "shorter runs)")
-    p.add_argument("--ckpt-every", type=int, default=1_000_000, help="images between checkpoints")
-    p.add_argument("--keep-every", type=int,
-                   help="images between kept snapshots ckpt-<images>.pt (default: the paper's "
-                        "evaluation points, App. A and Table 6; none on shapes; 0: none)")
+    p.add_argument("--train-images", type=count, help="training length (default: the paper's)")
+    p.add_argument("--log-every", type=count, help="images between log lines (50k, or a tenth)")
+    p.add_argument("--ckpt-every", type=count, default=10**6, help="images between checkpoints")
+    p.add_argument("--keep-every", type=count,
+                   help="images between kept snapshots ckpt-<images>.pt, the final one too "
+                        "(default: the paper's evaluation points, App. A, Table 6; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
-    p.add_argument("--sample-every", type=int, default=5_000_000,
+    p.add_argument("--sample-every", type=count, default=5_000_000,
                    help="images between preview grids of the EMA model (0: no previews)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -828,14 +839,16 @@ def add_training_args(p):
     p.add_argument("--dry-run", action="store_true",
                    help="print the configuration and parameter counts, then exit")
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
-                   help="time STEPS training steps on a synthetic batch, with self-conditioning "
-                        "on and off, then exit")
+                   help="time STEPS training steps on a synthetic batch, self-conditioning on "
+                        "and off, then exit")
 
 
-def setup_distributed():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one."""
+def setup_distributed(timeout=None):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one. `timeout`
+    (a timedelta): how long a collective may wait, when not torch's default."""
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                **({} if timeout is None else {"timeout": timeout}))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -843,6 +856,36 @@ def setup_distributed():
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
+
+
+def local_rank():
+    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def raise_on_any(error):
+    """Collective: when any rank has an error message, every rank exits with the first one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise SystemExit(error)
+
+
+def fetch_once(path, fetch, failed):
+    """Make `path` exist: one process per node runs fetch(path), the others wait (all ranks call
+    this); a failure ends every rank with one line. Nodes on one file system: the first wins."""
+    error = None
+    if local_rank() == 0 and not path.exists():
+        try:
+            fetch(path)
+        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
+            if not path.exists():  # else another node's copy landed first (rename failed)
+                error = f"{failed} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
+    return path
 
 
 def use_bf16(device, precision):
@@ -861,14 +904,13 @@ def memory_format(device):
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(seed, epoch, size):
-    """The dataset's order in an epoch, seeded by (seed, epoch). Cached: drawing it takes 15 ms
-    for ImageNet-1k's 1.28M images on one CPU thread, a whole step of a fast GPU."""
+    """The dataset's order in an epoch, seeded by (seed, epoch); cached: it takes 15 ms for
+    ImageNet-1k on one CPU thread, a whole step of a fast GPU."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def batch_indices(start, n, size, seed):
-    """Dataset indices of stream positions start .. start+n, in each epoch's epoch_order: the
-    data order of a run is a function of the seed alone."""
+    """Dataset indices of stream positions start .. start+n: a function of the seed alone."""
     idx, pos = [], start
     while pos < start + n:
         epoch, off = divmod(pos, size)
@@ -889,11 +931,11 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def save_grid(images, path):
-    """(N, 3, H, W) in [-1, 1] -> one PNG, 8 per row."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+def save_grid(images, path, cols=8):
+    """uint8 images (N, 3, H, W) -> one PNG, `cols` per row: previews and sample.py's grids."""
+    x = torch.as_tensor(images).cpu()
     n, c, h, w = x.shape
-    cols = min(8, n)
+    cols = min(cols, n)
     grid = torch.zeros(c, math.ceil(n / cols) * h, cols * w, dtype=torch.uint8)
     for i, im in enumerate(x):
         grid[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
@@ -901,8 +943,8 @@ def save_grid(images, path):
 
 
 def atomic_save(obj, path, save=None):
-    """save(obj, file) (default torch.save) to a temporary name, then rename: a kill at any
-    instant, or a full disk, leaves the previous file intact and no temporary file behind."""
+    """save(obj, file) (torch.save) to a temporary name, then rename: a kill at any instant, or
+    a full disk, leaves the previous file intact and no temporary file behind."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -930,8 +972,9 @@ def check_out_dir(out):
     return None
 
 
-def load_checkpoint_for_resume(path, args, log):
-    """Load <out>/ckpt.pt, refusing another script or architecture; warn of changed settings."""
+def resume(path, args, log, model, ema, opt):
+    """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer; refuses another
+    script or architecture, warns of changed settings."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -949,7 +992,10 @@ def load_checkpoint_for_resume(path, args, log):
     changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if old.get(k, v) != v]
     if changed:
         log("warning: resuming with changed settings: " + ", ".join(changed))
-    return ckpt
+    for module, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
+        module.load_state_dict(ckpt[key])
+    log(f"resumed from {path} at step {ckpt['step']} ({ckpt['images']:,} images)")
+    return ckpt["step"], ckpt["images"]
 
 
 class Log:
@@ -976,9 +1022,8 @@ class Log:
 
 
 class LossSums:
-    """Each rank's sums of the training losses since the last log line: overall, per noise-level
-    bin (with the bin's count) and for each extra term. read() all-reduces them into mean
-    losses over all ranks."""
+    """Each rank's loss sums since the last log line: overall, per noise-level bin (with its
+    count) and per extra term; read() all-reduces them into means."""
 
     BINS = 5  # equal-width bins of the noise level in [0, 1]
 
@@ -990,10 +1035,9 @@ class LossSums:
         b = (level * self.BINS).long().clamp(max=self.BINS - 1)
         loss, zeros = loss.float(), torch.zeros(self.BINS, device=loss.device)  # sums in fp32
         new = {"loss": loss.sum()[None], "bin_count": zeros.index_add(0, b, torch.ones_like(loss)),
-               "bin_loss": zeros.index_add(0, b, loss)}
-        new.update({k: v.float()[None] * len(loss) for k, v in extra.items()})
-        for k, v in new.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+               "bin_loss": zeros.index_add(0, b, loss),
+               **{k: v.float()[None] * len(loss) for k, v in extra.items()}}
+        self.sums = {k: self.sums[k] + v if k in self.sums else v for k, v in new.items()}
 
     def read(self, world):
         """{name: mean over all ranks} with loss_bin0.. (None for an empty bin); a collective."""
@@ -1013,15 +1057,14 @@ class LossSums:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: pixel datasets by name or class folders, fetched once per node
+# Data: the shapes toy and the datasets this model trains on in the paper (CIFAR, Tiny-ImageNet,
+# class folders), fetched once per node
 
 SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
     # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
     "shapes": ((0, 0.45), (0.55, 1), (0.07, 0.09), (0.22, 0.30)),
     "shapes-fixed": ((0.225, 0.225), (0.775, 0.775), (0.08, 0.08), (0.26, 0.26)),  # no nuisances
 }
-
-
 DATASETS = {  # pixel datasets known by name: classes, resolution
     "cifar10": (10, 32), "cifar100": (100, 32), "tiny-imagenet": (200, 64),
     **dict.fromkeys(SHAPES, (10, 32)),
@@ -1034,19 +1077,17 @@ CIFAR = {  # the official python pickles: url, md5, folder, train files, test fi
                  "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
                  ["train"], ["test"], b"fine_labels"),
 }
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class folders
 
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """A deterministic toy dataset of 10 classes told apart by geometry alone. Every image holds
-    four identical dots; the class is their constellation, under random position, size,
-    rotation, mirroring and colours. Colour, area and local texture carry no class, so a probe
-    sees only what the model learns of the arrangement, which is slow. 'shapes-fixed' draws the
-    same classes and poses with one colour pair, radius and size. Returns uint8 images (n, 3,
+    """A deterministic toy of 10 classes told apart by geometry alone: four identical dots whose
+    constellation is the class, under random position, size, rotation, mirroring and colours.
+    Colour, area and texture carry no class, so a probe sees only what the model learns of the
+    arrangement. 'shapes-fixed': one colour pair, radius and size. Returns uint8 images (n, 3,
     res, res), labels (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense
-    probing) and the nuisance draws (n, 8): background and dot colour, constellation size, dot
-    radius."""
+    probing) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     constellations = np.array([  # four dots each, in units of the dot spacing
         [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
@@ -1084,59 +1125,31 @@ def make_shapes(n, seed, res=32, name="shapes"):
             nuisance)
 
 
-def local_rank():
-    """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return int(os.environ.get("LOCAL_RANK", rank))
-
-
-def raise_on_any(error):
-    """Collective: when any rank has an error message, every rank exits with the first one."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise SystemExit(error)
-
-
-def fetch_once(path, fetch, failed):
-    """Make `path` exist: one process per node runs fetch(path) while the others wait (all ranks
-    call this). A failure ends every rank promptly with the same line: `failed` and the reason.
-    Nodes sharing a file system may fetch at once: whichever finishes first wins."""
-    error = None
-    if local_rank() == 0 and not path.exists():
-        try:
-            fetch(path)
-        except (Exception, SystemExit) as e:  # network, disk, checksum: one line for all ranks
-            if not path.exists():  # else another node's copy landed first (rename failed)
-                error = f"{failed} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
-    return path
-
-
-def download_cifar(url, md5, folder):
-    """Fetch the archive, check its md5 and extract it into `folder`, all under temporary names
-    in the same file system: an interrupted fetch leaves nothing behind."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
-        archive = Path(tmp) / url.rsplit("/", 1)[1]
-        torch.hub.download_url_to_file(url, archive)
-        if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
-            raise ValueError(f"wrong md5 checksum of {url}")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        os.replace(Path(tmp) / folder.name, folder)
+def shapes_split(args, split):
+    """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
+    n, seed = (10_000, 0) if split == "train" else (2_000, 1)
+    return make_shapes(n, seed, args.resolution, args.dataset)
 
 
 def load_cifar(name, root, split):
-    """CIFAR from the official pickles, downloaded (md5-checked) on first use."""
+    """CIFAR from the official pickles, downloaded on first use: md5-checked and extracted under
+    temporary names in the same file system, so an interrupted fetch leaves nothing behind."""
     url, md5, folder, train_files, test_files, key = CIFAR[name]
     root = Path(root)
     root = root.parent if root.name == folder else root
-    fetch_once(root / folder, lambda p: download_cifar(url, md5, p),
-               f"{name} is not in {root / folder} and could not be downloaded; "
-               f"extract {url} there, or pass --data-path")
+
+    def download(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
+            archive = Path(tmp) / url.rsplit("/", 1)[1]
+            torch.hub.download_url_to_file(url, archive)
+            if hashlib.md5(archive.read_bytes()).hexdigest() != md5:
+                raise ValueError(f"wrong md5 checksum of {url}")
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            os.replace(Path(tmp) / folder, path)
+    fetch_once(root / folder, download, f"{name} is not in {root / folder} and could not be "
+                                        f"downloaded; extract {url} there, or pass --data-path")
     xs, ys = [], []
     for f in train_files if split == "train" else test_files:
         with open(root / folder / f, "rb") as fh:
@@ -1190,8 +1203,7 @@ def image_files(args, split):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Entries of a (path, label) list as ADM-cropped uint8 (3, res, res), with their index and
-    '' or the reason the file could not be read."""
+    """(index, ADM-cropped uint8 (3, res, res), "" or why it could not be read) of each file."""
 
     def __init__(self, files, res):
         self.files, self.res = files, res
@@ -1213,24 +1225,17 @@ def decode_images(files, res, workers, skip_bad):
     """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
     xs = torch.empty(len(files), 3, res, res, dtype=torch.uint8)
     ok = torch.ones(len(files), dtype=torch.bool)
-    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_size=64,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(ImageFiles(files, res), 64, num_workers=workers)
     for idx, img, errors in tqdm(loader, desc="decoding images", disable=local_rank() > 0):
         xs[idx] = img
         for i, error in zip(idx.tolist(), errors):
             if error and not skip_bad:
-                raise SystemExit(f"cannot read image {error}: fix or remove it, or pass --skip-bad")
+                raise SystemExit(f"cannot read image {error}: fix or remove it or pass --skip-bad")
             ok[i] = not error
     if not ok.all():
         print(f"skipped {int((~ok).sum())} unreadable images")
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return xs[ok], labels[ok]
-
-
-def shapes_split(args, split):
-    """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
-    n, seed = (10_000, 0) if split == "train" else (2_000, 1)
-    return make_shapes(n, seed, args.resolution, args.dataset)
 
 
 def load_pixels(args, split="train"):
