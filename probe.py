@@ -1,27 +1,23 @@
 """
-Linear probing of DDAE++ checkpoints (train_unet.py, train_uvit.py, train_dit.py): frozen EMA-model
+Linear probing of DDAE++ checkpoints (train_unet.py, train_uvit.py, train_dit.py): frozen EMA
 features at a noise level t and a layer, globally average pooled, classified linearly.
 
-    python probe.py --ckpt runs/X/ckpt.pt --init --raw-pixels     # Table 10's cell, at init, pixels
+    python probe.py --ckpt runs/X/ckpt.pt --init --raw-pixels     # Table 10's cell, init, pixels
     python probe.py --ckpt runs/X/ckpt.pt --grid                   # every (t, layer): Fig. 4-5
-    python probe.py --ckpt runs/X/ckpt-*.pt                        # a run's snapshots (App. A's rule)
+    python probe.py --ckpt runs/X/ckpt-*.pt                        # snapshots: App. A's rule
     python probe.py --ckpt runs/*/ckpt.pt --loss                   # seeds and arms: mean +- std
-    python probe.py --ckpt runs/X/ckpt.pt --dataset cifar100       # transfer to another dataset
+    python probe.py --ckpt runs/X/ckpt.pt --dataset cifar100       # transfer
     python probe.py --ckpt runs/X/ckpt.pt --dense --dataset ade20k # per-pixel probe: mIoU
     torchrun --nproc_per_node=8 probe.py --ckpt runs/X/ckpt.pt --grid   # data-parallel
 
-Two heads. `lbfgs` (default) is a multinomial logistic regression on standardised features fitted
-to convergence by full-batch L-BFGS, its L2 strength chosen on a held-out tenth of the training
-split (CLIP's linear probe): a figure that compares two models must come from the optimum of the
-head's objective. `table11` is the paper's recipe (Table 11: BatchNorm without affine + Linear,
-Adam, cosine, 15 epochs on CIFAR and 30 elsewhere), to reproduce its figures; it stops short of
-that optimum. Every head prints its final training loss and accuracy beside its test accuracy.
-
-Memory, so that ImageNet-1k fits a node: noise levels are probed one after another; each rank
-extracts and keeps only its own rows as float16 (spilled to an unlinked file when large); both
-heads are data-parallel (statistics, losses and gradients summed over ranks: every rank takes the
-steps one process holding all rows would). Output: <out>/probe.json, a chart for several layers;
-for several checkpoints <out>/summary.json and <out>/layers.png.
+Heads: `lbfgs` (default), a multinomial logistic regression on standardised features fitted to
+convergence by full-batch L-BFGS, its L2 strength chosen on a held-out tenth of the training
+images (CLIP's linear probe): a figure that compares two models must come from the optimum of its
+objective. `table11`, the paper's recipe (BatchNorm + Linear, Adam, cosine, 15 or 30 epochs), to
+reproduce its figures; it stops short of that optimum. Each head prints its final training loss
+and accuracy beside its test accuracy. Memory: one noise level at a time; each rank keeps only its
+own rows, float16 (spilled to an unlinked file when large); both heads are data-parallel (sums
+all-reduced: every rank takes the steps one process holding all rows would).
 """
 import argparse
 import contextlib
@@ -29,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,50 +40,47 @@ from tqdm import tqdm
 from sample import ckpt_name, for_inference, import_trainer, load_checkpoint, read_checkpoint
 
 # ------------------------------------------------------------------------------------------------
-# The protocol: grids and Table 10-11 defaults, the converged head, App. A's snapshot rule
+# The protocol: grids, Table 11, the converged head, App. A's snapshot rule
 
-# Grids in native units around the Table 10 optima (DDPM step of T=1000; EDM sigma; RF t, 1 = noise).
-# EDM: steps 2-8 from the end of the 18-step Heun schedule (0.06 = step 4, 0.2964 = step 6).
-GRIDS = {
-    "DDPM": [1, 11, 21, 41, 66, 101, 151],
-    "EDM": [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
-    "RF": [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6],
-}
-# Table 11's global batch: 1440 for latents; for pixels one batch row spans pre-training and
-# probing, which we read as shared: 512 ddpm, 256 ddpmpp and UViT-S (DDAE ran 512 for every net).
-# The CPU presets ('tiny') are not in the paper: 128.
+# Grids in native units around Table 10's optima (DDPM step; EDM sigma; RF t, 1 = noise). EDM:
+# steps 2-8 from the end of the 18-step Heun schedule (0.06 = step 4, 0.2964 = step 6).
+GRIDS = {"DDPM": [1, 11, 21, 41, 66, 101, 151],
+         "EDM": [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
+         "RF": [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6]}
+# Table 11's global batch: 1440 latent; for pixels one row spans pre-training and probing, which
+# we read as shared (DDAE ran 512 for every net). 'tiny' is not in the paper: 128.
 PROBE_BATCH = {"ddpm": 512, "ddpmpp": 256, "uvit_s": 256}
 MAX_PIXEL_DIM = 12288  # raw pixels: flattened up to 64x64x3 (and 16x16x32 latents), pooled above
-# The L2 path of the converged head, strongest first (each fit starts from the last: warm starts),
-# on the mean cross-entropy over standardised features; the held-out tenth picks one (CLIP's
-# practice, on a coarser grid).
-L2_PATH = [10.0 ** -k for k in range(7)]
-HELD_OUT = 0.1
+# The converged head's L2 strengths on the mean cross-entropy, strongest first (warm starts);
+# a held-out tenth of the training images picks one.
+L2_PATH, HELD_OUT = [10.0 ** -k for k in range(7)], 0.1
 LBFGS = dict(max_iter=1000, tolerance_grad=1e-4, history_size=20)  # sklearn's tolerance
-CACHE_BYTES = 2 ** 30  # a node's standardised rows of one cell, held for the fit when smaller
-# App. A: CIFAR accuracy is the best of the 800/1000/1200-epoch snapshots, every other figure the
-# final one's; nothing else is chosen on the test split.
+CACHE_BYTES = 2 ** 30  # a node's standardised rows of one cell are held for the fit below this
+# App. A: CIFAR accuracy is the best of the 800/1000/1200-epoch snapshots; else the final one.
 APP_A_EPOCHS = {"cifar10": (800, 1000, 1200), "cifar100": (800, 1000, 1200)}
-# The random streams: each draws from _seed(--seed, stream, index), so none depends on another.
-TEST, TRAIN, FLIPS, LOSS, SC, HOLD = range(6)
+TEST, TRAIN, FLIPS, LOSS, SC, HOLD = range(6)  # random streams: _seed(--seed, stream, index)
+DENSE = {  # the standard protocols: default folder, classes scored; 255 is ignored everywhere
+    "ade20k": ("data/ADEChallengeData2016", 150),  # label 0 ('other') ignored: c -> c - 1
+    "voc": ("data/VOCdevkit/VOC2012", 21),  # background and 20 classes; 255 marks boundaries
+}
 
 
 @dataclass(frozen=True)
 class Cell:
-    """What one head reads: a network ('trained', 'init', or 'pixels') at noise level t, a layer."""
+    """What one head reads: a network ('trained', 'init' or 'pixels') at noise level t, a layer."""
     net: str
     t: float = None
     layer: str = "pixels"
 
     def __str__(self):
-        return "raw pixels" if self.net == "pixels" else f"t={self.t:g} {self.layer}" + (
-            " at init" if self.net == "init" else "")
+        return "raw pixels" if self.net == "pixels" else \
+            f"t={self.t:g} {self.layer}" + " at init" * (self.net == "init")
 
 
 @dataclass
 class Score:
-    """A head's figures in %: test accuracy; final training loss and accuracy; lbfgs: its L2
-    strength and accuracy on the held-out tenth."""
+    """A head's figures, in %: test accuracy, final training accuracy and loss; lbfgs: the L2
+    strength and its accuracy on the held-out tenth."""
     test: float
     train: float
     loss: float
@@ -97,53 +91,42 @@ class Score:
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, nargs="+",
-                   help="checkpoints of train_*.py; snapshots of a run: App. A's rule picks one")
-    p.add_argument("--raw", action="store_true", help="probe the online weights, not the EMA")
-    p.add_argument("--t", type=float, nargs="+", help="noise levels, native units (default: the "
-                   "checkpoint's probe_t)")
-    p.add_argument("--layer", nargs="+", help="out_6, 6, block_9, cls (UViT [CLS]) or all "
-                   "(default: the checkpoint's sc_layer)")
-    p.add_argument("--grid", action="store_true", help="--t: the formulation's grid, --layer all")
-    p.add_argument("--raw-pixels", action="store_true", help="also probe raw pixels (a baseline)")
-    p.add_argument("--init", action="store_true", help="also probe the network at its initial "
-                   "weights (the run's seed)")
-    p.add_argument("--head", choices=["lbfgs", "table11"],
-                   help="lbfgs: converged logistic regression (default); table11: the paper's "
-                        "Adam recipe (the only head of --dense)")
-    p.add_argument("--draws", type=int, default=1, help="noise draws per training image, each in "
-                   "both flips; table11 takes draw e %% K in epoch e (the paper: a new one each)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="horizontal flips of the training images (default: as the run trained)")
-    p.add_argument("--dense", action="store_true", help="per-pixel probe of the unpooled features, "
-                   "scored by mIoU (shapes: its masks; ade20k, voc, or a folder: --dataset)")
-    p.add_argument("--loss", action="store_true", help="also the held-out denoising loss per "
-                   "noise-level bin (test split)")
-    p.add_argument("--sc-stats", action="store_true", help="also what the self-conditioning term "
-                   "adds to emb (UNet, DiT trained with --self-cond)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast (auto: on CUDA) or fp32")
-    p.add_argument("--epochs", type=int, help="table11 and dense: 15 on CIFAR, 30 otherwise")
-    p.add_argument("--lr", type=float, help="table11 and dense: 4e-3 pixel, 2e-3 latent")
-    p.add_argument("--batch-size", type=int, help="table11 and dense: global batch, 512 ddpm, "
-                   "256 ddpmpp / UViT-S, 1440 latent (Table 11), 128 tiny")
-    p.add_argument("--extract-batch", type=int, default=256, help="images per forward")
-    p.add_argument("--dataset", help="another labelled dataset (transfer): a name the trainers "
-                   "know or a class folder; --dense: ade20k, voc or an images/ + annotations/ folder")
-    p.add_argument("--data-path", help="--dataset's folder (default: its own, never the run's)")
-    p.add_argument("--limit", type=int, help="probe a fixed random subset of this many images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="default <ckpt dir>/probe[-dense][-<dataset>]")
+    arg = p.add_argument
+    arg("--ckpt", required=True, nargs="+", help="train_*.py checkpoints (a run's snapshots too)")
+    arg("--raw", action="store_true", help="probe the online weights, not the EMA")
+    arg("--t", type=float, nargs="+", help="noise levels, native units (default: probe_t)")
+    arg("--layer", nargs="+", help="out_6, 6, block_9, cls (UViT), all (default: sc_layer)")
+    arg("--grid", action="store_true", help="--t: the formulation's grid, --layer all")
+    arg("--raw-pixels", action="store_true", help="also probe raw pixels (a baseline)")
+    arg("--init", action="store_true", help="also probe the run's initial weights")
+    arg("--head", choices=["lbfgs", "table11"], help="default lbfgs (--dense: table11 only)")
+    arg("--draws", type=int, default=1, help="noise draws per training image, each in both "
+        "flips; table11 takes draw e %% K in epoch e (the paper: a new one each epoch)")
+    arg("--flip", action=argparse.BooleanOptionalAction, help="flip training images (default: "
+        "as the run trained)")
+    arg("--dense", action="store_true", help="per-pixel probe of the unpooled features (mIoU)")
+    arg("--loss", action="store_true", help="also the held-out denoising loss by noise level")
+    arg("--sc-stats", action="store_true", help="also what the self-conditioning term carries")
+    arg("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA")
+    arg("--epochs", type=int, help="table11, dense: 15 on CIFAR, 30 otherwise (Table 11)")
+    arg("--lr", type=float, help="table11, dense: 4e-3 pixel, 2e-3 latent (Table 11)")
+    arg("--batch-size", type=int, help="table11, dense: 512 ddpm, 256 ddpmpp, UViT-S, 1440 latent")
+    arg("--extract-batch", type=int, default=256, help="images per forward")
+    arg("--dataset", help="transfer: a dataset the trainers know or a class folder; --dense: "
+        "ade20k, voc or a folder with images/ and annotations/")
+    arg("--data-path", help="--dataset's folder (default: its own, never the run's)")
+    arg("--limit", type=int, help="probe a fixed random subset of this many images")
+    arg("--seed", type=int, default=0)
+    arg("--out", help="default <ckpt dir>/probe[-dense][-<dataset>]")
     a = p.parse_args(argv)
     for name in ("draws", "epochs", "batch_size", "extract_batch", "limit"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
-    if a.dense:  # dense probing reads one map per cell and trains the mini-batch head
-        bad = [f for f, on in (("--loss", a.loss), ("--sc-stats", a.sc_stats), ("--limit", a.limit),
-                               ("--head lbfgs", a.head == "lbfgs"), ("--draws", a.draws > 1)) if on]
-        if bad:
-            raise SystemExit(f"--dense does not take {', '.join(bad)}")
-    a.head = a.head or "table11" if a.dense else a.head or "lbfgs"
+    bad = [f for f, on in (("--loss", a.loss), ("--sc-stats", a.sc_stats), ("--limit", a.limit),
+                           ("--head lbfgs", a.head == "lbfgs"), ("--draws", a.draws > 1)) if on]
+    if a.dense and bad:  # dense probing trains the mini-batch head on one map per cell
+        raise SystemExit(f"--dense does not take {', '.join(bad)}")
+    a.head = a.head or ("table11" if a.dense else "lbfgs")
     return a
 
 
@@ -156,8 +139,7 @@ def world():
 
 def owned(i, block):
     """Which of the rows i (N,) this rank owns, for extraction batches of `block` rows."""
-    rank, size = world()
-    return i // block % size == rank
+    return i // block % world()[1] == world()[0]
 
 
 def local_rows(i, block):
@@ -166,9 +148,11 @@ def local_rows(i, block):
 
 
 def all_sum(t):
-    """t summed over all ranks (in place)."""
+    """t summed over all ranks, in place (nccl sums on the GPU: a CPU tensor goes and returns)."""
     if world()[1] > 1:
-        dist.all_reduce(t)
+        u = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(u)
+        t.copy_(u)
     return t
 
 
@@ -178,13 +162,12 @@ def _seed(*ints):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: a labelled split in model space, the dataset of a transfer
+# Data: a labelled split in model space
 
 class Data:
-    """A labelled split read a batch at a time in model space: uint8 pixels (N, 3, H, W) in memory,
-    or the VA-VAE cache (N, 2 flips, 32, 16, 16) float16, memory-mapped, normalised with the
-    training latents' statistics. `rows` picks a subset (--limit); `encode` maps pixels to the
-    network's input (a latent DiT's dense probe encodes its 256x256 images on the fly)."""
+    """A labelled split read a batch at a time in model space: uint8 pixels (N, 3, H, W), or the
+    VA-VAE cache (N, 2 flips, 32, 16, 16) float16, memory-mapped, normalised with the training
+    latents' statistics. `rows`: a subset (--limit); `encode`: pixels to the network's input."""
 
     def __init__(self, x, y, stats=None, rows=None, encode=None):
         self.x, self.stats, self.encode = x, stats, encode
@@ -195,7 +178,7 @@ class Data:
         return len(self.rows)
 
     def batch(self, i, flip):
-        """Positions i (B,) -> (B, C, H, W) float32, horizontally flipped where flip (B,) is True."""
+        """Positions i (B,) -> (B, C, H, W) float32, flipped where flip (B,) is True."""
         idx = self.rows[i]
         if self.stats is None:
             x = self.x[idx].float() / 127.5 - 1
@@ -203,13 +186,12 @@ class Data:
             return x if self.encode is None else self.encode(x)
         # a flipped latent grid is not the latent of the flipped image: the cache holds both
         z = torch.from_numpy(np.asarray(self.x[idx.numpy(), flip.long().numpy()], np.float32))
-        mean, std = (self.stats[k][:, None, None] for k in ("mean", "std"))
-        return (z - mean) / std
+        return (z - self.stats["mean"][:, None, None]) / self.stats["std"][:, None, None]
 
 
 class Resized(torch.utils.data.Dataset):
-    """uint8 images (N, 3, h, w) as (index, ADM-cropped uint8 (3, res, res), ''): what the latent
-    cache encodes, for a dataset read by another trainer (CIFAR through a latent DiT)."""
+    """uint8 images (N, 3, h, w) as (index, ADM-cropped uint8 (3, res, res), ''): what a latent
+    cache encodes of a dataset read by another trainer (CIFAR for a latent DiT)."""
 
     def __init__(self, x, res, crop):
         self.x, self.res, self.crop = x, res, crop
@@ -222,27 +204,22 @@ class Resized(torch.utils.data.Dataset):
         return i, torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()), ""
 
 
-def reader(mod, args):
-    """The trainer that reads args.dataset: the run's own, or train_unet.py's loaders for a pixel
-    dataset the run's trainer does not hold (CIFAR or Tiny-ImageNet for a DiT)."""
-    own = args.dataset in mod.DATASETS or args.dataset not in import_trainer("train_unet.py").DATASETS
-    return mod if own else import_trainer("train_unet.py")
-
-
 def load_split(mod, args, ckpt, split):
-    """The split's Data: pixels resized to the model's input, or the split's latent cache."""
-    src = reader(mod, args)
+    """The split's Data: pixels resized to the model's input, or the split's latent cache. A pixel
+    dataset the run's trainer does not hold (CIFAR for a DiT) is read by train_unet.py's loader."""
+    unet = import_trainer("train_unet.py")
+    src = mod if args.dataset in mod.DATASETS or args.dataset not in unet.DATASETS else unet
+    read = lambda: src.load_pixels(args if src is mod else src.get_args(
+        ["--dataset", args.dataset, "--data-path", args.data_path]), split)
     if getattr(args, "latent", "none") == "none":
-        x, y = src.load_pixels(src.get_args(["--dataset", args.dataset, "--data-path",
-                                             args.data_path]) if src is not mod else args, split)
+        x, y = read()
         if x.shape[-1] != args.resolution:
             x = F.interpolate(x.float(), size=args.resolution, mode="bicubic", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
         return Data(x, y)
     source = None
     if src is not mod or args.dataset in mod.SHAPES:  # pixels of another loader, encoded at 256
-        x, y = src.load_pixels(src.get_args(["--dataset", args.dataset, "--data-path",
-                                             args.data_path]), split)
+        x, y = read()
         source = (Resized(x, mod.IMAGE_SIZE, mod.center_crop), y)
     d = mod.latent_cache(args, split, source)
     y = torch.from_numpy(np.load(d / "labels.npy"))
@@ -250,7 +227,7 @@ def load_split(mod, args, ckpt, split):
 
 
 def pixel_features(x):
-    """Raw-pixel features (N, D) of model-space x (N, C, H, W): 2x2-pooled until D <= MAX_PIXEL_DIM."""
+    """Raw-pixel features (N, D) of model-space x (N, C, H, W), 2x2-pooled to D <= MAX_PIXEL_DIM."""
     while x[0].numel() > MAX_PIXEL_DIM:
         x = F.avg_pool2d(x, 2)
     return x.flatten(1)
@@ -260,14 +237,12 @@ def pixel_features(x):
 # Features: this rank's rows, float16, in one or more views (noise draw x flip) per image
 
 def _rows(n, width, spill):
-    """(n, width) float16 zeros: in memory when they take under half of this node's available
-    memory shared among its ranks, else in a file under `spill`, unlinked at once (the mapping
-    keeps it until freed, so nothing is left behind even by a kill)."""
-    need = 2 * n * width
+    """(n, width) float16 zeros: in memory below half of this node's available memory shared among
+    its ranks, else in a file under `spill` unlinked at once (nothing is left, even by a kill)."""
     with contextlib.suppress(OSError, StopIteration):
         with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-        if need > avail / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1)) and spill is not None:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
+        if 2 * n * width > avail / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1)) and spill:
             spill.mkdir(parents=True, exist_ok=True)
             path = spill / f".features-{os.getpid()}-{time.time_ns()}.npy"
             rows = np.lib.format.open_memmap(path, "w+", np.float16, (n, width))
@@ -277,9 +252,8 @@ def _rows(n, width, spill):
 
 
 class Features:
-    """One rank's rows of the features of several layers, `views` per image, float16 around a
-    float32 shift per column (the mean of the first batch: pooled features can sit far from zero,
-    where float16 is coarse)."""
+    """One rank's rows of several layers' features, `views` per image, float16 around a float32
+    shift per column (its first batch's mean: float16 is coarse far from zero)."""
 
     def __init__(self, n, views=1, spill=None):
         self.n, self.views, self.spill, self.data, self.cols = n, views, spill, None, {}
@@ -289,8 +263,8 @@ class Features:
         if self.data is None:
             self.data = _rows(self.views * self.n, f.shape[1], self.spill)
             self.shift = f.mean(0)
-            bounds = np.cumsum([0] + [v.shape[1] for v in feats.values()])
-            self.cols = {k: slice(a, b) for k, a, b in zip(feats, bounds[:-1], bounds[1:])}
+            ends = np.cumsum([v.shape[1] for v in feats.values()])
+            self.cols = {k: slice(e - v.shape[1], e) for (k, v), e in zip(feats.items(), ends)}
         self.data[rows.start + view * self.n:rows.stop + view * self.n] = (f - self.shift).half()
 
     def get(self, rows, view, layer):
@@ -302,10 +276,10 @@ class Features:
 @torch.no_grad()
 def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=None, desc=None,
             autocast=contextlib.nullcontext(), pool=True, pixels=False):
-    """{net: Features} of this rank's rows of data at noise level t, each layer, in each view
-    (flips (N,) or None, noise seed). A batch's noise depends on (the view's seed, its first row)
-    alone: a cell probed alone sees the features of a grid, on any number of ranks. pixels: also
-    the raw pixels, under 'pixels'. pool=False: the unpooled maps, flattened."""
+    """{net: Features} of this rank's rows at noise level t, each layer, in each view (flips (N,)
+    or None, noise seed). A batch's noise depends on (its view's seed, its first row) alone: a
+    cell probed alone sees a grid's features, on any number of ranks. pixels: the raw pixels too
+    (net 'pixels'). pool=False: the unpooled maps, flattened."""
     rank, size = world()
     device = next(models["trained"].parameters()).device
     starts = list(range(0, len(data), batch_size))[rank::size]
@@ -323,7 +297,7 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
             tt = torch.full((len(x),), t, device=device)  # int64 for DDPM, float otherwise
             xt = diffusion.add_noise(x.to(device), tt, noise.to(device))
             for name, m in models.items():
-                with autocast:  # unconditional (a conditional DiT: the null class), no augment label
+                with autocast:  # unconditional (a conditional DiT: the null class)
                     f = diffusion.pred(m, xt, tt, feats=tuple(layers), pool=pool)[1]
                 out[name].put(rows, v, {l: f[l].flatten(1) for l in layers})
         row += len(i)
@@ -331,30 +305,28 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
 
 
 class Split:
-    """A split as this rank holds it: all labels (N,), each cell's store and layer, the number of
-    views per image, and this rank's images in storage order."""
+    """A split as this rank holds it: all labels (N,), each cell's (store, layer), the views per
+    image, and the global index of each of this rank's rows (`mine`)."""
 
     def __init__(self, y, stores, views, block):
         self.y, self.stores, self.views, self.block = y, stores, views, block
-        rows = torch.arange(len(y))
-        self.mine = rows[owned(rows, block)]  # global index of each local row
+        self.mine = torch.arange(len(y))[owned(torch.arange(len(y)), block)]
 
     def feats(self, cell, local, view):
         store, layer = self.stores[cell]
         return store.get(local, view, layer)
 
     def chunks(self, cell, keep=None, chunk=4096):
-        """(features (m, C), labels (m,)) of this rank's rows in every view; keep (N,): a subset."""
+        """(features (m, C), labels (m,)) of this rank's rows, every view; keep (N,): a subset."""
         for s in range(0, len(self.mine), chunk):
             local = torch.arange(s, min(s + chunk, len(self.mine)))
-            if keep is not None:
-                local = local[keep[self.mine[local]]]
+            local = local if keep is None else local[keep[self.mine[local]]]
             for v in range(self.views):
                 yield self.feats(cell, local, v), self.y[self.mine[local]]
 
 
 # ------------------------------------------------------------------------------------------------
-# Heads: the converged logistic regression (L-BFGS), and Table 11's recipe (Adam, cosine)
+# Heads: the converged logistic regression (L-BFGS), Table 11's recipe (Adam, cosine)
 
 def moments(chunks, width):
     """(mean, std) (C,) of the rows of chunks, from float64 sums over all ranks."""
@@ -363,27 +335,26 @@ def moments(chunks, width):
         x = x.double()
         s += torch.stack([x.sum(0), x.square().sum(0), torch.full((width,), float(len(x)))])
     s1, s2, n = all_sum(s)
-    mean = s1 / n
-    std = (s2 / n - mean.square()).clamp(min=0).sqrt()
-    return mean.float(), torch.where(std > 0, std, 1).float()
+    std = (s2 / n - (s1 / n).square()).clamp(min=0).sqrt()
+    return (s1 / n).float(), torch.where(std > 0, std, 1).float()
 
 
-def lbfgs(rows, n, classes, width, l2, init=None):
+def lbfgs(rows, n, classes, width, l2, device, init=None):
     """Minimise mean cross-entropy + l2/2 |W|^2 over n rows (rows(): this rank's chunks of
-    (standardised features, labels)) by full-batch L-BFGS with a strong-Wolfe line search, from
-    `init` (a warm start) or zero. Returns (W, b, |gradient|_max at the end)."""
-    W, b = (torch.zeros(classes, width, dtype=torch.float64),
-            torch.zeros(classes, dtype=torch.float64)) if init is None else map(torch.clone, init)
+    standardised features and labels) by full-batch L-BFGS, strong-Wolfe line search, from `init`
+    or zero. Returns (W, b, the gradient's largest entry at the end)."""
+    W, b = (torch.zeros(classes, width, dtype=torch.float64, device=device),
+            torch.zeros(classes, dtype=torch.float64, device=device)) if init is None \
+        else map(torch.clone, init)
     opt = torch.optim.LBFGS([W, b], line_search_fn="strong_wolfe", **LBFGS)
 
     def closure():
-        s = torch.zeros(1 + W.numel() + b.numel(), dtype=torch.float64)
-        w, c = W.float(), b.float()
+        s = torch.zeros(1 + W.numel() + b.numel(), dtype=torch.float64, device=device)
         for x, y in rows():
-            z = torch.addmm(c, x, w.t())  # (m, K) logits
+            z = torch.addmm(b.float(), x, W.float().t())  # (m, K) logits
             lse = z.logsumexp(1, keepdim=True)
-            g = (z - lse).exp_()  # softmax; minus the one-hot labels: d(cross-entropy)/dz
-            g[torch.arange(len(y)), y] -= 1
+            g = (z - lse).exp_()  # softmax minus the one-hot labels: d(cross-entropy)/dz
+            g[torch.arange(len(y), device=device), y] -= 1
             loss = lse.sum() - z.gather(1, y[:, None]).sum()
             s += torch.cat([loss[None], (g.t() @ x).flatten(), g.sum(0)]).double()
         s = all_sum(s) / n
@@ -395,36 +366,35 @@ def lbfgs(rows, n, classes, width, l2, init=None):
     return W, b, max(W.grad.abs().max().item(), b.grad.abs().max().item())
 
 
-def fit_lbfgs(split, cell, classes, seed, log):
-    """The converged head: standardised features, the L2 strength of L2_PATH that scores best on a
-    held-out tenth of the training images (ties: the stronger; the path stops once two strengths
-    in a row score below the best), refitted on all of them.
-    Returns (predict(features) -> logits, held-out accuracy %, l2)."""
+def fit_lbfgs(split, cell, classes, device, seed, log):
+    """The converged head: standardised features; the L2 strength that scores best on a held-out
+    tenth of the training images (ties: the stronger; the path stops after two in a row below the
+    best), refitted on all. Returns (predict(features) -> logits, held-out accuracy %, l2)."""
     width = split.feats(cell, torch.arange(1), 0).shape[1]
-    mean, std = moments(split.chunks(cell), width)
-    order = torch.randperm(len(split.y), generator=torch.Generator().manual_seed(_seed(seed, HOLD)))
+    mean, std = (m.to(device) for m in moments(split.chunks(cell), width))
+    g = torch.Generator().manual_seed(_seed(seed, HOLD))
+    order = torch.randperm(len(split.y), generator=g)
     hold = torch.zeros(len(split.y), dtype=torch.bool)
     hold[order[:max(1, round(HELD_OUT * len(split.y)))]] = True
-    cache = split.views * len(split.mine) * width * 4 < CACHE_BYTES / int(os.environ.get(
-        "LOCAL_WORLD_SIZE", 1))  # standardised once, when they fit; else streamed
+    cache = split.views * len(split.mine) * width * 4 < CACHE_BYTES / int(
+        os.environ.get("LOCAL_WORLD_SIZE", 1))
 
     def rows(keep):  # chunks of standardised rows: one tensor held when they fit, else streamed
-        make = lambda: (((x - mean) / std, y) for x, y in split.chunks(cell, keep))
-        if not cache:
-            return make
-        held = [tuple(map(torch.cat, zip(*make())))]
-        return lambda: held
+        make = lambda: (((x.to(device) - mean) / std, y.to(device))
+                        for x, y in split.chunks(cell, keep))
+        held = [tuple(map(torch.cat, zip(*make())))] if cache else None
+        return (lambda: held) if cache else make
     predict = lambda wb: lambda x: torch.addmm(wb[1].float(), (x - mean) / std, wb[0].float().t())
     fit, n_fit, best, wb = rows(~hold), split.views * int((~hold).sum()), None, None
-    for l2 in L2_PATH:  # strongest first; stop once two in a row score below the best
-        wb = lbfgs(fit, n_fit, classes, width, l2, wb)[:2]
-        acc = evaluate(split, cell, predict(wb), hold)[1]
+    for l2 in L2_PATH:
+        wb = lbfgs(fit, n_fit, classes, width, l2, device, wb)[:2]
+        acc = evaluate(split, cell, predict(wb), device, hold)[1]
         if best is None or acc > best[0]:
             best, worse = (acc, l2, wb), 0
         elif (worse := worse + 1) == 2:
             break
     acc, l2, wb = best
-    W, b, grad = lbfgs(rows(None), split.views * len(split.y), classes, width, l2, wb)
+    W, b, grad = lbfgs(rows(None), split.views * len(split.y), classes, width, l2, device, wb)
     if grad > 10 * LBFGS["tolerance_grad"]:
         log(f"warning: {cell}: L-BFGS stopped at gradient {grad:.1e} (l2 {l2:g}), not converged")
     return predict((W, b)), acc, l2
@@ -432,8 +402,8 @@ def fit_lbfgs(split, cell, classes, seed, log):
 
 class Probe(nn.Module):
     """Table 11's head: BatchNorm without affine + Linear. The BatchNorm is our choice (MAE's
-    probe; DDAE's is a plain Linear): feature scales differ by orders of magnitude across t and
-    layers. Its batch statistics come from the caller, summed over every rank's part."""
+    probe; DDAE's is a plain Linear): feature scales differ by orders of magnitude across cells.
+    Batch statistics come from the caller, summed over every rank's part of the batch."""
 
     def __init__(self, dim, classes):
         super().__init__()
@@ -458,10 +428,11 @@ def batch_stats(f, n):
     return s1.float(), (s2 - s1.square()).clamp(min=0).float()
 
 
-def adam(params, lr, steps):
+def adam(head, lr, steps):
     """Adam with a cosine schedule over `steps` (Table 11)."""
-    opt = torch.optim.Adam(params, lr=lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
 
 def step(opt, loss):
@@ -475,41 +446,46 @@ def step(opt, loss):
     opt.step()
 
 
-def fit_table11(split, cell, classes, *, lr, epochs, batch_size, seed, flip, device="cpu"):
-    """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip),
-    minibatches from a seeded permutation. Returns predict(features) -> logits."""
-    width = split.feats(cell, torch.arange(1), 0).shape[1]
-    head = Probe(width, classes).to(device)
-    n = len(split.y)
-    opt, sched = adam(head.parameters(), lr, epochs * math.ceil(n / batch_size))
-    g = torch.Generator().manual_seed(seed)
-    draws = split.views // (1 + flip)  # view 2d + f is draw d in flip f (without flips: d)
+def batches(split, g, batch_size):
+    """The batches of a permutation drawn from g: (indices, this rank's part of them)."""
+    perm = torch.randperm(len(split.y), generator=g)
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i:i + batch_size]
+        yield idx, idx[owned(idx, split.block)]
+
+
+def epoch_flips(seed, epoch, n):
+    return torch.rand(n, generator=torch.Generator().manual_seed(_seed(seed, FLIPS, epoch))) < 0.5
+
+
+def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, flip):
+    """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip).
+    Returns the head, predict(features) -> logits once in eval mode."""
+    n, g = len(split.y), torch.Generator().manual_seed(seed)
+    head = Probe(split.feats(cell, torch.arange(1), 0).shape[1], classes).to(device)
+    opt, sched = adam(head, lr, epochs * math.ceil(n / batch_size))
+    draws = split.views // (1 + flip)  # view 2d + f: draw d in flip f (no flips: d)
     for epoch in range(epochs):
-        flips = torch.rand(n, generator=torch.Generator().manual_seed(_seed(seed, FLIPS, epoch))) < 0.5
-        view = epoch % draws * (1 + flip) + flips.long() * flip
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+        view = epoch % draws * (1 + flip) + epoch_flips(seed, epoch, n).long() * flip
+        for idx, mine in batches(split, g, batch_size):
             if len(idx) > 1:  # BatchNorm cannot train on a single sample
-                mine = idx[owned(idx, split.block)]
                 f = split.feats(cell, local_rows(mine, split.block), view[mine]).to(device)
                 stats = batch_stats(f, len(idx))
                 y = split.y[mine].to(device)
                 step(opt, F.cross_entropy(head(f, *stats), y, reduction="sum") / len(idx))
                 head.track(*stats, len(idx))
             sched.step()
-    head.eval()
-    return lambda x: head(x.to(device)).cpu()
+    return head.eval()
 
 
 @torch.no_grad()
-def evaluate(split, cell, predict, keep=None):
-    """(mean cross-entropy, top-1 accuracy in %) over the rows of split in every view, all ranks."""
-    s = torch.zeros(3, dtype=torch.float64)
+def evaluate(split, cell, predict, device, keep=None):
+    """(mean cross-entropy, top-1 accuracy %) over the rows of split in every view, all ranks."""
+    s = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in split.chunks(cell, keep):
-        z = predict(x)
-        s += torch.tensor([F.cross_entropy(z, y, reduction="sum").item(),
-                           (z.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        z, y = predict(x.to(device)), y.to(device)
+        s += torch.stack([F.cross_entropy(z, y, reduction="sum").double(),
+                          (z.argmax(1) == y).sum().double(), torch.tensor(len(y), device=device)])
     loss, correct, n = all_sum(s).tolist()
     return loss / n, 100 * correct / n
 
@@ -517,34 +493,28 @@ def evaluate(split, cell, predict, keep=None):
 # ------------------------------------------------------------------------------------------------
 # Dense probing: a linear classifier per location on the unpooled features, scored by mIoU
 
-DENSE = {  # the standard protocols: default folder, classes scored; 255 is ignored everywhere
-    "ade20k": ("data/ADEChallengeData2016", 150),  # label 0 ('other') ignored: 1..150 -> 0..149
-    "voc": ("data/VOCdevkit/VOC2012", 21),  # background and 20 classes; 255 marks boundaries
-}
-
-
 def segmentation_files(dataset, root, split):
     """[(image, label map)] of a split: VOC's ImageSets/Segmentation lists, else ADE20K's layout
     images/ + annotations/ {training, validation} (a plain folder: {train, val})."""
     root = Path(root)
     if dataset == "voc":
-        names = (root / "ImageSets" / "Segmentation" / f"{'train' if split == 'train' else 'val'}.txt")
+        names = root / "ImageSets" / "Segmentation" / {"train": "train.txt", "test": "val.txt"}[split]
         if not names.is_file():
-            raise SystemExit(f"--dense: no {names}: point --data-path at VOC2012 (VOCdevkit/VOC2012)")
+            raise SystemExit(f"--dense: no {names}: point --data-path at VOCdevkit/VOC2012")
         return [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClass" / f"{n}.png")
                 for n in names.read_text().split()]
     subs = [s for s in {"train": ("training", "train"), "test": ("validation", "val")}[split]
             if (root / "images" / s).is_dir()]
     if not subs:
-        raise SystemExit(f"--dense: no {root / 'images'}/training or /train: point --data-path at a "
-                         f"folder with images/ and annotations/ (ADE20K's layout)")
+        raise SystemExit(f"--dense: no {root / 'images'}/training or /train: point --data-path at "
+                         f"a folder with images/ and annotations/ (ADE20K's layout)")
     return [(f, root / "annotations" / subs[0] / f"{f.stem}.png")
             for f in sorted((root / "images" / subs[0]).iterdir())]
 
 
 def load_segmentation(mod, args, split, res):
-    """(uint8 images (N, 3, res, res), uint8 label maps (N, res, res) with 255 ignored), each one
-    ADM centre crop at the model's resolution (label maps nearest-neighbour)."""
+    """(uint8 images (N, 3, res, res), uint8 label maps (N, res, res), 255 ignored): one ADM centre
+    crop each at the model's resolution (label maps nearest-neighbour)."""
     if args.dataset in mod.SHAPES:  # the toy's masks: 0 background, 1 + class on a dot
         x, _, masks, _ = mod.shapes_split(args, split)
         return x, masks
@@ -561,58 +531,46 @@ def load_segmentation(mod, args, split, res):
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(masks)
 
 
-def fit_dense(split, cell, shape, masks, classes, *, lr, epochs, batch_size, seed, device="cpu"):
+def fit_dense(split, cell, shape, masks, classes, device, *, lr, epochs, batch_size, seed):
     """A per-location BatchNorm + Linear on the (C, h, w) maps of cell, its logits upsampled
-    bilinearly to the label map (the same as upsampling the features: both maps are linear),
-    cross-entropy over the labelled pixels; each image in a random flip per epoch, its label map
-    flipped alike. Data-parallel as fit_table11. Returns predict(maps (B, C*h*w)) -> logits."""
-    C, h, w = shape
-    head, n = Probe(C, classes).to(device), len(split.y)
-    opt, sched = adam(head.parameters(), lr, epochs * math.ceil(n / batch_size))
-    g = torch.Generator().manual_seed(seed)
-
-    def predict(f, size=masks.shape[1:]):  # (B, C*h*w) -> (B, K, H, W)
-        f = f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
-        out = head(f, *stats) if head.training else head(f)
-        out = out.view(-1, h, w, classes).permute(0, 3, 1, 2)
-        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-
+    bilinearly to the label map (as upsampling the features: both maps are linear), cross-entropy
+    over the labelled pixels; each image in a random flip per epoch, its label map flipped alike.
+    Returns predict(maps (B, C*h*w)) -> logits (B, K, H, W)."""
+    (C, h, w), n, g = shape, len(split.y), torch.Generator().manual_seed(seed)
+    head = Probe(C, classes).to(device)
+    opt, sched = adam(head, lr, epochs * math.ceil(n / batch_size))
+    rows = lambda f: f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
+    up = lambda z: F.interpolate(z.view(-1, h, w, classes).permute(0, 3, 1, 2),
+                                 size=masks.shape[1:], mode="bilinear", align_corners=False)
     for epoch in range(epochs):
-        flips = torch.rand(n, generator=torch.Generator().manual_seed(_seed(seed, FLIPS, epoch))) < 0.5
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+        flips = epoch_flips(seed, epoch, n)
+        for idx, mine in batches(split, g, batch_size):
             if len(idx) > 1:  # BatchNorm cannot train on a single sample
-                mine = idx[owned(idx, split.block)]
                 y = torch.where(flips[mine, None, None], masks[mine].flip(-1), masks[mine])
-                f = split.feats(cell, local_rows(mine, split.block), flips[mine].long())
-                rows = f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
-                stats = batch_stats(rows, len(idx) * h * w)
+                f = rows(split.feats(cell, local_rows(mine, split.block), flips[mine].long()))
+                stats = batch_stats(f, len(idx) * h * w)
                 labelled = all_sum(torch.tensor([(y != 255).sum().item()], dtype=torch.float64))
-                loss = F.cross_entropy(predict(f), y.long().to(device), ignore_index=255,
+                loss = F.cross_entropy(up(head(f, *stats)), y.long().to(device), ignore_index=255,
                                        reduction="sum") / max(labelled.item(), 1)
                 step(opt, loss)
                 head.track(*stats, len(idx) * h * w)
             sched.step()
     head.eval()
-    return predict
+    return lambda f: up(head(rows(f)))
 
 
 @torch.no_grad()
 def dense_scores(split, cell, predict, masks, classes):
     """(mIoU %, pixel accuracy %, mean cross-entropy) over the labelled pixels of split's first
-    view: IoU per class present in the labels or predictions, from a confusion matrix of all ranks."""
-    conf, ce = torch.zeros(classes * classes, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    local = torch.arange(len(split.mine))
-    for j in local.split(256):
-        y = masks[split.mine[j]].long()
-        z = predict(split.feats(cell, j, 0)).cpu()
+    view: IoU of each class labelled or predicted, from a confusion matrix of all ranks."""
+    conf, ce = torch.zeros(classes ** 2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    for j in torch.arange(len(split.mine)).split(256):
+        y, z = masks[split.mine[j]].long(), predict(split.feats(cell, j, 0)).cpu()
         ce += F.cross_entropy(z, y, ignore_index=255, reduction="sum").item()
-        valid = y != 255
-        conf += torch.bincount(y[valid] * classes + z.argmax(1)[valid], minlength=classes ** 2)
+        ok = y != 255
+        conf += torch.bincount(y[ok] * classes + z.argmax(1)[ok], minlength=classes ** 2)
     conf = all_sum(conf).view(classes, classes)
-    tp, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    n = conf.sum()
+    tp, union, n = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag(), conf.sum()
     return (100 * (tp[union > 0] / union[union > 0]).mean().item(), 100 * (tp.sum() / n).item(),
             all_sum(ce).item() / n.item())
 
@@ -623,13 +581,12 @@ def dense_scores(split, cell, predict, masks, classes):
 @torch.no_grad()
 def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, repeats=4):
     """The plain denoising loss of held-out images (no augmentation, no EDM uncertainty weight, so
-    arms compare alike) per noise-level bin, binned by the trainer's LossSums (`sums`, empty) as
-    its training log is: `repeats` draws of t and noise per image, the same for every checkpoint."""
+    arms compare alike) per noise-level bin of the trainer's LossSums (`sums`): `repeats` draws of
+    t and noise per image, the same for every checkpoint."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     for _ in range(repeats):
-        for i in range(0, len(data), batch_size):
-            i = torch.arange(i, min(i + batch_size, len(data)))
+        for i in torch.arange(len(data)).split(batch_size):
             xb = data.batch(i, torch.zeros(len(i), dtype=torch.bool)).to(device)
             cond = {"y": data.y[i].to(device)} if getattr(model, "num_classes", 0) else {}
             with autocast:
@@ -640,7 +597,7 @@ def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, re
 
 
 def explained(target, x):
-    """The share of the variance of target (N, D) explained by a linear map of x (N, k) + intercept."""
+    """The share of target's (N, D) variance explained by a linear map of x (N, k) + intercept."""
     x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
     target = target.double()
     residual = target - x @ torch.linalg.lstsq(x, target).solution
@@ -649,18 +606,17 @@ def explained(target, x):
 
 @torch.no_grad()
 def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast):
-    """What self-conditioning adds to the conditioning vector: d = TimeMLP_sc(t) * Linear(GAP(h_k))
-    (Sec. 4.1), seen by a hook on the model's SelfCond. Its norm over emb's per noise-level bin (t
-    drawn as in training); at noise level t the share of d's variance across images explained
+    """What self-conditioning adds to the conditioning vector, d = TimeMLP_sc(t) * Linear(GAP(h_k))
+    (Sec. 4.1), seen by a hook on the model's SelfCond: its norm over emb's per noise-level bin (t
+    as training draws it); at noise level t the share of its variance across images explained
     linearly by class and by `nuisance` (N, k), when given."""
     seen = []  # (d, emb) of each forward
-    hook = model.self_cond.register_forward_hook(
-        lambda m, inputs, out: seen.append(((out - inputs[0]).float().cpu(), inputs[0].float().cpu())))
+    hook = model.self_cond.register_forward_hook(lambda m, inputs, out: seen.append(
+        ((out - inputs[0]).float().cpu(), inputs[0].float().cpu())))
     device, bins, terms = next(model.parameters()).device, [[] for _ in range(5)], []
     torch.manual_seed(seed)
     try:
-        for i in range(0, len(data), batch_size):
-            i = torch.arange(i, min(i + batch_size, len(data)))
+        for i in torch.arange(len(data)).split(batch_size):
             x = data.batch(i, torch.zeros(len(i), dtype=torch.bool)).to(device)
             with autocast:  # t drawn as training draws it
                 level = diffusion.loss(model, x)[1].cpu()
@@ -681,24 +637,23 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
 
 
 # ------------------------------------------------------------------------------------------------
-# Report: tables and the Fig. 4-5 chart (accuracy against layer)
+# Report: the grid's table and the Fig. 4-5 chart (accuracy against layer)
 
 def table(acc, ts, layers):
     """Rows t, columns layers: accuracy {(t, layer): %}."""
     w = max(8, *(len(l) + 1 for l in layers))
-    lines = ["t".ljust(8) + "".join(l.rjust(w) for l in layers)]
-    return "\n".join(lines + [f"{t:<8g}" + "".join(f"{acc[(t, l)]:{w}.2f}" for l in layers)
-                              for t in ts])
+    return "\n".join(["t".ljust(8) + "".join(l.rjust(w) for l in layers)] + [
+        f"{t:<8g}" + "".join(f"{acc[(t, l)]:{w}.2f}" for l in layers) for t in ts])
 
 
 def chart(path, series, title, baseline=None):
-    """One line per series {label: {layer index: (mean, std)}}, std as error bars, and a dashed
+    """A line per series {label: {layer index: (mean, std)}}, std as error bars, and a dashed
     raw-pixel baseline."""
     xs = sorted({i for pts in series.values() for i in pts})
     W, H, L, R, T, B = 760, 440, 60, 190, 40, 50
     vals = [m + s * k for pts in series.values() for m, s in pts.values() for k in (-1, 1)]
-    vals += [] if baseline is None else [baseline]
-    lo, hi = math.floor(min(vals) / 5) * 5, math.floor(max(vals) / 5) * 5 + 5
+    lo = math.floor(min(vals + [baseline or 100]) / 5) * 5
+    hi = math.floor(max(vals + [baseline or 0]) / 5) * 5 + 5
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     X = lambda i: L + (W - L - R) * (xs.index(i) + 0.5) / len(xs)
@@ -711,17 +666,14 @@ def chart(path, series, title, baseline=None):
         d.text((X(i), H - B + 6), str(i), fill="black", anchor="ma")
     d.text(((L + W - R) / 2, H - 20), "layer", fill="black", anchor="ma")
     d.text((L, T - 24), "linear probe accuracy (%)   " + title, fill="black")
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-              (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     for j, (label, pts) in enumerate(series.items()):
-        c, ly = colors[j % len(colors)], T + 10 + 18 * j
+        c, ly = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (127, 127, 127), (23, 190, 207)][j % 8], T + 10 + 18 * j
         xy = [(X(i), Y(pts[i][0])) for i in sorted(pts)]
-        if len(xy) > 1:
-            d.line(xy, fill=c, width=2)
+        d.line(xy, fill=c, width=2) if len(xy) > 1 else None
         for (x, y), (m, s) in zip(xy, (pts[i] for i in sorted(pts))):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-            if s:
-                d.line([x, Y(m - s), x, Y(m + s)], fill=c, width=1)
+            d.line([x, Y(m - s), x, Y(m + s)], fill=c, width=1)
         d.line([W - R + 12, ly, W - R + 32, ly], fill=c, width=2)
         d.text((W - R + 38, ly), label, fill="black", anchor="lm")
     if baseline is not None:
@@ -743,23 +695,12 @@ def by_layer(results, t, kind):
 
 
 # ------------------------------------------------------------------------------------------------
-# The plan: every checkpoint read and every flag checked against it before any work
+# The plan: every checkpoint read and every flag checked against it, before any work
 
-# what does not make two runs differ: bookkeeping (the seed makes a replicate of one arm)
+# What does not make two runs differ (the seed makes a replicate of an arm)
 BOOKKEEPING = {"out", "log_every", "ckpt_every", "ckpt_minutes", "sample_every", "workers",
                "data_path", "cache_dir", "extract_batch", "train_images", "keep_every"}
-
-
-@dataclass
-class Job:
-    """One checkpoint to probe: where it is and writes, its trainer, run arguments and cells."""
-    path: Path
-    out: Path
-    mod: object
-    args: argparse.Namespace
-    ts: list
-    layers: list
-    run: str  # the run it is a snapshot of: its arguments but bookkeeping
+Job = namedtuple("Job", "path out mod args ts layers run")  # run: the args but bookkeeping
 
 
 def resolve_layers(names, model):
@@ -776,24 +717,13 @@ def resolve_layers(names, model):
     return out
 
 
-def retarget(a, args):
-    """Point a run's args at --dataset (transfer, dense): a name the trainers know, read from
-    --data-path or its own default, never from the run's folder; an existing folder is itself."""
-    name, path = a.dataset, a.data_path
-    if path is None and name not in DENSE and Path(name).is_dir():
-        name, path = Path(name).name, name
-    default = DENSE[name][0] if name in DENSE else "data"  # the trainers' default --data-path
-    vars(args).update(dataset=name, data_path=path or default, cache_dir=None)
-
-
 def plan(a):
-    """[Job] of every --ckpt, or one line on the first checkpoint or flag that does not fit."""
+    """([Job] of every --ckpt, the summary's folder), or one line on what does not fit."""
     if a.data_path and not a.dataset:
         raise SystemExit("--data-path needs --dataset (the dataset it holds)")
     folder = "probe" + "-dense" * a.dense + (f"-{Path(a.dataset).name}" if a.dataset else "")
-    paths = [Path(p) for p in a.ckpt]
-    root = Path(a.out) if a.out else None  # several checkpoints: a folder each, the summary here
-    if len(paths) > 1:
+    paths, root = [Path(p) for p in a.ckpt], a.out and Path(a.out)
+    if len(paths) > 1:  # a folder each, the summary beside them
         root = root or Path(os.path.commonpath([p.parent.absolute() for p in paths])) / folder
     jobs = []
     for p in paths:
@@ -801,11 +731,14 @@ def plan(a):
         run = json.dumps({k: v for k, v in ckpt["args"].items() if k not in BOOKKEEPING}, sort_keys=True)
         if a.raw and "model" not in ckpt:
             raise SystemExit(f"--raw: {p} is a snapshot holding the EMA only; use the run's ckpt.pt")
-        if a.dataset:
-            retarget(a, args)
+        if a.dataset:  # its own default location, never the run's; an existing folder is itself
+            own = a.data_path is None and a.dataset not in DENSE and Path(a.dataset).is_dir()
+            path = a.dataset if own else a.data_path or DENSE.get(a.dataset, ["data"])[0]
+            vars(args).update(dataset=Path(a.dataset).name if own else a.dataset, data_path=path,
+                              cache_dir=None)  # "data": the trainers' default --data-path
         elif a.dense and args.dataset not in mod.SHAPES:
-            raise SystemExit(f"--dense: {args.dataset} has no label maps; pass --dataset ade20k, voc "
-                             f"or a folder with images/ and annotations/")
+            raise SystemExit(f"--dense: {args.dataset} has no label maps; pass --dataset ade20k, "
+                             f"voc or a folder with images/ and annotations/")
         with torch.device("meta"):  # shapes only: layers and modules, no weights
             model = mod.build_model(args)
         diffusion = mod.build_diffusion(args)
@@ -828,15 +761,15 @@ def plan(a):
 # ------------------------------------------------------------------------------------------------
 # Probing one checkpoint
 
-def fit(a, train, test, cell, classes, table11, flip, log):
-    """The head of cell trained on train, scored on train and test: a Score."""
-    held = l2 = None
-    if a.head == "lbfgs":
-        predict, held, l2 = fit_lbfgs(train, cell, classes, a.seed, log)
-    else:
-        predict = fit_table11(train, cell, classes, seed=a.seed, flip=flip, **table11)
-    loss, acc = evaluate(train, cell, predict)
-    return Score(evaluate(test, cell, predict)[1], acc, loss, held, l2)
+def networks(a, job, device, first=None):
+    """({name: model}, diffusion, ckpt): the EMA (--raw: the online weights) and with --init the
+    run's initial weights, unless `first`, an earlier snapshot of the run, measured them."""
+    _, _, model, diffusion, ckpt = load_checkpoint(job.path, raw=a.raw, device=device)
+    models = {"trained": model}
+    if a.init and first is None:  # what training starts from: its trainer seeds, then builds
+        torch.manual_seed(job.args.seed)
+        models["init"] = for_inference(job.mod.build_model(job.args), device)
+    return models, diffusion, ckpt
 
 
 def recipe(a, args):
@@ -847,24 +780,24 @@ def recipe(a, args):
                 batch_size=a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128)))
 
 
-def networks(a, job, device, first=None):
-    """{name: model} (the EMA, or --raw the online weights; --init: the run's initial weights,
-    unless `first`, an earlier snapshot of the run, measured them), diffusion, checkpoint."""
-    _, _, model, diffusion, ckpt = load_checkpoint(job.path, raw=a.raw, device=device)
-    models = {"trained": model}
-    if a.init and first is None:  # what training starts from: the trainer seeds, then builds
-        torch.manual_seed(job.args.seed)
-        models["init"] = for_inference(job.mod.build_model(job.args), device)
-    return models, diffusion, ckpt
+def level(a, job, models, diffusion, data, t, views, device, pixels, pool=True):
+    """(cells, train Split, test Split) of noise level t: data = (train, test) Data."""
+    ex = dict(batch_size=a.extract_batch, spill=job.out, pool=pool, pixels=pixels,
+              autocast=job.mod.autocast(device, a.precision))
+    splits = [extract(models, diffusion, d, t, job.layers, v, desc=f"t={t:g} {name} features", **ex)
+              for d, v, name in zip(data, (views, [(None, _seed(a.seed, TEST))]), ("train", "test"))]
+    cells = [Cell(net, t, l) for net in models for l in job.layers] + [Cell("pixels")] * pixels
+    return cells, *(Split(d.y, {c: (f[c.net], c.layer) for c in cells}, len(v), a.extract_batch)
+                    for d, f, v in zip(data, splits, (views, [None])))
 
 
 def probe_checkpoint(a, job, device, log, first=None):
-    """Probe one checkpoint; its record, also written to job.out/probe.json. first: the record of
-    an earlier snapshot of the same run, whose --init and --raw-pixels figures stand for this one."""
+    """Probe one checkpoint; its record, also written to job.out/probe.json. first: an earlier
+    snapshot's record of the same run, whose --init and --raw-pixels figures stand for this one."""
     mod, args = job.mod, job.args
     models, diffusion, ckpt = networks(a, job, device, first)
     train, test = (load_split(mod, args, ckpt, s) for s in ("train", "test"))
-    n_train = len(train)
+    n_train, hp = len(train), recipe(a, args)
     if a.limit:
         pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
             len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
@@ -872,91 +805,76 @@ def probe_checkpoint(a, job, device, log, first=None):
     flip = a.flip if a.flip is not None else getattr(args, "flip", True)
     views = [(f, _seed(a.seed, TRAIN, d)) for d in range(a.draws)
              for f in [None, torch.ones(len(train), dtype=torch.bool)][:1 + flip]]
-    classes, table11 = int(max(train.y.max(), test.y.max())) + 1, recipe(a, args)
+    classes = int(max(train.y.max(), test.y.max())) + 1
     log(f"probing {job.path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
         f"{len(train)} train / {len(test)} test, t {job.ts}, layers {job.layers}, {a.head} head, "
-        f"{len(views)} views per training image" + (
-            f", lr {table11['lr']:g} epochs {table11['epochs']} batch {table11['batch_size']}"
-            if a.head == "table11" else ""))
-    autocast, scores, clock = mod.autocast(device, a.precision), {}, [0, 0.0]
+        f"{len(views)} views per training image")
+    scores = {}
     for t in job.ts:
         pixels = a.raw_pixels and first is None and t == job.ts[0]
-        ex = dict(batch_size=a.extract_batch, spill=job.out, autocast=autocast, pixels=pixels)
-        start = time.time()
-        test_f = extract(models, diffusion, test, t, job.layers, [(None, _seed(a.seed, TEST))],
-                         desc=f"t={t:g} test features", **ex)
-        train_f = extract(models, diffusion, train, t, job.layers, views,
-                          desc=f"t={t:g} train features", **ex)
-        clock = [clock[0] + (len(test) + len(train) * len(views)) * len(models),
-                 clock[1] + time.time() - start]
-        cells = [Cell(net, t, l) for net in models for l in job.layers] + [Cell("pixels")] * pixels
-        tr, te = (Split(d.y, {c: (f[c.net], c.layer) for c in cells}, v, a.extract_batch)
-                  for d, f, v in ((train, train_f, len(views)), (test, test_f, 1)))
+        cells, tr, te = level(a, job, models, diffusion, (train, test), t, views, device, pixels)
         for c in cells:
-            scores[c] = fit(a, tr, te, c, classes, table11, flip, log)
-    model = models["trained"]
-    losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, LOSS),
-                          batch_size=a.extract_batch, autocast=autocast) if a.loss else None
-    sc = None
+            held = l2 = None
+            if a.head == "lbfgs":
+                predict, held, l2 = fit_lbfgs(tr, c, classes, device, a.seed, log)
+            else:
+                predict = fit_table11(tr, c, classes, device, seed=a.seed, flip=flip, **hp)
+            loss, acc = evaluate(tr, c, predict, device)
+            scores[c] = Score(evaluate(te, c, predict, device)[1], acc, loss, held, l2)
+    model, kw = models["trained"], dict(batch_size=a.extract_batch,
+                                        autocast=mod.autocast(device, a.precision))
+    losses = sc = None
+    if a.loss:
+        losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, LOSS), **kw)
     if a.sc_stats:
         nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
             if args.dataset in mod.SHAPES else None
-        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, SC),
-                      batch_size=a.extract_batch, autocast=autocast)
+        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, SC), **kw)
     results = [{"net": c.net, "t": c.t, "layer": c.layer, **asdict(s)} for c, s in scores.items()]
     results += [r for r in (first or {}).get("results", []) if r["net"] != "trained"]
-    rec = record(a, job, ckpt, diffusion, results, classes, flip,
-                 dict(train_images=len(train), test_images=len(test), views=len(views),
-                      **(table11 if a.head == "table11" else {}),
-                      epoch=(ckpt.get("images") or 0) / n_train, train_size=n_train,
-                      extract_img_per_s=clock[0] / max(clock[1], 1e-9),
-                      heldout_loss_by_level=losses, sc_stats=sc))
+    get = lambda net, t, l: next((r for r in results if (r["net"], r["t"], r["layer"]) == (net, t, l)),
+                                 None)
+    best = max((r for r in results if r["net"] == "trained"),
+               key=lambda r: r["held_out" if a.head == "lbfgs" else "test"])
+    cell = get("trained", args.probe_t, args.sc_layer) or best
+    init, pixels = get("init", cell["t"], cell["layer"]), get("pixels", None, "pixels")
+    rec = {"ckpt": str(job.path), "script": ckpt["script"], "kind": diffusion.kind,
+           "weights": "online" if a.raw else "ema", "dataset": args.dataset,
+           "trained_on": ckpt["args"]["dataset"], "args": ckpt["args"], "images": ckpt.get("images"),
+           "epoch": (ckpt.get("images") or 0) / n_train, "train_size": n_train, "head": a.head,
+           **(hp if a.head == "table11" else {}), "draws": a.draws, "flip": flip,
+           "views": len(views), "train_images": len(train), "test_images": len(test),
+           "classes": classes, "chance": 100 / classes, "seed": a.seed, "ts": job.ts,
+           "layers": job.layers,
+           "heldout_loss_by_level": losses, "sc_stats": sc, "results": results,
+           "cell": {**cell, "init": init and init["test"]}, "raw_pixels": pixels and pixels["test"],
+           "best": {**best, "flags": f"--sc-layer {best['layer'].replace('cls_', 'out_')} "
+                                     f"--probe-t {best['t']:g}"}}
     if world()[0] == 0:
         report(rec, job, log)
     return rec
 
 
-def record(a, job, ckpt, diffusion, results, classes, flip, extra):
-    """The record of a checkpoint's probe: its run, the protocol, every head's figures, the cell
-    that stands for it (Table 10's, else the best) and the best cell (held out; table11: test)."""
-    args, get = job.args, lambda net, t, l: next(
-        (r for r in results if (r["net"], r["t"], r["layer"]) == (net, t, l)), None)
-    trained = [r for r in results if r["net"] == "trained"]
-    best = max(trained, key=lambda r: r["held_out" if a.head == "lbfgs" else "test"])
-    cell = get("trained", args.probe_t, args.sc_layer) or best
-    flags = f"--sc-layer {best['layer'].replace('cls_', 'out_')} --probe-t {best['t']:g}"
-    init, pixels = get("init", cell["t"], cell["layer"]), get("pixels", None, "pixels")
-    return {"ckpt": str(job.path), "script": ckpt["script"], "kind": diffusion.kind,
-            "weights": "online" if a.raw else "ema", "dataset": args.dataset,
-            "trained_on": ckpt["args"]["dataset"], "args": ckpt["args"], "images": ckpt.get("images"),
-            "head": a.head, "draws": a.draws, "flip": flip, "classes": classes,
-            "chance": 100 / classes, "seed": a.seed, "ts": job.ts, "layers": job.layers, **extra,
-            "cell": {**cell, "init": init and init["test"]},
-            "best": {**best, "flags": flags}, "raw_pixels": pixels and pixels["test"],
-            "results": results}
-
-
 def report(rec, job, log):
-    """Rank 0's lines and files for one checkpoint's record."""
+    """Rank 0's lines and files of a checkpoint's record."""
     for r in rec["results"]:
-        held = f", held-out {r['held_out']:.2f}% at l2 {r['l2']:g}" if r["l2"] is not None else ""
+        held = "" if r["l2"] is None else f", held-out {r['held_out']:.2f}% at l2 {r['l2']:g}"
         log(f"{Cell(r['net'], r['t'], r['layer'])}: test {r['test']:.2f}%, train {r['train']:.2f}% "
             f"(loss {r['loss']:.4f}){held}")
-    acc = {(r["t"], r["layer"]): r["test"] for r in rec["results"] if r["net"] == "trained"}
+    acc, cell, best = {(r["t"], r["layer"]): r["test"] for r in rec["results"]
+                       if r["net"] == "trained"}, rec["cell"], rec["best"]
     if len(acc) > 1:
         log("test accuracy (%)\n" + table(acc, rec["ts"], rec["layers"]))
-    cell = rec["cell"]
-    parts = [f"trained {cell['test']:.2f}%"]
-    parts += [] if cell["init"] is None else [f"at init {cell['init']:.2f}%"]
-    parts += [] if rec["raw_pixels"] is None else [f"raw pixels {rec['raw_pixels']:.2f}%"]
+    parts = [f"trained {cell['test']:.2f}%"] + [f"{k} {v:.2f}%" for k, v in (
+        ("at init", cell["init"]), ("raw pixels", rec["raw_pixels"])) if v is not None]
     log(f"t={cell['t']:g} {cell['layer']} ({rec['head']} head): {', '.join(parts)}, "
         f"chance {rec['chance']:.2f}%")
     home = job.path.parent / "probe" / "probe.json"  # the in-domain figure, beside a transfer
-    if rec["dataset"] != rec["trained_on"] and home.exists():
-        same = [r["test"] for r in json.loads(home.read_text())["results"]
-                if (r["net"], r["t"], r["layer"]) == ("trained", cell["t"], cell["layer"])]
-        if same:
-            log(f"in-domain ({rec['trained_on']}, {home}): {same[0]:.2f}% at the same cell")
+    same = [r["test"] for r in json.loads(home.read_text())["results"] if (r["net"], r["t"],
+            r["layer"]) == ("trained", cell["t"], cell["layer"])] if rec["dataset"] != \
+        rec["trained_on"] and home.exists() else []
+    if same:
+        log(f"in-domain ({rec['trained_on']}, {home}): {same[0]:.2f}% at the same cell")
     if rec["heldout_loss_by_level"]:
         log("held-out loss by noise level " + " ".join(f"{v:.4f}" for v in rec["heldout_loss_by_level"]))
     if rec["sc_stats"]:
@@ -965,19 +883,16 @@ def report(rec, job, log):
             "-" if r is None else f"{r:.3f}" for r in sc["norm_ratio_by_level"]) +
             f"; its variance explained by class {sc['r2_class']:.1%}" +
             ("" if sc["r2_nuisance"] is None else f", by the nuisance draws {sc['r2_nuisance']:.1%}"))
-    best = rec["best"]
-    how = "on the held-out tenth of train" if rec["head"] == "lbfgs" else "on test (the paper's practice)"
-    log(f"best cell t={best['t']:g} {best['layer']}, chosen {how}: test {best['test']:.2f}%; "
-        f"features {rec['extract_img_per_s']:.1f} img/s")
+    how = "on the held-out tenth of train" if rec["head"] == "lbfgs" else "on test (the paper's way)"
+    log(f"best cell t={best['t']:g} {best['layer']}, chosen {how}: test {best['test']:.2f}%")
     if len(acc) > 1:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer
         log(f"the paper's rule for a new setting: on a baseline checkpoint the best cell is where "
             f"self-conditioning reads; train with the baseline's command plus\n"
             f"    --self-cond {best['flags']}")
     job.out.mkdir(parents=True, exist_ok=True)
     (job.out / "probe.json").write_text(json.dumps(rec, indent=1))
-    kind = cell["layer"].rpartition("_")[0]
-    series = {f"t={t:g}": {i: (v[0], 0.0) for i, v in by_layer(rec["results"], t, kind).items()}
-              for t in rec["ts"]}
+    series = {f"t={t:g}": {i: (v[0], 0.0) for i, v in by_layer(
+        rec["results"], t, cell["layer"].rpartition("_")[0]).items()} for t in rec["ts"]}
     if max(map(len, series.values())) > 1:
         chart(job.out / "probe.png", series, f"{rec['script']} {rec['kind']} {rec['dataset']}",
               rec["raw_pixels"])
@@ -996,31 +911,26 @@ def dense_checkpoint(a, job, device, log):
     (x, masks), (x_test, masks_test) = (load_segmentation(mod, args, s, res) for s in ("train", "test"))
     classes = DENSE[args.dataset][1] if args.dataset in DENSE else int(max(
         masks[masks != 255].max(), masks_test[masks_test != 255].max())) + 1
-    train, test = (Data(d, torch.zeros(len(d), dtype=torch.long), encode=encode) for d in (x, x_test))
-    hp, block = recipe(a, args), a.extract_batch
+    data = [Data(d, torch.zeros(len(d), dtype=torch.long), encode=encode) for d in (x, x_test)]
+    hp = recipe(a, args)
     log(f"dense probe of {job.path} on {args.dataset}: {len(x)} train / {len(x_test)} test images, "
-        f"each one ADM centre crop at {res}x{res} (label maps nearest-neighbour), {classes} classes "
-        f"(255 ignored), lr {hp['lr']:g} epochs {hp['epochs']} batch {hp['batch_size']}")
-    x0 = train.batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device)
-    autocast, results = mod.autocast(device, a.precision), []
+        f"one ADM centre crop each at {res}x{res} (label maps nearest-neighbour), {classes} "
+        f"classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch {hp['batch_size']}")
+    x0, results = data[0].batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device), []
+    seed = _seed(a.seed, TRAIN, 0)
     for t in job.ts:
-        pixels = a.raw_pixels and t == job.ts[0]
-        ex = dict(batch_size=block, autocast=autocast, pool=False, pixels=pixels)
-        both = [(None, _seed(a.seed, TRAIN, 0)), (torch.ones(len(x), dtype=torch.bool), _seed(a.seed, TRAIN, 0))]
-        train_f = extract(models, diffusion, train, t, job.layers, both, **ex)
-        test_f = extract(models, diffusion, test, t, job.layers, [(None, _seed(a.seed, TEST))], **ex)
+        views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)]
+        cells, tr, te = level(a, job, models, diffusion, data, t, views, device,
+                              a.raw_pixels and t == job.ts[0], pool=False)
         maps = diffusion.pred(models["trained"], x0, torch.full((1,), t, device=device),
                               feats=tuple(job.layers), pool=False)[1]
         shapes = {"pixels": x0.shape[1:], **{l: m.shape[1:] for l, m in maps.items()}}
-        cells = [Cell(net, t, l) for net in models for l in job.layers] + [Cell("pixels")] * pixels
-        tr, te = (Split(torch.zeros(len(d)), {c: (f[c.net], c.layer) for c in cells}, v, block)
-                  for d, f, v in ((x, train_f, 2), (x_test, test_f, 1)))
         for c in cells:
-            predict = fit_dense(tr, c, shapes[c.layer], masks, classes, seed=a.seed, device=device, **hp)
+            predict = fit_dense(tr, c, shapes[c.layer], masks, classes, device, seed=a.seed, **hp)
             miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
             _, train_acc, loss = dense_scores(tr, c, predict, masks, classes)
-            results.append({"net": c.net, "t": c.t, "layer": c.layer, "miou": miou, "pixel_acc": acc,
-                            "train_pixel_acc": train_acc, "train_loss": loss})
+            results.append({"net": c.net, "t": c.t, "layer": c.layer, "miou": miou,
+                            "pixel_acc": acc, "train_pixel_acc": train_acc, "train_loss": loss})
             log(f"dense {c}: mIoU {miou:.2f}%, pixel accuracy {acc:.2f}%; train pixel accuracy "
                 f"{train_acc:.2f}% (loss {loss:.4f})")
     rec = {"ckpt": str(job.path), "dataset": args.dataset, "trained_on": ckpt["args"]["dataset"],
@@ -1042,10 +952,10 @@ def mean_std(values):
 
 def app_a(snapshots):
     """The snapshot that stands for a run (App. A): on CIFAR the best of those at epochs 800, 1000
-    and 1200 (of those the run has), elsewhere the final one."""
-    step = lambda r: r["args"]["batch_size"] / r["train_size"]  # a snapshot lands within a step
+    and 1200 (as many as the run has), elsewhere the final one."""
+    at = lambda r, e: 0 <= r["epoch"] - e < r["args"]["batch_size"] / r["train_size"]  # in a step
     picks = [r for r in snapshots if r["dataset"] == r["trained_on"] and any(
-        0 <= r["epoch"] - e < step(r) for e in APP_A_EPOCHS.get(r["trained_on"], ()))]
+        at(r, e) for e in APP_A_EPOCHS.get(r["trained_on"], ()))]
     return max(picks, key=lambda r: r["cell"]["test"]) if picks else \
         max(snapshots, key=lambda r: r["images"] or 0)
 
@@ -1055,27 +965,24 @@ def summarize(records, out, log):
     arm and its paired difference from the first arm; out/summary.json and out/layers.png."""
     key = lambda r, skip: json.dumps({k: v for k, v in r["args"].items() if k not in skip},
                                      sort_keys=True)
-    runs, trajectories = {}, []
+    f = lambda ms, d=2: "-" if ms is None else f"{ms[0]:.{d}f} +- {ms[1]:.{d}f}"
+    runs, trajectories, arms = {}, [], {}
     for r in records:
         runs.setdefault(key(r, BOOKKEEPING), []).append(r)
-    for rs in (rs for rs in runs.values() if len(rs) > 1):
-        rs.sort(key=lambda r: r["images"] or 0)
-        pick = app_a(rs)
+    for rs in (sorted(rs, key=lambda r: r["images"] or 0) for rs in runs.values() if len(rs) > 1):
+        pick, cell = app_a(rs), rs[0]["cell"]
         trajectories.append({"ckpts": [r["ckpt"] for r in rs], "images": [r["images"] for r in rs],
                              "test": [r["cell"]["test"] for r in rs], "stands": pick["ckpt"]})
-        log(f"along {Path(rs[0]['ckpt']).parent} at t={pick['cell']['t']:g} "
-            f"{pick['cell']['layer']}: " + ", ".join(f"{r['images']:,} images {r['cell']['test']:.2f}%"
-                                                    for r in rs))
+        log(f"along {Path(rs[0]['ckpt']).parent} at t={cell['t']:g} {cell['layer']}: " + ", ".join(
+            f"{r['images']:,} images {r['cell']['test']:.2f}%" for r in rs))
         log(f"    the run's figure (App. A: CIFAR's best of epochs 800/1000/1200, else the final "
             f"snapshot): {pick['ckpt']} ({pick['images']:,} images)")
     chosen = [app_a(rs) for rs in runs.values()]
-    arms = {}
     for r in chosen:
         arms.setdefault(key(r, BOOKKEEPING | {"seed"}), []).append(r)
     varying = sorted({k for r in chosen for k, v in r["args"].items() if k not in BOOKKEEPING
                       and k != "seed" and any(v != q["args"].get(k) for q in chosen)})
-    rows, series, first = [], {}, None
-    f = lambda ms, d=2: "-" if ms is None else f"{ms[0]:.{d}f} +- {ms[1]:.{d}f}"
+    rows, series = [], {}
     for rs in arms.values():
         label = ", ".join(f"{k}={rs[0]['args'].get(k)}" for k in varying) or "all"
         cell, seeds = rs[0]["cell"], {r["args"]["seed"]: r["cell"]["test"] for r in rs}
@@ -1086,30 +993,29 @@ def summarize(records, out, log):
                "init": mean_std(r["cell"]["init"] for r in rs),
                "raw_pixels": mean_std(r["raw_pixels"] for r in rs)}
         if rs[0]["heldout_loss_by_level"]:
-            row["heldout_loss_by_level"] = [mean_std(r["heldout_loss_by_level"][i] for r in rs)
-                                            for i in range(len(rs[0]["heldout_loss_by_level"]))]
-        first = first or (label, seeds)
-        common = [s for s in seeds if s in first[1]]
-        if first[0] != label and common:  # per seed: both arms start from the same weights and data
-            row["paired"] = {"vs": first[0], "seeds": common,
-                             "diff": [seeds[s] - first[1][s] for s in common],
-                             "mean_std": mean_std(seeds[s] - first[1][s] for s in common)}
-        rows.append(row)
+            row["heldout_loss_by_level"] = [mean_std(v) for v in zip(
+                *(r["heldout_loss_by_level"] for r in rs))]
+        base = rows[0] if rows else None
+        common = [s for s in seeds if base and s in base["by_seed"]]
+        if common:  # per seed: both arms start from the same weights and see the same data
+            diff = [seeds[s] - base["by_seed"][s] for s in common]
+            row["paired"] = {"vs": base["arm"], "seeds": common, "diff": diff,
+                             "mean_std": mean_std(diff)}
+        rows.append({**row, "by_seed": seeds})
         per_layer = {}
         for r in rs:
             for i, v in by_layer(r["results"], cell["t"], cell["layer"].rpartition("_")[0]).items():
                 per_layer.setdefault(i, []).extend(v)
         series[f"{label} (t={cell['t']:g})"] = {i: mean_std(v) for i, v in per_layer.items()}
-        log(f"{label} ({len(rs)} seeds): t={cell['t']:g} {cell['layer']} {f(row['test'])}% "
-            f"(train {f(row['train'])}%), best cell {f(row['best'])}% ({', '.join(row['best_cells'])})"
-            f", at init {f(row['init'])}%, raw pixels {f(row['raw_pixels'])}%")
+        log(f"{label} ({len(rs)} seeds): t={cell['t']:g} {cell['layer']} {f(row['test'])}% (train "
+            f"{f(row['train'])}%), best cell {f(row['best'])}% ({', '.join(row['best_cells'])}), "
+            f"at init {f(row['init'])}%, raw pixels {f(row['raw_pixels'])}%")
         if "heldout_loss_by_level" in row:
-            log("    held-out loss by noise level " + ", ".join(f(ms, 4) for ms in
-                                                             row["heldout_loss_by_level"]))
+            log("    held-out loss by noise level " + ", ".join(
+                f(ms, 4) for ms in row["heldout_loss_by_level"]))
         if "paired" in row:
-            p = row["paired"]
-            log(f"    minus {p['vs']}, per seed {', '.join(f'{d:+.2f}' for d in p['diff'])}: "
-                f"{f(p['mean_std'])} points")
+            log(f"    minus {base['arm']}, per seed " + ", ".join(f"{d:+.2f}" for d in diff) +
+                f": {f(row['paired']['mean_std'])} points")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"arms": rows, "runs": trajectories}, indent=1))
     pixels = mean_std(r["raw_pixels"] for r in chosen)
@@ -1120,15 +1026,13 @@ def summarize(records, out, log):
 
 def main(argv=None):
     a = get_args(argv)
-    jobs, root = plan(a)  # before any work: a flag that does not fit is one line within seconds
+    jobs, root = plan(a)  # every flag against every checkpoint: one line within seconds
     rank, _, device = jobs[0].mod.setup_distributed()
     log = print if rank == 0 else (lambda *_: None)
-    records, firsts = [], {}  # firsts: the first snapshot of each run (--init, --raw-pixels once)
+    records, firsts = [], {}  # the first snapshot of each run: --init, --raw-pixels once a run
     for job in jobs:
-        if a.dense:
-            records.append(dense_checkpoint(a, job, device, log))
-            continue
-        records.append(probe_checkpoint(a, job, device, log, firsts.get(job.run)))
+        records.append(dense_checkpoint(a, job, device, log) if a.dense else
+                       probe_checkpoint(a, job, device, log, firsts.get(job.run)))
         firsts.setdefault(job.run, records[-1])
     if len(records) > 1 and rank == 0 and not a.dense:
         summarize(records, root, log)

@@ -1,5 +1,4 @@
-"""
-DDAE++ latent-space DiT: a DiT-B/1 in LightningDiT style trained with rectified flow on VA-VAE
+"""DDAE++ latent-space DiT: a DiT-B/1 in LightningDiT style trained with rectified flow on VA-VAE
 latents (Tables 5, 6), optionally self-conditioned: the pooled feature of a designated block k
 conditions the blocks after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1).
 
@@ -78,8 +77,7 @@ class SelfCond(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """The paper states no init. Zero projection: a self-conditioned net starts as exactly
-        its baseline and learns how much of its own feature to use."""
+        """The paper states no init; a zero projection starts the net as exactly its baseline."""
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -131,8 +129,7 @@ class RMSNorm(nn.Module):
 
 
 class Rope2D(nn.Module):
-    """2D rotary embedding of the patch tokens: the first half of each head turns with the
-    token's row, the second with its column."""
+    """2D RoPE of patch tokens: a head's first half turns with the row, the second the column."""
 
     def __init__(self, head_dim, grid, theta=10000.0):
         super().__init__()
@@ -264,9 +261,8 @@ class DiT(nn.Module):
             self.self_cond.reset_parameters()
 
     def forward(self, x, t, y=None, feats=(), pool=True):
-        """x (N, C, S, S), t (N,) in [0, 1] with 1 = noise, y (N,) labels (num_classes = null;
-        None: all null). Returns the velocity and {block: GAP (N, D) fp32} of the blocks in
-        feats (pool=False: their tokens as a grid (N, D, S/p, S/p), for dense probing)."""
+        """x (N, C, S, S), t (N,) in [0, 1] (1 = noise), labels y (N,) or None (null) -> velocity,
+        {block: GAP (N, D) fp32} of feats (pool=False: tokens as a grid (N, D, S/p, S/p))."""
         unknown = set(feats) - set(self.feature_layers)
         if unknown:
             raise ValueError(f"unknown feature layers {sorted(unknown)}; "
@@ -350,8 +346,7 @@ class LatentRF:
     def sample(self, model, noise, y=None, steps=50, shift=3.3):
         """Euler on the shifted grid t' = s t / (1 + (s-1) t), t: 1 -> 0 (previews; sample.py)."""
         ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-        ts = (shift * ts / (1 + (shift - 1) * ts)).tolist()
-        x = noise
+        ts, x = (shift * ts / (1 + (shift - 1) * ts)).tolist(), noise
         for t, t_next in zip(ts[:-1], ts[1:]):
             tt = torch.full((len(x),), t, device=x.device)
             x = x + (t_next - t) * self.pred(model, x, tt, y)[0].float()
@@ -359,8 +354,7 @@ class LatentRF:
 
 
 def build_diffusion(args, model=None):
-    classes = args.num_classes if args.class_cond else 0
-    return LatentRF(classes, args.label_dropout, args.cos_loss)
+    return LatentRF(args.num_classes if args.class_cond else 0, args.label_dropout, args.cos_loss)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,8 +367,7 @@ def build_optimizer(model, args):
 
 
 def train_step(net, model, ema, opt, diffusion, batch, step, args):
-    """One optimisation step on a (flipped) batch (x, y): loss, backward, clip, Adam, EMA.
-    Training and --bench both run it. Returns the loss (B,), the noise level (B,), {}."""
+    """One step (training's, --bench's) on a (flipped) batch (x, y) -> loss (B,), level (B,)."""
     x, y = batch
     with autocast(x.device, args.precision):
         loss, level = diffusion.loss(net, x, y)
@@ -416,12 +409,10 @@ VAVAE_URL = ("https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/reso
              "vavae-imagenet256-f16d32-dinov2.pt")
 IMAGE_SIZE = 256  # latent datasets are 256x256 images -> 16x16x32 latents
 IMAGENET = {"in1k": 1000, "in100": 100}  # classes of the latent datasets known by name
-EPOCHS = {  # App. A; IN1k: 90 as in Tables 5, 6 and 11 (the text says 100)
-    ("in100", False): 1400, ("in100", True): 1000, ("in1k", False): 90, ("in1k", True): 90,
-}
-SC_LAYER = {  # Table 10: the baseline's best probe block, where self-conditioning reads
-    ("in100", False): 8, ("in100", True): 8, ("in1k", False): 9, ("in1k", True): 10,
-}
+# epochs by (dataset, class-cond) (App. A; IN1k: 90 as in Tables 5, 6 and 11, the text says 100)
+EPOCHS = {("in100", False): 1400, ("in100", True): 1000, ("in1k", False): 90, ("in1k", True): 90}
+# Table 10: the baseline's best probe block, where self-conditioning reads
+SC_LAYER = {("in100", False): 8, ("in100", True): 8, ("in1k", False): 9, ("in1k", True): 10}
 ARCH_KEYS = ("net", "latent", "resolution", "class_cond", "num_classes", "self_cond", "sc_mode",
              "sc_layer")  # what a resumed run may not change (num_classes: the label table)
 
@@ -441,10 +432,8 @@ def get_args(argv=None):
     p.add_argument("--class-cond", action=argparse.BooleanOptionalAction,
                    help="labels, with a null class for CFG (default: on for in1k/in100)")
     p.add_argument("--label-dropout", type=float, default=0.1, help="labels made the null class")
-    p.add_argument("--self-cond", action="store_true",
-                   help="condition later blocks on a pooled block feature (Sec. 4.1)")
-    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
-                   help="time-scaled or direct addition (Table 7a)")
+    p.add_argument("--self-cond", action="store_true", help="self-conditioning (Sec. 4.1)")
+    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive", help="Table 7a")
     p.add_argument("--sc-layer", help="block read by self-conditioning, 9 or block_9 (Table 10)")
     p.add_argument("--probe-t", type=float, help="noise level of the probe (Table 10)")
     p.add_argument("--cos-loss", action=argparse.BooleanOptionalAction, default=True,
@@ -453,8 +442,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (LightningDiT's recipe)")
     p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--warmup-images", type=int,
-                   help="linear lr warm-up (default none: the latent recipe has none, Table 11)")
+    p.add_argument("--warmup-images", type=int, help="linear lr warm-up (default: none, Table 11)")
     add_training_args(p)
     args = p.parse_args(argv)
     if (args.latent == "none") != (args.dataset in SHAPES):  # the paper's DiT: latents only
@@ -470,9 +458,7 @@ def get_args(argv=None):
     # shapes: minutes on a CPU; other folders train as long as ImageNet-100
     args.epochs = 40 if args.dataset in SHAPES else \
         EPOCHS.get((args.dataset, args.class_cond), EPOCHS[("in100", args.class_cond)])
-    # kept snapshots: every 20 epochs (Table 6 and the authors' repository evaluate FID and
-    # accuracy there), none on shapes
-    args.keep_epochs = 0 if args.dataset in SHAPES else 20
+    args.keep_epochs = 0 if args.dataset in SHAPES else 20  # kept: Table 6's evaluation epochs
     args.warmup_epochs = 0  # Table 11 lists no warm-up for latent pre-training
     depth = NETS[args.net]["depth"]
     # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
@@ -611,11 +597,17 @@ class VAEResample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(blocks, attns, resample=None):
+def _level(cin, cout, n, attn, resample=None):
+    """LDM's level: n ResnetBlocks to cout, each followed by attention if attn, then resampling
+    ("down" or "up", under LDM's names "downsample" and "upsample")."""
     level = nn.Module()
-    level.block, level.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
-    if resample is not None:  # LDM's names: "downsample" in the encoder, "upsample" in the decoder
-        setattr(level, "downsample" if resample.down else "upsample", resample)
+    level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+    for i in range(n):
+        level.block.append(ResnetBlock(cin if i == 0 else cout, cout))
+        if attn:
+            level.attn.append(AttnBlock(cout))
+    if resample:
+        setattr(level, f"{resample}sample", VAEResample(cout, resample == "down"))
     return level
 
 
@@ -626,10 +618,13 @@ def _mid(ch):
 
 
 def _run_level(level, h):
+    """The level's blocks, each followed by its attention if it has one, then its resampling."""
     for i, block in enumerate(level.block):
         h = block(h)
         if len(level.attn):
             h = level.attn[i](h)
+    for name in ("downsample", "upsample"):
+        h = getattr(level, name)(h) if hasattr(level, name) else h
     return h
 
 
@@ -642,15 +637,10 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down, cin, res = nn.ModuleList(), ch, resolution
         for i, mult in enumerate(ch_mult):
-            blocks, attns = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(cin, ch * mult))
-                cin = ch * mult
-                if res in attn_resolutions:
-                    attns.append(AttnBlock(cin))
             last = i == len(ch_mult) - 1
-            self.down.append(_level(blocks, attns, None if last else VAEResample(cin, True)))
-            res = res if last else res // 2
+            self.down.append(_level(cin, ch * mult, num_res_blocks, res in attn_resolutions,
+                                    None if last else "down"))
+            cin, res = ch * mult, res if last else res // 2
         self.mid = _mid(cin)
         self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, 2 * z_channels, 3, padding=1)  # double_z: mean, log-var
@@ -659,8 +649,6 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = _run_level(level, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -676,14 +664,9 @@ class Decoder(nn.Module):
         self.mid = _mid(cin)
         levels = []
         for i in reversed(range(len(ch_mult))):  # built lowest resolution first, stored by index
-            blocks, attns = [], []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, ch * ch_mult[i]))
-                cin = ch * ch_mult[i]
-                if res in attn_resolutions:
-                    attns.append(AttnBlock(cin))
-            levels.insert(0, _level(blocks, attns, VAEResample(cin, False) if i else None))
-            res = res * 2 if i else res
+            levels.insert(0, _level(cin, ch * ch_mult[i], num_res_blocks + 1,
+                                    res in attn_resolutions, "up" if i else None))
+            cin, res = ch * ch_mult[i], res * 2 if i else res
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
@@ -693,8 +676,6 @@ class Decoder(nn.Module):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
             h = _run_level(level, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -730,8 +711,7 @@ def build_vae(args):
 
 
 def vae_state_dict(path):
-    """The autoencoder's weights in an official VA-VAE file; the training loss (LPIPS,
-    discriminator) and DINOv2 weights it also holds are dropped."""
+    """The autoencoder's weights in an official VA-VAE file (not its loss's or DINOv2's)."""
     try:  # weights only: never unpickle code from a downloaded file
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -791,8 +771,7 @@ def cache_dir(args, split):
 
 
 def cache_key(args, images=None):
-    """What a cache holds: the dataset, its folder, the VA-VAE file and layout that encoded it,
-    and its image count (None: not yet known, matches any)."""
+    """What a cache holds: dataset, folder, VA-VAE file and layout, image count (None: any)."""
     vae = str(Path(args.vae).absolute()) if args.vae else Path(VAVAE_URL).name
     return {"dataset": args.dataset, "data_path": str(Path(args.data_path).absolute()),
             "vae": vae, "vae_config": args.vae_config, "images": images}
@@ -831,8 +810,7 @@ def create_cache_file(path, shape):
 
 
 def open_cache(out, n=None, mode="r"):
-    """(out/latents.npy memory-mapped, None), or (None, a one-line error) for a file that is
-    unreadable (truncated, garbage) or holds another number of images than n."""
+    """(out/latents.npy memory-mapped, None), or (None, why it is unreadable or not n images)."""
     try:
         lat = np.load(out / "latents.npy", mmap_mode=mode)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
@@ -845,13 +823,11 @@ def open_cache(out, n=None, mode="r"):
 
 
 def extract_latents(dataset, labels, out, key, vae, device, batch=64, workers=0, rank=0, world=1):
-    """Encode each image of `dataset` (yielding (index, uint8 (3, 256, 256), error) as ImageFiles)
-    and its horizontal flip once into out/latents.npy (N, 2, 32, 16, 16) float16, beside labels
-    (N,) and the cache's key. Rank r encodes r::world of the rows not done yet and writes only
-    those; out/done.rank<r>.npy (saved atomically after every batch) marks its finished rows, so
-    a killed run resumes where it stopped, with any world size. Returns its indices. A
-    collective: any rank's error (full disk, bad or foreign cache, unreadable image) ends every
-    rank with the same line, at the latest one batch later."""
+    """Encode each image of `dataset` ((index, uint8 (3, 256, 256), error) as ImageFiles yields)
+    and its flip once into out/latents.npy (N, 2, 32, 16, 16) float16, beside labels (N,) and the
+    key. Rank r encodes r::world of the rows not done, marked in out/done.rank<r>.npy after each
+    batch: a killed run resumes, with any world size. Returns its indices. A collective: any
+    rank's error (full disk, foreign cache, unreadable image) ends every rank within one batch."""
     n, shape, error = len(labels), (len(labels), 2, 32, 16, 16), None
     if rank == 0 and not (out / "latents.npy").exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -927,10 +903,9 @@ def same_cache(out, rank, world):
 
 
 def latent_cache(args, split, source=None):
-    """The folder of the split's latent cache, encoded first if missing or unfinished (a
-    collective: every rank encodes its share). The images: the class folders of args.data_path,
-    or source = (dataset, labels) as extract_latents takes them (another dataset to probe). A
-    bad cache, or one of another key (cache_key), ends every rank with one line."""
+    """The folder of the split's latent cache, encoded first if unfinished (a collective) from the
+    class folders of args.data_path, or source = (dataset, labels) as extract_latents takes them.
+    A bad cache, or one of another key (cache_key), ends every rank with one line."""
     out = cache_dir(args, split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     same_cache(out, rank, world)  # before any rank branches on the folder's content
@@ -979,12 +954,17 @@ def main(argv=None):
     out, log, ckpt_path = Path(args.out), Log(args.out, rank), Path(args.out, "ckpt.pt")
     raise_on_any(check_out_dir(out) if rank == 0 else None)
 
-    # Data, and the run's length in images
+    # Data, and the run's length and event spacing in images (the paper's epochs by default)
     data = load_train_data(args, device)
     if not world <= args.batch_size <= data.n or args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
                          f"processes, at most the {data.n:,} training images")
-    resolve_length(args, data.n)
+    args.train_images = args.train_images or args.epochs * data.n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+    if args.keep_every is None:
+        args.keep_every = args.keep_epochs * data.n
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
     log(f"building {Path(__file__).name} --net {args.net} ...")  # DiT-L: a silent minute on CPU
@@ -1041,12 +1021,16 @@ def main(argv=None):
                 check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
             if log_now:
                 log_metrics(rec, step, images, opt, clock, out, log, bar, extra)
-                sums.reset()
-            if save_now:
+                sums = LossSums()
+            if save_now:  # one self-describing file; a kept snapshot: what evaluation reads
                 state = {"script": Path(__file__).name, "args": vars(args),
                          "model": model.state_dict(), "ema": ema.state_dict(),
                          "opt": opt.state_dict(), "step": step, "images": images, **data.state}
-                save_checkpoint(state, ckpt_path, keep_now, rank)
+                if rank == 0:
+                    atomic_save(state, ckpt_path)
+                    if keep_now:
+                        atomic_save({k: v for k, v in state.items() if k not in ("model", "opt")},
+                                    ckpt_path.with_name(f"ckpt-{images:09d}.pt"))
                 clock.save = time.time()
             if rank == 0 and args.sample_every and (at(args.sample_every) or done):
                 x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # in [-1, 1]
@@ -1071,12 +1055,11 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """Where ranks meet for events, a function of (step, images) alone: every 10th step, a log,
-    checkpoint, snapshot or preview boundary, the last step."""
-    return (step % 10 == 0 or images >= args.train_images
-            or any(crossed(images, args.batch_size, every)
-                   for every in (args.log_every, args.ckpt_every, args.keep_every,
-                                 args.sample_every)))
+    """Where ranks meet for events, a function of (step, images) alone: every 10th step, the last
+    step, and each log, checkpoint, snapshot or preview boundary."""
+    events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
+    return step % 10 == 0 or images >= args.train_images or any(
+        crossed(images, args.batch_size, every) for every in events)
 
 
 def agree(flags, world, device):
@@ -1101,8 +1084,7 @@ def check_finite(rec, model, ckpt_path, step, images, log):
 
 
 def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
-    """One line of the losses (overall, by noise level, extra terms) to log.txt, metrics.jsonl;
-    img/s since the last line."""
+    """The losses (overall, by noise level, extra terms) and img/s: log.txt, metrics.jsonl."""
     now = time.time()
     rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
            "img_per_s": (images - clock.images) / (now - clock.log)}
@@ -1118,16 +1100,6 @@ def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
 
-def save_checkpoint(state, ckpt_path, keep, rank):
-    """One self-describing file, written atomically by rank 0; a kept snapshot ckpt-<images>.pt
-    holds what evaluation reads (EMA weights, args, data state), not the model or optimizer."""
-    if rank == 0:
-        atomic_save(state, ckpt_path)
-        if keep:
-            snapshot = {k: v for k, v in state.items() if k not in ("model", "opt")}
-            atomic_save(snapshot, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
-
-
 def snapshot_plan(args, ema):
     """The line announcing the snapshots the run keeps and the disk they take (EMA weights)."""
     if not args.keep_every:
@@ -1139,16 +1111,6 @@ def snapshot_plan(args, ema):
     size = sum(v.nbytes for v in ema.state_dict().values())
     return (f"snapshots: {count} kept (every {every:,} images and the final weights), {count} x "
             f"{size / 1e6:.3g} MB = {count * size / 1e9:.3g} GB in {args.out}")
-
-
-def resolve_length(args, n):
-    """The run's length and event spacing in images, from its n training images."""
-    args.train_images = args.train_images or args.epochs * n  # the paper's epochs by default
-    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
-        args.warmup_images = min(args.warmup_epochs * n, args.train_images // 10)
-    if args.keep_every is None:
-        args.keep_every = args.keep_epochs * n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1168,9 +1130,8 @@ def add_training_args(p):
     p.add_argument("--train-images", type=count, help="training length (default: the paper's)")
     p.add_argument("--log-every", type=count, help="images between log lines (50k, or a tenth)")
     p.add_argument("--ckpt-every", type=count, default=10**6, help="images between checkpoints")
-    p.add_argument("--keep-every", type=count,
-                   help="images between kept snapshots ckpt-<images>.pt, the final one too "
-                        "(default: the paper's evaluation points, App. A, Table 6; 0: none)")
+    p.add_argument("--keep-every", type=count, help="images between kept snapshots "
+                   "ckpt-<images>.pt, the final one too (default: App. A's, Table 6; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
     p.add_argument("--sample-every", type=count, default=5_000_000,
@@ -1182,16 +1143,13 @@ def add_training_args(p):
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes per rank")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images of folders")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the configuration and parameter counts, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print the config and parameter counts")
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
-                   help="time STEPS training steps on a synthetic batch, self-conditioning on "
-                        "and off, then exit")
+                   help="time STEPS training steps on a synthetic batch, self-cond on and off")
 
 
 def setup_distributed(timeout=None):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one. `timeout`
-    (a timedelta): how long a collective may wait, when not torch's default."""
+    """(rank, world, device) of a process torchrun started (plain python: a world of one)."""
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 **({} if timeout is None else {"timeout": timeout}))
@@ -1239,7 +1197,6 @@ def use_bf16(device, precision):
 
 
 def autocast(device, precision):
-    """bf16 autocast for --precision bf16 (auto: on CUDA), none for fp32; weights stay fp32."""
     return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(device, precision))
 
 
@@ -1250,8 +1207,7 @@ def memory_format(device):
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(seed, epoch, size):
-    """The dataset's order in an epoch, seeded by (seed, epoch); cached: it takes 15 ms for
-    ImageNet-1k on one CPU thread, a whole step of a fast GPU."""
+    """The dataset's order in an epoch, seeded by (seed, epoch); cached: 15 ms on ImageNet-1k."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
@@ -1319,17 +1275,15 @@ def check_out_dir(out):
 
 
 def resume(path, args, log, model, ema, opt):
-    """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer; refuses another
-    script or architecture, warns of changed settings."""
+    """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer if this run's."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                          f"restore it from a copy or delete it to start afresh")
-    script = Path(__file__).name
-    if ckpt.get("script") != script:
-        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not {script}: "
-                         f"use another --out")
+    if ckpt.get("script") != Path(__file__).name:
+        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not "
+                         f"{Path(__file__).name}: use another --out")
     old = ckpt["args"]
     arch = [f"{k}: {old.get(k)} -> {getattr(args, k)}" for k in ARCH_KEYS
             if old.get(k) != getattr(args, k)]
@@ -1368,8 +1322,7 @@ class Log:
 
 
 class LossSums:
-    """Each rank's loss sums since the last log line: overall, per noise-level bin (with its
-    count) and per extra term; read() all-reduces them into means."""
+    """Each rank's loss sums since the last log line: overall, per noise-level bin, per term."""
 
     BINS = 5  # equal-width bins of the noise level in [0, 1]
 
@@ -1398,9 +1351,6 @@ class LossSums:
         out.update({f"loss_bin{i}": total / n if n else None for i, (n, total) in enumerate(bins)})
         return out
 
-    def reset(self):
-        self.sums = {}
-
 
 # ------------------------------------------------------------------------------------------------
 # Data: the shapes toy (a pixel DiT's data) and the class folders the latent cache encodes
@@ -1416,24 +1366,20 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """A deterministic toy of 10 classes told apart by geometry alone: four identical dots whose
-    constellation is the class, under random position, size, rotation, mirroring and colours.
-    Colour, area and texture carry no class, so a probe sees only what the model learns of the
-    arrangement. 'shapes-fixed': one colour pair, radius and size. Returns uint8 images (n, 3,
-    res, res), labels (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense
-    probing) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four identical dots whose constellation is the
+    class, under random position, size, rotation, mirroring and colours, which carry no class.
+    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
+    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
-    constellations = np.array([  # four dots each, in units of the dot spacing
-        [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
-        [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
-        [(-2, 1), (0, 1), (2, 1), (0, -1.2)],  # T
-        [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],  # L
-        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)],  # diamond
-        [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],  # Y: a centre and three arms
-        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],  # arc
-        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)],  # zigzag
-        [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],  # trapezoid
-        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],  # triangle with a tail
+    # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
+    # and three arms), arc, zigzag, trapezoid, triangle with a tail
+    constellations = np.array([
+        [(-1, -1), (1, -1), (1, 1), (-1, 1)], [(-3, 0), (-1, 0), (1, 0), (3, 0)],
+        [(-2, 1), (0, 1), (2, 1), (0, -1.2)], [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],
+        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)], [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],
+        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],
+        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)], [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],
+        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],
     ])
     p = constellations - constellations.mean(1, keepdims=True)
     p = p / np.sqrt((p**2).sum(2).mean(1))[:, None, None]  # the same spread in every class
@@ -1516,8 +1462,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def load_pixels(args, split="train"):
-    """(uint8 images (N, 3, H, W), labels (N,)) of the shapes toy, a pixel DiT's only data: other
-    images reach a DiT as latents (latent_cache)."""
+    """(uint8 images (N, 3, H, W), labels (N,)) of the shapes toy: other data are latents here."""
     if args.dataset not in SHAPES:
         raise SystemExit(f"train_dit.py holds the pixels of the shapes toy only, not of "
                          f"{args.dataset!r}: encode those with latent_cache")
@@ -1546,9 +1491,8 @@ def matmul_tflops(device, dtype):
 
 
 def benchmark(args, rounds=5):
-    """--bench: img/s, ms/step, peak memory, FLOPs per image and MFU of train_step on a synthetic
-    batch, and its time with self-conditioning on vs off. Both configurations and the matmul peak
-    are timed in interleaved rounds, so a busy or drifting machine slows them alike."""
+    """--bench: img/s, ms/step, peak memory, FLOPs/image, MFU of train_step, self-cond on vs off;
+    both and the matmul peak timed in interleaved rounds, so a drifting machine slows all alike."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

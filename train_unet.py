@@ -1,5 +1,4 @@
-"""
-DDAE++ pixel-space UNet diffusion: DDAE's `ddpm` and `ddpmpp` backbones trained as DDPM, EDM or
+"""DDAE++ pixel-space UNet diffusion: DDAE's `ddpm` and `ddpmpp` backbones trained as DDPM, EDM or
 RF, optionally self-conditioned: the pooled feature of a designated decoder layer k conditions
 the layers after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1).
 
@@ -74,8 +73,7 @@ class SelfCond(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """The paper states no init. Zero projection: a self-conditioned net starts as exactly
-        its baseline and learns how much of its own feature to use."""
+        """The paper states no init; a zero projection starts the net as exactly its baseline."""
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -162,10 +160,8 @@ class Resample(nn.Module):
     def __init__(self, ch, emb_dim, dropout, mode, biggan):
         super().__init__()
         self.mode, self.biggan = mode, biggan
-        if biggan:
-            self.op = ResBlock(ch, ch, emb_dim, dropout, resample=mode)
-        else:
-            self.op = nn.Conv2d(ch, ch, 3, stride=2 if mode == "down" else 1, padding=1)
+        self.op = (ResBlock(ch, ch, emb_dim, dropout, resample=mode) if biggan
+                   else nn.Conv2d(ch, ch, 3, stride=2 if mode == "down" else 1, padding=1))
 
     def forward(self, x, emb):
         if self.biggan:
@@ -212,9 +208,8 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(8, cin)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
         self.sc_layer = sc_layer if self_cond else None
-        self.self_cond = None
-        if self_cond:
-            self.self_cond = SelfCond(self.feature_ch[sc_layer], emb_dim, ch, sc_mode)
+        self.self_cond = SelfCond(self.feature_ch[sc_layer], emb_dim, ch, sc_mode) if self_cond \
+            else None
 
     def forward(self, x, t, aug=None, feats=(), pool=True):
         """x (N, 3, H, W), t (N,) the network's time input, aug (N, 9) or None. Returns the output
@@ -261,13 +256,11 @@ def build_model(args):
 
 # ------------------------------------------------------------------------------------------------
 # Diffusion formulations (Table 8). Paper convention: t=0 is data, t=T is noise; data in [-1, 1].
-# Each gives add_noise / pred / level in its native units, loss(model, x0, aug, feats) -> per-
-# sample loss (N,), level (N,), pooled features, and a short deterministic preview sampler
-# (sample.py holds the paper's samplers).
+# Each gives add_noise, pred, level (native units), loss(model, x0, aug, feats) -> per-sample loss
+# (N,), level (N,), pooled features, and a preview sampler (sample.py has the paper's samplers).
 
 class DDPM:
-    """Linear betas 1e-4..0.02 over T=1000 steps, eps-prediction, unweighted MSE; t in 1..T and
-    the network sees t/T (DDAE's indexing)."""
+    """Linear betas 1e-4..0.02, T=1000, eps-prediction, plain MSE; t in 1..T, the net sees t/T."""
 
     kind, T, t_min = "DDPM", 1000, 1
 
@@ -495,7 +488,6 @@ class AugmentPipe(nn.Module):
         s = n[:, 0] * on(3, self.scale)
         a = (2 * u[:, 4] - 1) * pi * on(5, self.rotate)
         w = n[:, 1] * on(7, self.aniso)
-        # EDM turns the anisotropic axis half the time
         r = (2 * u[:, 6] - 1) * pi * (u[:, 8] < 0.5).float()
         t = n[:, 2:4] * on(9, self.translate)[:, None]
         x = torch.where(xf.view(N, 1, 1, 1) > 0, x.flip(3), x)
@@ -614,9 +606,8 @@ def build_optimizer(model, args):
 
 
 def train_step(net, model, ema, opt, diffusion, batch, step, args):
-    """One optimisation step on a clean batch (B, 3, H, W) in [-1, 1]: flip or augment, denoising
-    loss (+ gamma x contrastive with --cl), backward, clip, Adam, EMA. Training and --bench both
-    run it. Returns the loss (B,), the noise level (B,) and {extra term: value}."""
+    """One step (training's, --bench's) on a clean batch (B, 3, H, W) in [-1, 1]: flip or augment,
+    loss (+ gamma x contrastive), backward, clip, Adam, EMA -> loss (B,), level (B,), {term: v}."""
     if args.aug:  # the pipe flips too (not with --no-flip), and says so in the label
         x, aug = (AUGMENT if args.flip else AUGMENT_NO_FLIP)(batch)
     else:  # --no-flip draws the flips too: the later draws stay those of a flipping run
@@ -670,8 +661,7 @@ CELLS = {  # Table 10: probe noise level (DDPM step, EDM sigma, RF t) and design
     ("RF", "ddpmpp", "cifar10"): (0.06, "out_8"), ("RF", "ddpmpp", "cifar100"): (0.06, "out_8"),
     ("EDM", "ddpm", "tiny-imagenet"): (0.2964, "out_5"),
     ("EDM", "ddpm", "in100"): (0.2964, "out_5"),
-    # Not in the paper: the CPU toy's cells, by the same rule (probe.py --grid on a baseline
-    # run; README)
+    # Not in the paper: the CPU toy's cells, by the same rule (probe.py --grid on a baseline)
     ("RF", "tiny", "shapes"): (0.4, "out_1"), ("RF", "tiny", "shapes-fixed"): (0.4, "out_2"),
 }
 PROBE_T = {"DDPM": 11, "EDM": 0.06, "RF": 0.06}  # elsewhere: Table 10's CIFAR levels ...
@@ -687,13 +677,10 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="cifar10",
                    help="cifar10, cifar100, tiny-imagenet, shapes, or a class-folder name")
     p.add_argument("--resolution", type=int, help="default: the dataset's (folders: 64)")
-    p.add_argument("--self-cond", action="store_true",
-                   help="condition the decoder on its own pooled feature (Sec. 4.1)")
-    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
-                   help="time-scaled or direct addition (Table 7a)")
+    p.add_argument("--self-cond", action="store_true", help="self-conditioning (Sec. 4.1)")
+    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive", help="Table 7a")
     p.add_argument("--sc-layer", help="decoder block read by self-conditioning (Table 10)")
-    p.add_argument("--probe-t", type=float,
-                   help="noise level of the probe and the contrastive target (Table 10)")
+    p.add_argument("--probe-t", type=float, help="probe and contrastive-target level (Table 10)")
     add_aug_args(p)
     p.add_argument("--batch-size", type=int,
                    help="global batch: 512 ddpm, 256 ddpmpp (Table 11), 16 tiny")
@@ -717,9 +704,7 @@ def get_args(argv=None):
     args.resolution = args.resolution or DATASETS.get(args.dataset, (0, 64))[1]
     args.epochs = 5 if args.dataset in SHAPES else 2000  # shapes: 50k images, minutes on a CPU
     args.warmup_epochs = form["warmup_epochs"]
-    # kept snapshots: every 200 epochs, the points of App. A (FID every 200 epochs, accuracy the
-    # best of epochs 800, 1000, 1200); none on shapes, whose quickstart needs none
-    args.keep_epochs = 0 if args.dataset in SHAPES else 200
+    args.keep_epochs = 0 if args.dataset in SHAPES else 200  # kept: App. A's evaluation epochs
 
     n_out = len(NETS[args.net]["mult"]) * (NETS[args.net]["blocks"] + 1)
     big = args.dataset in ("tiny-imagenet", "in100")
@@ -728,11 +713,9 @@ def get_args(argv=None):
     probe_t, layer = CELLS.get((args.model, args.net, args.dataset),
                                (default_t, f"out_{(n_out + 1) // 2}"))
     args.probe_t = args.probe_t or probe_t
-    if args.model == "DDPM":
-        args.probe_t = round(args.probe_t)  # a step
-    args.sc_layer = args.sc_layer or layer
-    if args.sc_layer.isdigit():
-        args.sc_layer = f"out_{args.sc_layer}"
+    args.probe_t = round(args.probe_t) if args.model == "DDPM" else args.probe_t  # DDPM: a step
+    layer = args.sc_layer or layer
+    args.sc_layer = f"out_{layer}" if layer.isdigit() else layer
     if args.sc_layer not in [f"out_{i}" for i in range(1, n_out + 1)]:
         p.error(f"--sc-layer {args.sc_layer}: the {args.net} decoder has out_1 .. out_{n_out}")
     args.cl_layer = args.sc_layer  # the contrastive feature is the designated layer (Sec. 4.2)
@@ -745,11 +728,9 @@ def add_aug_args(p):
     """The command line of augmentation and contrastive self-distillation (Sec. 4.2)."""
     p.add_argument("--aug", action="store_true",
                    help="EDM's non-leaky augmentation, CIFAR setting; the net sees its label")
-    p.add_argument("--cl", action="store_true",
-                   help="contrastive self-distillation from the EMA (needs --aug)")
+    p.add_argument("--cl", action="store_true", help="contrastive self-distillation (needs --aug)")
     p.add_argument("--cl-weight", type=float, default=0.01, help="gamma (Table 7d)")
-    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time",
-                   help="projection head (Table 7b)")
+    p.add_argument("--cl-head", choices=["time", "mocov3"], default="time", help="head (Table 7b)")
     p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
                    help="noise level of the target view (Table 7c)")
 
@@ -797,12 +778,17 @@ def main(argv=None):
     out, log, ckpt_path = Path(args.out), Log(args.out, rank), Path(args.out, "ckpt.pt")
     raise_on_any(check_out_dir(out) if rank == 0 else None)
 
-    # Data, and the run's length in images
+    # Data, and the run's length and event spacing in images (the paper's epochs by default)
     data = load_train_data(args, device)
     if not world <= args.batch_size <= data.n or args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size}: use a multiple of the {world} "
                          f"processes, at most the {data.n:,} training images")
-    resolve_length(args, data.n)
+    args.train_images = args.train_images or args.epochs * data.n
+    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
+    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
+        args.warmup_images = min(args.warmup_epochs * data.n, args.train_images // 10)
+    if args.keep_every is None:
+        args.keep_every = args.keep_epochs * data.n
 
     # Model, EMA and optimizer; resumed from <out>/ckpt.pt when there is one
     log(f"building {Path(__file__).name} --net {args.net} ...")  # DiT-L: a silent minute on CPU
@@ -859,12 +845,16 @@ def main(argv=None):
                 check_finite(rec, model if save_now else None, ckpt_path, step, images, log)
             if log_now:
                 log_metrics(rec, step, images, opt, clock, out, log, bar, extra)
-                sums.reset()
-            if save_now:
+                sums = LossSums()
+            if save_now:  # one self-describing file; a kept snapshot: what evaluation reads
                 state = {"script": Path(__file__).name, "args": vars(args),
                          "model": model.state_dict(), "ema": ema.state_dict(),
                          "opt": opt.state_dict(), "step": step, "images": images, **data.state}
-                save_checkpoint(state, ckpt_path, keep_now, rank)
+                if rank == 0:
+                    atomic_save(state, ckpt_path)
+                    if keep_now:
+                        atomic_save({k: v for k, v in state.items() if k not in ("model", "opt")},
+                                    ckpt_path.with_name(f"ckpt-{images:09d}.pt"))
                 clock.save = time.time()
             if rank == 0 and args.sample_every and (at(args.sample_every) or done):
                 x = data.to_pixels(sample_preview(ema, diffusion, args, device))  # in [-1, 1]
@@ -889,12 +879,11 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """Where ranks meet for events, a function of (step, images) alone: every 10th step, a log,
-    checkpoint, snapshot or preview boundary, the last step."""
-    return (step % 10 == 0 or images >= args.train_images
-            or any(crossed(images, args.batch_size, every)
-                   for every in (args.log_every, args.ckpt_every, args.keep_every,
-                                 args.sample_every)))
+    """Where ranks meet for events, a function of (step, images) alone: every 10th step, the last
+    step, and each log, checkpoint, snapshot or preview boundary."""
+    events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
+    return step % 10 == 0 or images >= args.train_images or any(
+        crossed(images, args.batch_size, every) for every in events)
 
 
 def agree(flags, world, device):
@@ -919,8 +908,7 @@ def check_finite(rec, model, ckpt_path, step, images, log):
 
 
 def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
-    """One line of the losses (overall, by noise level, extra terms) to log.txt, metrics.jsonl;
-    img/s since the last line."""
+    """The losses (overall, by noise level, extra terms) and img/s: log.txt, metrics.jsonl."""
     now = time.time()
     rec = {"step": step, "images": images, **rec, "lr": opt.param_groups[0]["lr"],
            "img_per_s": (images - clock.images) / (now - clock.log)}
@@ -936,16 +924,6 @@ def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
 
-def save_checkpoint(state, ckpt_path, keep, rank):
-    """One self-describing file, written atomically by rank 0; a kept snapshot ckpt-<images>.pt
-    holds what evaluation reads (EMA weights, args, data state), not the model or optimizer."""
-    if rank == 0:
-        atomic_save(state, ckpt_path)
-        if keep:
-            snapshot = {k: v for k, v in state.items() if k not in ("model", "opt")}
-            atomic_save(snapshot, ckpt_path.with_name(f"ckpt-{state['images']:09d}.pt"))
-
-
 def snapshot_plan(args, ema):
     """The line announcing the snapshots the run keeps and the disk they take (EMA weights)."""
     if not args.keep_every:
@@ -957,16 +935,6 @@ def snapshot_plan(args, ema):
     size = sum(v.nbytes for v in ema.state_dict().values())
     return (f"snapshots: {count} kept (every {every:,} images and the final weights), {count} x "
             f"{size / 1e6:.3g} MB = {count * size / 1e9:.3g} GB in {args.out}")
-
-
-def resolve_length(args, n):
-    """The run's length and event spacing in images, from its n training images."""
-    args.train_images = args.train_images or args.epochs * n  # the paper's epochs by default
-    args.log_every = args.log_every or min(50_000, max(args.train_images // 10, 1))
-    if args.warmup_images is None:  # Table 11's warm-up, at most a tenth of the run
-        args.warmup_images = min(args.warmup_epochs * n, args.train_images // 10)
-    if args.keep_every is None:
-        args.keep_every = args.keep_epochs * n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -986,9 +954,8 @@ def add_training_args(p):
     p.add_argument("--train-images", type=count, help="training length (default: the paper's)")
     p.add_argument("--log-every", type=count, help="images between log lines (50k, or a tenth)")
     p.add_argument("--ckpt-every", type=count, default=10**6, help="images between checkpoints")
-    p.add_argument("--keep-every", type=count,
-                   help="images between kept snapshots ckpt-<images>.pt, the final one too "
-                        "(default: the paper's evaluation points, App. A, Table 6; 0: none)")
+    p.add_argument("--keep-every", type=count, help="images between kept snapshots "
+                   "ckpt-<images>.pt, the final one too (default: App. A's, Table 6; 0: none)")
     p.add_argument("--ckpt-minutes", type=float, default=10,
                    help="also checkpoint after this many minutes: what a SIGKILL may cost")
     p.add_argument("--sample-every", type=count, default=5_000_000,
@@ -1000,16 +967,13 @@ def add_training_args(p):
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes per rank")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images of folders")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the configuration and parameter counts, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print the config and parameter counts")
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
-                   help="time STEPS training steps on a synthetic batch, self-conditioning on "
-                        "and off, then exit")
+                   help="time STEPS training steps on a synthetic batch, self-cond on and off")
 
 
 def setup_distributed(timeout=None):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is a world of one. `timeout`
-    (a timedelta): how long a collective may wait, when not torch's default."""
+    """(rank, world, device) of a process torchrun started (plain python: a world of one)."""
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 **({} if timeout is None else {"timeout": timeout}))
@@ -1057,7 +1021,6 @@ def use_bf16(device, precision):
 
 
 def autocast(device, precision):
-    """bf16 autocast for --precision bf16 (auto: on CUDA), none for fp32; weights stay fp32."""
     return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(device, precision))
 
 
@@ -1068,8 +1031,7 @@ def memory_format(device):
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(seed, epoch, size):
-    """The dataset's order in an epoch, seeded by (seed, epoch); cached: it takes 15 ms for
-    ImageNet-1k on one CPU thread, a whole step of a fast GPU."""
+    """The dataset's order in an epoch, seeded by (seed, epoch); cached: 15 ms on ImageNet-1k."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
@@ -1137,17 +1099,15 @@ def check_out_dir(out):
 
 
 def resume(path, args, log, model, ema, opt):
-    """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer; refuses another
-    script or architecture, warns of changed settings."""
+    """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer if this run's."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                          f"restore it from a copy or delete it to start afresh")
-    script = Path(__file__).name
-    if ckpt.get("script") != script:
-        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not {script}: "
-                         f"use another --out")
+    if ckpt.get("script") != Path(__file__).name:
+        raise SystemExit(f"{path} was written by {ckpt.get('script')}, not "
+                         f"{Path(__file__).name}: use another --out")
     old = ckpt["args"]
     arch = [f"{k}: {old.get(k)} -> {getattr(args, k)}" for k in ARCH_KEYS
             if old.get(k) != getattr(args, k)]
@@ -1186,8 +1146,7 @@ class Log:
 
 
 class LossSums:
-    """Each rank's loss sums since the last log line: overall, per noise-level bin (with its
-    count) and per extra term; read() all-reduces them into means."""
+    """Each rank's loss sums since the last log line: overall, per noise-level bin, per term."""
 
     BINS = 5  # equal-width bins of the noise level in [0, 1]
 
@@ -1216,9 +1175,6 @@ class LossSums:
         out.update({f"loss_bin{i}": total / n if n else None for i, (n, total) in enumerate(bins)})
         return out
 
-    def reset(self):
-        self.sums = {}
-
 
 # ------------------------------------------------------------------------------------------------
 # Data: the shapes toy and the datasets this model trains on in the paper (CIFAR, Tiny-ImageNet,
@@ -1246,24 +1202,20 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """A deterministic toy of 10 classes told apart by geometry alone: four identical dots whose
-    constellation is the class, under random position, size, rotation, mirroring and colours.
-    Colour, area and texture carry no class, so a probe sees only what the model learns of the
-    arrangement. 'shapes-fixed': one colour pair, radius and size. Returns uint8 images (n, 3,
-    res, res), labels (n,), uint8 masks (n, res, res) (0 background, 1 + label on a dot: dense
-    probing) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four identical dots whose constellation is the
+    class, under random position, size, rotation, mirroring and colours, which carry no class.
+    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
+    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
-    constellations = np.array([  # four dots each, in units of the dot spacing
-        [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # square
-        [(-3, 0), (-1, 0), (1, 0), (3, 0)],  # line
-        [(-2, 1), (0, 1), (2, 1), (0, -1.2)],  # T
-        [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],  # L
-        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)],  # diamond
-        [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],  # Y: a centre and three arms
-        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],  # arc
-        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)],  # zigzag
-        [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],  # trapezoid
-        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],  # triangle with a tail
+    # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
+    # and three arms), arc, zigzag, trapezoid, triangle with a tail
+    constellations = np.array([
+        [(-1, -1), (1, -1), (1, 1), (-1, 1)], [(-3, 0), (-1, 0), (1, 0), (3, 0)],
+        [(-2, 1), (0, 1), (2, 1), (0, -1.2)], [(-0.8, 2), (-0.8, 0), (-0.8, -2), (1.2, -2)],
+        [(0, 1.9), (1.1, 0), (0, -1.9), (-1.1, 0)], [(0, 0), (0, 2), (1.73, -1), (-1.73, -1)],
+        [(-2.2, -0.8), (-1, 0.9), (1, 0.9), (2.2, -0.8)],
+        [(-3, -0.6), (-1, 0.6), (1, -0.6), (3, 0.6)], [(-2.2, -1), (2.2, -1), (-1, 1), (1, 1)],
+        [(-1.2, 0), (0.8, 0), (-0.2, 1.73), (2.4, -1.2)],
     ])
     p = constellations - constellations.mean(1, keepdims=True)
     p = p / np.sqrt((p**2).sum(2).mean(1))[:, None, None]  # the same spread in every class
@@ -1433,9 +1385,8 @@ def matmul_tflops(device, dtype):
 
 
 def benchmark(args, rounds=5):
-    """--bench: img/s, ms/step, peak memory, FLOPs per image and MFU of train_step on a synthetic
-    batch, and its time with self-conditioning on vs off. Both configurations and the matmul peak
-    are timed in interleaved rounds, so a busy or drifting machine slows them alike."""
+    """--bench: img/s, ms/step, peak memory, FLOPs/image, MFU of train_step, self-cond on vs off;
+    both and the matmul peak timed in interleaved rounds, so a drifting machine slows all alike."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
