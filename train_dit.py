@@ -433,7 +433,8 @@ def get_args(argv=None):
                    help="labels, with a null class for CFG (default: on for in1k/in100)")
     p.add_argument("--label-dropout", type=float, default=0.1, help="labels made the null class")
     p.add_argument("--self-cond", action="store_true", help="self-conditioning (Sec. 4.1)")
-    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive", help="Table 7a")
+    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
+                   help="time-scaled or direct addition (Table 7a)")
     p.add_argument("--sc-layer", help="block read by self-conditioning, 9 or block_9 (Table 10)")
     p.add_argument("--probe-t", type=float, help="noise level of the probe (Table 10)")
     p.add_argument("--cos-loss", action=argparse.BooleanOptionalAction, default=True,

@@ -678,7 +678,8 @@ def get_args(argv=None):
                    help="cifar10, cifar100, tiny-imagenet, shapes, or a class-folder name")
     p.add_argument("--resolution", type=int, help="default: the dataset's (folders: 64)")
     p.add_argument("--self-cond", action="store_true", help="self-conditioning (Sec. 4.1)")
-    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive", help="Table 7a")
+    p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
+                   help="time-scaled or direct addition (Table 7a)")
     p.add_argument("--sc-layer", help="decoder block read by self-conditioning (Table 10)")
     p.add_argument("--probe-t", type=float, help="probe and contrastive-target level (Table 10)")
     add_aug_args(p)
