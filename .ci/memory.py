@@ -140,7 +140,7 @@ def fid_reference(root, world):
     """sample.py --fid in1k's reference: the class folders streamed through the trainer."""
     args = train_unet.get_args(["--dataset", "in1k", "--data-path", str(root / "in1k")])
     ref, _, _ = sample.fid_reference("in1k", train_unet, args, 256, workers=0)
-    fid.compute_statistics(ref(), StubInception(), score=False)
+    return fid.compute_statistics(ref(), StubInception(), score=False)
 
 
 def sample_fid(root, world):
@@ -153,17 +153,21 @@ def sample_fid(root, world):
             sample.merge(paths, f, n, classes=1000)
     own = ((torch.arange(i * 250, i * 250 + len(x)), x)
            for i, x in ((i, sample.shard_images(paths[i])) for i in range(rank, len(paths), world)))
-    fid.fid_from_samples(fid.Source(own, n=n), (np.zeros(2048), np.eye(2048), 50_000),
-                         StubInception())
+    return fid.fid_from_samples(fid.Source(own, n=n), (np.zeros(2048), np.eye(2048), 50_000),
+                                StubInception())
 
 
+# probe.py's steps train Table 11's head for one epoch: the features held per image are those of
+# the lbfgs head too (which adds at most probe.CACHE_BYTES of standardised rows per node), and its
+# fit to convergence over 1000 classes would take hours here.
+PROBE = ["--head", "table11", "--epochs", "1"]
 STEPS = {  # name -> (what it measures, the step run on the data under root by each of world ranks)
     "fid-reference": ("sample.py --fid in1k reference", fid_reference),
     "sample-fid": ("sample.py merge + --fid", sample_fid),
     "probe": ("probe.py default cell", lambda root, world: probe.main(
-        ["--ckpt", str(root / "ckpt.pt"), "--out", str(root / f"p{world}")])),
+        ["--ckpt", str(root / "ckpt.pt"), *PROBE, "--out", str(root / f"p{world}")])),
     "probe-grid": ("probe.py --grid", lambda root, world: probe.main(
-        ["--ckpt", str(root / "ckpt.pt"), "--grid", "--out", str(root / f"g{world}")])),
+        ["--ckpt", str(root / "ckpt.pt"), "--grid", *PROBE, "--out", str(root / f"g{world}")])),
 }
 
 
@@ -192,6 +196,7 @@ def rank_main(rank, world, port, step, root, peaks):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    sys.stdout = sys.stderr  # the tools' reports are progress here: stdout is the JSON line's
     warnings.simplefilter("ignore")  # rank-deficient covariances of stub features
     train_dit.build_model = lambda args: StubDiT()
     fid.load_inception = lambda path=None, device="cpu": StubInception()
@@ -226,13 +231,14 @@ def run_step(step, root, world):
 # Main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="steps: " + "; ".join(f"{k}: {v[0]}" for k, v in STEPS.items()))
     p.add_argument("--sizes", type=int, nargs=2, default=[4000, 12000], metavar=("N1", "N2"),
                    help="training images of the two fake datasets (the growth is their slope)")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="ranks to run each step on")
-    p.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
+    p.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS), metavar="STEP",
+                   help="the steps to measure (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure, the median reported: "
                    "transient batch buffers move a single run's peak by tens of MiB")
     a = p.parse_args(argv)
