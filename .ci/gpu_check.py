@@ -4,7 +4,8 @@ batch, FID feature and sampling throughput, and the compile/DDP order, then one 
 part runs on its own: one that fails is recorded as an error and the others still measure.
 
     .ci/gpu                    # everything, under 8 minutes on one H100/H200
-    .ci/gpu bench sample       # only these parts (a rerun after a failure, in the little GPU time there is)
+    .ci/gpu bench sample       # only these parts (a rerun after a failure, in the little
+                               # GPU time there is)
 """
 import argparse
 import contextlib
@@ -29,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 PARTS = ("tests", "bench", "fid", "sample", "ddp-order")
 BENCH_STEPS = 20  # 5 interleaved rounds of 4 steps, self-conditioning on and off: seconds per net
 
-# The paper's per-GPU batch: Table 11's global batch over the paper's GPU count. DiT-B/1's 1024 over
-# 6 GPUs is 170.7, so 4 of them ran 171 and 2 ran 170; 170 is what every GPU ran at least.
+# The paper's per-GPU batch: Table 11's global batch over the paper's GPU count. DiT-B/1's 1024
+# over 6 GPUs is 170.7, so 4 of them ran 171 and 2 ran 170; 170 is what every GPU ran at least.
 BENCHES = {
     "ddpm": ("train_unet.py", ["--net", "ddpm", "--batch-size", "128"]),      # 512 / 4
     "ddpmpp": ("train_unet.py", ["--net", "ddpmpp", "--batch-size", "64"]),   # 256 / 4
@@ -46,8 +47,8 @@ def log(msg):
 
 
 def datasheet_bf16_tflops(gpu):
-    """Dense bf16 TFLOP/s of NVIDIA's datasheet for the cards this check was written for, else None.
-    'NVIDIA H100 80GB HBM3' is the SXM card; the PCIe and NVL variants have lower peaks."""
+    """Dense bf16 TFLOP/s of NVIDIA's datasheet for the cards this check was written for, else
+    None. 'NVIDIA H100 80GB HBM3' is the SXM card; the PCIe and NVL variants have lower peaks."""
     if "NVL" in gpu or "PCIe" in gpu:
         return None
     return 989.0 if "H100" in gpu or "H200" in gpu else None
@@ -79,9 +80,9 @@ def gpu_tests(tmp):
     except ImportError:
         return {"not_run": "pytest is not installed"}
     xml = Path(tmp) / "gpu-tests.xml"
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                        f"--junitxml={xml}", "test_smoke.py"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=360)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu",
+                        "-p", "no:cacheprovider", f"--junitxml={xml}", "test_smoke.py"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=360)
     print(p.stdout[-6000:], file=sys.stderr)  # pytest's own report, failures included
     return junit_counts(xml.read_text())
 
@@ -97,7 +98,8 @@ def junit_counts(text):
 
 
 def bench(script, argv, steps=BENCH_STEPS):
-    """The trainer's own --bench with self-conditioning on (it times it off too): its JSON record."""
+    """The trainer's own --bench with self-conditioning on (it times it off too): its JSON
+    record."""
     out = run([sys.executable, script, *argv, "--self-cond", "--bench", str(steps)], timeout=300)
     return last_json(out)
 
@@ -119,8 +121,8 @@ def bench_figures(rec, peak):
 def fid_speed(device, n=1000, batch=200, rounds=5):
     """fid.py's feature extraction in images/s: random Inception weights loaded from a file as the
     official ones are, 32x32 uint8 images on the host (resized to 299 inside the network), so on a
-    GPU the pinned-memory copies are part of what is timed (fid.py --bench builds its network on the
-    CPU, on a GPU machine too)."""
+    GPU the pinned-memory copies are part of what is timed (fid.py --bench builds its network on
+    the CPU, on a GPU machine too)."""
     import fid
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,28 +146,32 @@ def sample_speed(tmp, net_argv=("--net", "B", "--dataset", "in1k"), vae_config="
     import sample
     import train_dit
     tmp = Path(tmp)
-    args = train_dit.get_args([*net_argv, "--vae-config", vae_config, "--vae", str(tmp / "vae.pt")])
+    args = train_dit.get_args([*net_argv, "--vae-config", vae_config,
+                               "--vae", str(tmp / "vae.pt")])
     torch.save(train_dit.build_vae(args).state_dict(), tmp / "vae.pt")
     model = train_dit.build_model(args)
     torch.save({"script": "train_dit.py", "args": vars(args), "model": model.state_dict(),
                 "ema": model.state_dict(), "step": 0, "images": 0,
-                "latent_stats": {"mean": torch.zeros(model.in_ch), "std": torch.ones(model.in_ch)}},
+                "latent_stats": {"mean": torch.zeros(model.in_ch),
+                                 "std": torch.ones(model.in_ch)}},
                tmp / "ckpt.pt")
     common = ["--ckpt", str(tmp / "ckpt.pt"), "--batch-size", str(batch), "--sampler", "euler"]
     sample.main([*common, "--num-samples", str(batch), "--steps", "2", "--out", str(tmp / "warm")])
     secs = []
     for n in (batch, 2 * batch):
         t = time.perf_counter()
-        sample.main([*common, "--num-samples", str(n), "--steps", str(steps), "--out", str(tmp / f"n{n}")])
+        sample.main([*common, "--num-samples", str(n), "--steps", str(steps),
+                     "--out", str(tmp / f"n{n}")])
         secs.append(time.perf_counter() - t)
     cfg = json.loads((tmp / f"n{2 * batch}" / "config.json").read_text())["cfg_scale"]
-    return {"img_per_s": batch / (secs[1] - secs[0]), "batch": batch, "steps": steps, "cfg_scale": cfg,
-            "seconds_per_batch": secs[1] - secs[0]}
+    return {"img_per_s": batch / (secs[1] - secs[0]), "batch": batch, "steps": steps,
+            "cfg_scale": cfg, "seconds_per_batch": secs[1] - secs[0]}
 
 
 def _ddp_order_worker(rank, world, port, argv, backend, steps, result):
-    """One rank: the same training step under torch.compile(DDP(model)) and DDP(torch.compile(model))
-    (the trainers' order), timed in interleaved rounds after the compilation."""
+    """One rank: the same training step under torch.compile(DDP(model)) and
+    DDP(torch.compile(model)) (the trainers' order), timed in interleaved rounds after the
+    compilation."""
     import torch.distributed as dist
     import train_unet as mod
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -183,7 +189,8 @@ def _ddp_order_worker(rank, world, port, argv, backend, steps, result):
         opt, diffusion = mod.build_optimizer(model, args), mod.build_diffusion(args, model)
         batch, ids = mod.fake_batch(args, device), [rank] if cuda else None
         ddp = torch.nn.parallel.DistributedDataParallel
-        net = (torch.compile(ddp(model, device_ids=ids), backend=backend) if order == "compile(DDP)"
+        net = (torch.compile(ddp(model, device_ids=ids), backend=backend)
+               if order == "compile(DDP)"
                else ddp(torch.compile(model, backend=backend), device_ids=ids))
         return lambda i: mod.train_step(net, model, ema, opt, diffusion, batch, i, args)
 
@@ -202,7 +209,8 @@ def _ddp_order_worker(rank, world, port, argv, backend, steps, result):
     if rank == 0:
         ms = {o: 1e3 * statistics.median(r[o] for r in rows) for o in orders}
         Path(result).write_text(json.dumps({
-            "world": world, "net": " ".join(argv), "ms_per_step": ms, "faster": min(ms, key=ms.get),
+            "world": world, "net": " ".join(argv), "ms_per_step": ms,
+            "faster": min(ms, key=ms.get),
             "ratio_compile_ddp_over_ddp_compile": ms["compile(DDP)"] / ms["DDP(compile)"]}))
     dist.destroy_process_group()
 
@@ -216,10 +224,12 @@ def ddp_order(gpus, tmp, argv=DDP_ORDER_NET, backend="inductor", steps=10, world
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = Path(tmp) / "ddp-order.json"
-    ranks = mp.spawn(_ddp_order_worker, args=(world, port, list(argv), backend, steps, str(result)),
+    ranks = mp.spawn(_ddp_order_worker,
+                     args=(world, port, list(argv), backend, steps, str(result)),
                      nprocs=world, join=False)
     deadline = time.time() + timeout
-    while not ranks.join(timeout=5):  # raises if a rank failed; a hang (a collective) must not stall the check
+    # join raises if a rank failed; a hang (a collective) must not stall the check
+    while not ranks.join(timeout=5):
         if time.time() > deadline:
             for p in ranks.processes:
                 p.kill()
@@ -234,8 +244,9 @@ def environment():
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "gpu": gpu, "gpus": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "datasheet_bf16_tflops": datasheet_bf16_tflops(gpu)}
+            "gpu": gpu, "gpus": torch.cuda.device_count() if cuda else 0,
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "datasheet_bf16_tflops": datasheet_bf16_tflops(gpu)}
 
 
 def rounded(obj):
@@ -248,13 +259,16 @@ def rounded(obj):
 
 
 def measure(figures, name, fn, *args):
-    """figures[name] = fn(*args), or the error that stopped it: one broken part costs only itself."""
+    """figures[name] = fn(*args), or the error that stopped it: one broken part costs only
+    itself."""
     log(f"{name} ...")
     t = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # sample.py's lines: stdout is for the JSON line alone
+        # sample.py's lines: stdout is for the JSON line alone
+        with contextlib.redirect_stdout(sys.stderr):
             figures[name] = fn(*args)
-    except Exception as e:  # noqa: BLE001  (a subprocess's exit, a timeout, a CUDA error: all the same here)
+    # a subprocess's exit, a timeout, a CUDA error: all the same here
+    except Exception as e:  # noqa: BLE001
         figures[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
     log(f"{name} done in {time.perf_counter() - t:.0f} s")
 
@@ -269,23 +283,29 @@ def failed(figures):
 def readme_table(figures):
     """The README performance table's GPU figures, in its own units, ready to paste."""
     peak = figures["datasheet_bf16_tflops"]
-    mfu = f"MFU (of {peak:g} TFLOP/s bf16 dense)" if peak else "MFU (of the measured bf16 matmul peak)"
-    lines = [f"{figures['gpu']}, {figures['date'][:10]}, torch {figures['torch']}, --bench {BENCH_STEPS}:",
-             f"| net | batch per GPU | img/s per GPU | {mfu} | self-cond step time |", "|---|---|---|---|---|"]
+    mfu = (f"MFU (of {peak:g} TFLOP/s bf16 dense)" if peak
+           else "MFU (of the measured bf16 matmul peak)")
+    lines = [f"{figures['gpu']}, {figures['date'][:10]}, torch {figures['torch']}, "
+             f"--bench {BENCH_STEPS}:",
+             f"| net | batch per GPU | img/s per GPU | {mfu} | self-cond step time |",
+             "|---|---|---|---|---|"]
     for name, r in figures.get("bench", {}).items():
         if "error" not in r:
             lines.append(f"| {name} | {r['batch']} | {r['img_per_s']:.0f} | "
-                         f"{100 * r.get('mfu_datasheet', r['mfu']):.1f}% | x{r['self_cond_overhead']:.3f} |")
+                         f"{100 * r.get('mfu_datasheet', r['mfu']):.1f}% | "
+                         f"x{r['self_cond_overhead']:.3f} |")
     if "fid_features_per_s" in figures.get("fid", {}):
         lines.append(f"FID features: {figures['fid']['fid_features_per_s']:.0f} images/s")
     if "img_per_s" in figures.get("sample_dit_b1", {}):
-        lines.append(f"DiT-B/1 sampling, Euler-250 + CFG: {figures['sample_dit_b1']['img_per_s']:.1f} images/s")
+        lines.append("DiT-B/1 sampling, Euler-250 + CFG: "
+                     f"{figures['sample_dit_b1']['img_per_s']:.1f} images/s")
     return "\n".join(lines)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("parts", nargs="*", metavar="PART", help=f"only these: {', '.join(PARTS)} (default: all)")
+    p.add_argument("parts", nargs="*", metavar="PART",
+                   help=f"only these: {', '.join(PARTS)} (default: all)")
     args = p.parse_args(argv)
     unknown = [x for x in args.parts if x not in PARTS]
     if unknown:  # argparse's choices cannot check a list that may be empty
@@ -308,7 +328,8 @@ def main(argv=None):
         if "bench" in args.parts:
             figures["bench"] = {}
             for name, (script, net) in BENCHES.items():
-                measure(figures["bench"], name, bench_part, script, net, env["datasheet_bf16_tflops"])
+                measure(figures["bench"], name, bench_part, script, net,
+                        env["datasheet_bf16_tflops"])
         if "fid" in args.parts:
             measure(figures, "fid", fid_speed, torch.device("cuda"))
         if "sample" in args.parts:
