@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -151,8 +152,9 @@ def sample_fid(root, world):
     if rank == 0:
         with open(root / f"samples-{world}.npz", "wb") as f:
             sample.merge(paths, f, n, classes=1000)
+    mine = range(rank, len(paths), world)
     own = ((torch.arange(i * 250, i * 250 + len(x)), x)
-           for i, x in ((i, sample.shard_images(paths[i])) for i in range(rank, len(paths), world)))
+           for i, x in ((i, sample.shard_images(paths[i])) for i in mine))
     return fid.fid_from_samples(fid.Source(own, n=n), (np.zeros(2048), np.eye(2048), 50_000),
                                 StubInception())
 
@@ -233,10 +235,12 @@ def run_step(step, root, world):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="steps: " + "; ".join(f"{k}: {v[0]}" for k, v in STEPS.items()))
+                                epilog="steps: " + "; ".join(f"{k}: {v[0]}"
+                                                             for k, v in STEPS.items()))
     p.add_argument("--sizes", type=int, nargs=2, default=[4000, 12000], metavar=("N1", "N2"),
                    help="training images of the two fake datasets (the growth is their slope)")
-    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="ranks to run each step on")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2],
+                   help="ranks to run each step on")
     p.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS), metavar="STEP",
                    help="the steps to measure (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure, the median reported: "
@@ -250,6 +254,8 @@ def get_args(argv=None):
 def main(argv=None):
     a = get_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    # a scheduler's or timeout's SIGTERM unwinds like Ctrl-C: the finally below removes the data
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tmp, rows = Path(tempfile.mkdtemp(prefix="ddae-memory-")), []
     try:
         for n in a.sizes:
