@@ -82,6 +82,7 @@ class Cell:
 
 
 def get_args(argv=None):
+    """The flags, checked against each other (against each checkpoint: plan)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = p.add_argument
@@ -127,6 +128,7 @@ def get_args(argv=None):
 # Data-parallel bookkeeping: rank r owns the rows of extraction batches r, r + world, ...
 
 def world():
+    """(rank, world size), (0, 1) outside torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -155,10 +157,12 @@ def _seed(*ints):
 
 
 def _generator(*ints):
+    """A CPU generator seeded from ints: a named noise stream (TEST, TRAIN, ..) and its index."""
     return torch.Generator().manual_seed(_seed(*ints))
 
 
 def no_flips(n):
+    """n images, none flipped."""
     return torch.zeros(n, dtype=torch.bool)
 
 
@@ -824,6 +828,7 @@ def dense_checkpoint(a, job, device, log):
 # Report: a checkpoint's lines, the grid's table and the Fig. 4-5 chart (accuracy against layer)
 
 def write(path, rec):
+    """rec as indented JSON at path, its folder made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1))
 
@@ -931,14 +936,15 @@ def chart(path, series, title, baseline=None):
 # Several checkpoints: App. A's snapshot rule, seeds, arms and their paired differences
 
 def mean_std(values):
+    """(mean, std) of the values that are not None; None if none is."""
     v = [x for x in values if x is not None]
     return (float(np.mean(v)), float(np.std(v))) if v else None
 
 
 def app_a(snapshots, on="test"):
-    """The snapshot that stands for a run (App. A): on CIFAR the best of those at epochs 800, 1000
-    and 1200 (as many as the run has) by the cell's `on` figure, elsewhere the final one. The paper
-    picked on test (table11 reproduces it); the lbfgs head picks on its held-out tenth of train."""
+    """The snapshot standing for a run (App. A): CIFAR's best of 800/1000/1200, else the last."""
+    # "best" by the cell's `on` figure: the paper picked on test (table11 reproduces it), the lbfgs
+    # head picks on its held-out tenth of the training images, so test never chooses
     at = lambda r, e: 0 <= r["epoch"] - e < r["args"]["batch_size"] / r["train_size"]  # in a step
     picks = [r for r in snapshots if r["dataset"] == r["trained_on"] and any(
         at(r, e) for e in APP_A_EPOCHS.get(r["trained_on"], ()))]
@@ -1013,6 +1019,7 @@ def summarize(records, out, log):
 
 
 def main(argv=None):
+    """Probe every --ckpt; its record, or their list (several: the summary too)."""
     a = get_args(argv)
     jobs, root = plan(a)  # every flag against every checkpoint: one line within seconds
     rank, _, device = jobs[0].mod.setup_distributed()
