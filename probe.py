@@ -48,7 +48,7 @@ GRIDS = {"DDPM": [1, 11, 21, 41, 66, 101, 151],
          "EDM": [0.0075, 0.023, 0.06, 0.14, 0.2964, 0.59, 1.09],
          "RF": [0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6]}
 # Table 11's global batch: 1440 latent; for pixels one row spans pre-training and probing, which
-# we read as shared (DDAE ran 512 for every net). 'tiny' is not in the paper: 128.
+# we read as shared (DDAE ran 512 for every net). "tiny" is not in the paper: 128.
 PROBE_BATCH = {"ddpm": 512, "ddpmpp": 256, "uvit_s": 256}
 MAX_PIXEL_DIM = 12288  # raw pixels: flattened up to 64x64x3 (and 16x16x32 latents), pooled above
 # The converged head's L2 strengths on the mean cross-entropy, strongest first (warm starts);
@@ -60,14 +60,18 @@ CACHE_BYTES = 2 ** 30  # on CPU a node holds one cell's standardised rows for it
 APP_A_EPOCHS = {"cifar10": (800, 1000, 1200), "cifar100": (800, 1000, 1200)}
 TEST, TRAIN, FLIPS, LOSS, SC, HOLD = range(6)  # random streams: _seed(--seed, stream, index)
 DENSE = {  # the standard protocols: default folder, classes scored; 255 is ignored everywhere
-    "ade20k": ("data/ADEChallengeData2016", 150),  # label 0 ('other') ignored: c -> c - 1
+    "ade20k": ("data/ADEChallengeData2016", 150),  # label 0 ("other") ignored: c -> c - 1
     "voc": ("data/VOCdevkit/VOC2012", 21),  # background and 20 classes; 255 marks boundaries
 }
+# What does not make two runs differ (the seed makes a replicate of an arm)
+BOOKKEEPING = {"out", "log_every", "ckpt_every", "ckpt_minutes", "sample_every", "workers",
+               "data_path", "cache_dir", "extract_batch", "train_images", "keep_every"}
+Job = namedtuple("Job", "path out mod args ts layers run")  # run: the args but bookkeeping
 
 
 @dataclass(frozen=True)
 class Cell:
-    """What one head reads: a network ('trained', 'init' or 'pixels') at noise level t, a layer."""
+    """What one head reads: a network ("trained", "init" or "pixels") at noise level t, a layer."""
     net: str
     t: float = None
     layer: str = "pixels"
@@ -77,18 +81,8 @@ class Cell:
             f"t={self.t:g} {self.layer}" + " at init" * (self.net == "init")
 
 
-@dataclass
-class Score:
-    """A head's figures, in %: test accuracy, final training accuracy and loss; lbfgs: the L2
-    strength and its accuracy on the held-out tenth."""
-    test: float
-    train: float
-    loss: float
-    held_out: float = None
-    l2: float = None
-
-
 def get_args(argv=None):
+    """The flags, checked against each other (against each checkpoint: plan)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = p.add_argument
@@ -134,6 +128,7 @@ def get_args(argv=None):
 # Data-parallel bookkeeping: rank r owns the rows of extraction batches r, r + world, ...
 
 def world():
+    """(rank, world size), (0, 1) outside torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -161,13 +156,23 @@ def _seed(*ints):
     return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
 
 
+def _generator(*ints):
+    """A CPU generator seeded from ints: a named noise stream (TEST, TRAIN, ..) and its index."""
+    return torch.Generator().manual_seed(_seed(*ints))
+
+
+def no_flips(n):
+    """n images, none flipped."""
+    return torch.zeros(n, dtype=torch.bool)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data: a labelled split in model space
 
 class Data:
-    """A labelled split read a batch at a time in model space: uint8 pixels (N, 3, H, W), or the
-    VA-VAE cache (N, 2 flips, 32, 16, 16) float16, memory-mapped, normalised with the training
-    latents' statistics. `rows`: a subset (--limit); `encode`: pixels to the network's input."""
+    """A labelled split in model space: uint8 pixels (N, 3, H, W) or a VA-VAE latent cache."""
+    # latents: (N, 2 flips, 32, 16, 16) float16 memory-mapped, normalised with the training
+    # latents' statistics; rows: a subset (--limit); encode: pixels to the network's input
 
     def __init__(self, x, y, stats=None, rows=None, encode=None):
         self.x, self.stats, self.encode = x, stats, encode
@@ -190,8 +195,7 @@ class Data:
 
 
 class Resized(torch.utils.data.Dataset):
-    """uint8 images (N, 3, h, w) as (index, ADM-cropped uint8 (3, res, res), ''): what a latent
-    cache encodes of a dataset read by another trainer (CIFAR for a latent DiT)."""
+    """Images another trainer read (CIFAR for a latent DiT), ADM-cropped for a latent cache."""
 
     def __init__(self, x, res, crop):
         self.x, self.res, self.crop = x, res, crop
@@ -205,9 +209,8 @@ class Resized(torch.utils.data.Dataset):
 
 
 def load_split(mod, args, ckpt, split):
-    """The split's Data: pixels resized to the model's input, or the split's latent cache. A pixel
-    dataset the run's trainer does not hold (CIFAR for a DiT) is read by train_unet.py's loader."""
-    unet = import_trainer("train_unet.py")
+    """The split's Data: pixels resized to the model's input, or the split's latent cache."""
+    unet = import_trainer("train_unet.py")  # it reads what the run's trainer does not (CIFAR)
     src = mod if args.dataset in mod.DATASETS or args.dataset not in unet.DATASETS else unet
     read = lambda: src.load_pixels(args if src is mod else src.get_args(
         ["--dataset", args.dataset, "--data-path", args.data_path]), split)
@@ -227,7 +230,7 @@ def load_split(mod, args, ckpt, split):
 
 
 def pixel_features(x):
-    """Raw-pixel features (N, D) of model-space x (N, C, H, W), 2x2-pooled to D <= MAX_PIXEL_DIM."""
+    """Raw-pixel features (N, D) of model-space x, 2x2-pooled to D <= MAX_PIXEL_DIM."""
     while x[0].numel() > MAX_PIXEL_DIM:
         x = F.avg_pool2d(x, 2)
     return x.flatten(1)
@@ -237,8 +240,7 @@ def pixel_features(x):
 # Features: this rank's rows, float16, in one or more views (noise draw x flip) per image
 
 def _rows(n, width, spill):
-    """(n, width) float16 zeros: in memory below half of this node's available memory shared among
-    its ranks, else in a file under `spill` unlinked at once (nothing is left, even by a kill)."""
+    """(n, width) float16 zeros; over half the node's free memory (per rank), in a spill file."""
     with contextlib.suppress(OSError, StopIteration):
         with open("/proc/meminfo") as f:
             avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
@@ -246,14 +248,13 @@ def _rows(n, width, spill):
             spill.mkdir(parents=True, exist_ok=True)
             path = spill / f".features-{os.getpid()}-{time.time_ns()}.npy"
             rows = np.lib.format.open_memmap(path, "w+", np.float16, (n, width))
-            path.unlink()
+            path.unlink()  # unlinked at once: nothing is left behind, even by a kill
             return torch.from_numpy(rows)
     return torch.zeros(n, width, dtype=torch.float16)
 
 
 class Features:
-    """One rank's rows of several layers' features, `views` per image, float16 around a float32
-    shift per column (its first batch's mean: float16 is coarse far from zero)."""
+    """One rank's rows of several layers' features, `views` per image, stored float16."""
 
     def __init__(self, n, views=1, spill=None):
         self.n, self.views, self.spill, self.data, self.cols = n, views, spill, None, {}
@@ -262,7 +263,7 @@ class Features:
         f = torch.cat(list(feats.values()), 1).float().cpu()
         if self.data is None:
             self.data = _rows(self.views * self.n, f.shape[1], self.spill)
-            self.shift = f.mean(0)
+            self.shift = f.mean(0)  # float16 is coarse far from zero: store around a mean
             ends = np.cumsum([v.shape[1] for v in feats.values()])
             self.cols = {k: slice(e - v.shape[1], e) for (k, v), e in zip(feats.items(), ends)}
         self.data[rows.start + view * self.n:rows.stop + view * self.n] = (f - self.shift).half()
@@ -276,10 +277,7 @@ class Features:
 @torch.no_grad()
 def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=None, desc=None,
             autocast=contextlib.nullcontext(), pool=True, pixels=False):
-    """{net: Features} of this rank's rows at noise level t, each layer, in each view (flips (N,)
-    or None, noise seed). A batch's noise depends on (its view's seed, its first row) alone: a
-    cell probed alone sees a grid's features, on any number of ranks. pixels: the raw pixels too
-    (net 'pixels'). pool=False: the unpooled maps, flattened."""
+    """{net: Features} of this rank's rows at t, each layer, each view (flips or None, seed)."""
     rank, size = world()
     device = next(models["trained"].parameters()).device
     starts = list(range(0, len(data), batch_size))[rank::size]
@@ -289,11 +287,13 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
     for b in tqdm(starts, desc=desc, disable=rank > 0 or desc is None, leave=False):
         i = torch.arange(b, min(b + batch_size, len(data)))
         for v, (flips, seed) in enumerate(views):
-            x = data.batch(i, torch.zeros(len(i), dtype=torch.bool) if flips is None else flips[i])
+            x = data.batch(i, no_flips(len(i)) if flips is None else flips[i])
             rows = slice(row, row + len(i))
             if pixels:
                 out["pixels"].put(rows, v, {"pixels": pixel_features(x) if pool else x.flatten(1)})
-            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(_seed(seed, b)))
+            # seeded by (view, first row) alone: a cell probed alone sees a grid's features,
+            # on any number of ranks
+            noise = torch.randn(x.shape, generator=_generator(seed, b))
             tt = torch.full((len(x),), t, device=device)  # int64 for DDPM, float otherwise
             xt = diffusion.add_noise(x.to(device), tt, noise.to(device))
             for name, m in models.items():
@@ -305,8 +305,7 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
 
 
 class Split:
-    """A split as this rank holds it: all labels (N,), each cell's (store, layer), the views per
-    image, and the global index of each of this rank's rows (`mine`)."""
+    """A split as this rank holds it: all labels, each cell's (store, layer), its rows `mine`."""
 
     def __init__(self, y, stores, views, block):
         self.y, self.stores, self.views, self.block = y, stores, views, block
@@ -315,6 +314,9 @@ class Split:
     def feats(self, cell, local, view):
         store, layer = self.stores[cell]
         return store.get(local, view, layer)
+
+    def width(self, cell):
+        return self.feats(cell, torch.arange(1), 0).shape[1]
 
     def chunks(self, cell, keep=None, chunk=4096):
         """(features (m, C), labels (m,)) of this rank's rows, every view; keep (N,): a subset."""
@@ -340,9 +342,7 @@ def moments(chunks, width):
 
 
 def lbfgs(rows, n, classes, width, l2, device, init=None):
-    """Minimise mean cross-entropy + l2/2 |W|^2 over n rows (rows(): this rank's chunks of
-    standardised features and labels) by full-batch L-BFGS, strong-Wolfe line search, from `init`
-    or zero. Returns (W, b, the gradient's largest entry at the end)."""
+    """(W, b, max |gradient|) minimising mean cross-entropy + l2/2 |W|^2 by full-batch L-BFGS."""
     W, b = (torch.zeros(classes, width, dtype=torch.float64, device=device),
             torch.zeros(classes, dtype=torch.float64, device=device)) if init is None \
         else map(torch.clone, init)
@@ -368,17 +368,16 @@ def lbfgs(rows, n, classes, width, l2, device, init=None):
 
 
 def fit_lbfgs(split, cell, classes, device, seed, log):
-    """The converged head: standardised features; the L2 strength that scores best on a held-out
-    tenth of the training images (ties: the stronger; the path stops after two in a row below the
-    best), refitted on all. Returns (predict(features) -> logits, held-out accuracy %, l2)."""
-    width = split.feats(cell, torch.arange(1), 0).shape[1]
+    """The converged head: (predict(features) -> logits, held-out accuracy %, its L2 strength)."""
+    # the L2 that scores best on a held-out tenth of the training images (ties: the stronger; the
+    # path stops after two in a row below the best), refitted on all the images
+    width = split.width(cell)
     mean, std = (m.to(device) for m in moments(split.chunks(cell), width))
-    g = torch.Generator().manual_seed(_seed(seed, HOLD))
-    order = torch.randperm(len(split.y), generator=g)
+    order = torch.randperm(len(split.y), generator=_generator(seed, HOLD))
     hold = torch.zeros(len(split.y), dtype=torch.bool)
     hold[order[:max(1, round(HELD_OUT * len(split.y)))]] = True
     room = torch.cuda.mem_get_info(device)[0] / 4 if torch.device(device).type == "cuda" else \
-        CACHE_BYTES / int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # a quarter of a GPU's free memory
+        CACHE_BYTES / int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # GPU: a quarter of its free
     cache = split.views * len(split.mine) * width * 4 < room
 
     def rows(keep):  # chunks of standardised rows: one tensor held when they fit, else streamed
@@ -403,9 +402,9 @@ def fit_lbfgs(split, cell, classes, device, seed, log):
 
 
 class Probe(nn.Module):
-    """Table 11's head: BatchNorm without affine + Linear. The BatchNorm is our choice (MAE's
-    probe; DDAE's is a plain Linear): feature scales differ by orders of magnitude across cells.
-    Batch statistics come from the caller, summed over every rank's part of the batch."""
+    """Table 11's head: BatchNorm without affine + Linear, batch statistics over all ranks."""
+    # the BatchNorm is our choice (MAE's probe; DDAE's is a plain Linear): feature scales differ by
+    # orders of magnitude across cells
 
     def __init__(self, dim, classes):
         super().__init__()
@@ -415,69 +414,50 @@ class Probe(nn.Module):
         nn.init.zeros_(self.fc.weight)  # a convex problem: zero init loses nothing, needs no RNG
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, f, mean=None, var=None):  # training: the batch's statistics; eval: running
-        mean, var = (self.mean, self.var) if mean is None else (mean, var)
+    def forward(self, f, n=None):
+        """Logits of rows f, this rank's part of a batch of n rows (n None: running stats)."""
+        if n is None:
+            return self.fc((f - self.mean) / (self.var + 1e-5).sqrt())
+        s1, s2 = all_sum(torch.stack([f.double().sum(0), f.double().square().sum(0)])) / n
+        mean, var = s1.float(), (s2 - s1.square()).clamp(min=0).float()
+        self.mean.lerp_(mean, 0.1)  # nn.BatchNorm1d's update: momentum 0.1, unbiased variance
+        self.var.lerp_(var * n / (n - 1), 0.1)
         return self.fc((f - mean) / (var + 1e-5).sqrt())
 
-    def track(self, mean, var, n):  # nn.BatchNorm1d's update: momentum 0.1, unbiased variance
-        self.mean.lerp_(mean, 0.1)
-        self.var.lerp_(var * n / (n - 1), 0.1)
 
-
-def batch_stats(f, n):
-    """(mean, biased var) over all ranks of a batch of n rows, this rank's part f (m, C)."""
-    s1, s2 = all_sum(torch.stack([f.double().sum(0), f.double().square().sum(0)])) / n
-    return s1.float(), (s2 - s1.square()).clamp(min=0).float()
-
-
-def adam(head, lr, steps):
-    """Adam with a cosine schedule over `steps` (Table 11)."""
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-
-
-def step(opt, loss):
-    """Backward, the gradients summed over the ranks, an Adam step."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    opt.zero_grad(set_to_none=False)  # a rank with no rows in the batch still sends zeros
-    loss.backward()
-    grads = all_sum(torch.cat([p.grad.flatten() for p in params]))
-    for p, g in zip(params, grads.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
-    opt.step()
-
-
-def batches(split, g, batch_size):
-    """The batches of a permutation drawn from g: (indices, this rank's part of them)."""
-    perm = torch.randperm(len(split.y), generator=g)
-    for i in range(0, len(perm), batch_size):
-        idx = perm[i:i + batch_size]
-        yield idx, idx[owned(idx, split.block)]
-
-
-def epoch_flips(seed, epoch, n):
-    return torch.rand(n, generator=torch.Generator().manual_seed(_seed(seed, FLIPS, epoch))) < 0.5
+def train_head(head, n, block, batch_loss, *, lr, epochs, batch_size, seed):
+    """Table 11's optimisation (Adam, cosine) of batch_loss(epoch, batch, rows mine, flips)."""
+    g, params = torch.Generator().manual_seed(seed), list(head.parameters())
+    opt, steps = torch.optim.Adam(params, lr=lr), epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for epoch in range(epochs):
+        flips = torch.rand(n, generator=_generator(seed, FLIPS, epoch)) < 0.5  # each image's
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            if len(idx) > 1:  # BatchNorm cannot train on a single sample
+                opt.zero_grad(set_to_none=False)  # a rank with no rows in the batch sends zeros
+                batch_loss(epoch, idx, idx[owned(idx, block)], flips).backward()
+                grads = all_sum(torch.cat([p.grad.flatten() for p in params]))
+                for p, grad in zip(params, grads.split([p.numel() for p in params])):
+                    p.grad.copy_(grad.view_as(p))
+                opt.step()
+            sched.step()
+    return head.eval()
 
 
 def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, flip):
-    """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip).
-    Returns the head, predict(features) -> logits once in eval mode."""
-    n, g = len(split.y), torch.Generator().manual_seed(seed)
-    head = Probe(split.feats(cell, torch.arange(1), 0).shape[1], classes).to(device)
-    opt, sched = adam(head, lr, epochs * math.ceil(n / batch_size))
-    draws = split.views // (1 + flip)  # view 2d + f: draw d in flip f (no flips: d)
-    for epoch in range(epochs):
-        view = epoch % draws * (1 + flip) + epoch_flips(seed, epoch, n).long() * flip
-        for idx, mine in batches(split, g, batch_size):
-            if len(idx) > 1:  # BatchNorm cannot train on a single sample
-                f = split.feats(cell, local_rows(mine, split.block), view[mine]).to(device)
-                stats = batch_stats(f, len(idx))
-                y = split.y[mine].to(device)
-                step(opt, F.cross_entropy(head(f, *stats), y, reduction="sum") / len(idx))
-                head.track(*stats, len(idx))
-            sched.step()
-    return head.eval()
+    """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip)."""
+    head = Probe(split.width(cell), classes).to(device)
+    draws, n = split.views // (1 + flip), len(split.y)  # view 2d + f: draw d in flip f
+
+    def batch_loss(epoch, idx, mine, flips):
+        view = epoch % draws * (1 + flip) + flips[mine].long() * flip
+        f = split.feats(cell, local_rows(mine, split.block), view).to(device)
+        y = split.y[mine].to(device)
+        return F.cross_entropy(head(f, len(idx)), y, reduction="sum") / len(idx)
+
+    return train_head(head, n, split.block, batch_loss, lr=lr, epochs=epochs,
+                      batch_size=batch_size, seed=seed)
 
 
 @torch.no_grad()
@@ -496,11 +476,11 @@ def evaluate(split, cell, predict, device, keep=None):
 # Dense probing: a linear classifier per location on the unpooled features, scored by mIoU
 
 def segmentation_files(dataset, root, split):
-    """[(image, label map)] of a split: VOC's ImageSets/Segmentation lists, else ADE20K's layout
-    images/ + annotations/ {training, validation} (a plain folder: {train, val})."""
+    """[(image, label map)]: VOC's lists, else ADE20K's images/ + annotations/ layout."""
     root = Path(root)
     if dataset == "voc":
-        names = root / "ImageSets" / "Segmentation" / {"train": "train.txt", "test": "val.txt"}[split]
+        lists = {"train": "train.txt", "test": "val.txt"}
+        names = root / "ImageSets" / "Segmentation" / lists[split]
         if not names.is_file():
             raise SystemExit(f"--dense: no {names}: point --data-path at VOCdevkit/VOC2012")
         return [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClass" / f"{n}.png")
@@ -515,8 +495,7 @@ def segmentation_files(dataset, root, split):
 
 
 def load_segmentation(mod, args, split, res):
-    """(uint8 images (N, 3, res, res), uint8 label maps (N, res, res), 255 ignored): one ADM centre
-    crop each at the model's resolution (label maps nearest-neighbour)."""
+    """(uint8 images (N, 3, res, res), label maps (N, res, res)): one ADM centre crop each."""
     if args.dataset in mod.SHAPES:  # the toy's masks: 0 background, 1 + class on a dot
         x, _, masks, _ = mod.shapes_split(args, split)
         return x, masks
@@ -534,37 +513,30 @@ def load_segmentation(mod, args, split, res):
 
 
 def fit_dense(split, cell, shape, masks, classes, device, *, lr, epochs, batch_size, seed):
-    """A per-location BatchNorm + Linear on the (C, h, w) maps of cell, its logits upsampled
-    bilinearly to the label map (as upsampling the features: both maps are linear), cross-entropy
-    over the labelled pixels; each image in a random flip per epoch, its label map flipped alike.
-    Returns predict(maps (B, C*h*w)) -> logits (B, K, H, W)."""
-    (C, h, w), n, g = shape, len(split.y), torch.Generator().manual_seed(seed)
-    head = Probe(C, classes).to(device)
-    opt, sched = adam(head, lr, epochs * math.ceil(n / batch_size))
+    """Table 11's head per location of cell's (C, h, w) maps: predict(maps) -> (B, K, H, W)."""
+    # logits upsampled bilinearly to the label map (as upsampling the features: both are linear);
+    # cross-entropy over the labelled pixels, a label map flipped with its image
+    (C, h, w), head = shape, Probe(shape[0], classes).to(device)
     rows = lambda f: f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
     up = lambda z: F.interpolate(z.view(-1, h, w, classes).permute(0, 3, 1, 2),
                                  size=masks.shape[1:], mode="bilinear", align_corners=False)
-    for epoch in range(epochs):
-        flips = epoch_flips(seed, epoch, n)
-        for idx, mine in batches(split, g, batch_size):
-            if len(idx) > 1:  # BatchNorm cannot train on a single sample
-                y = torch.where(flips[mine, None, None], masks[mine].flip(-1), masks[mine])
-                f = rows(split.feats(cell, local_rows(mine, split.block), flips[mine].long()))
-                stats = batch_stats(f, len(idx) * h * w)
-                labelled = all_sum(torch.tensor([(y != 255).sum().item()], dtype=torch.float64))
-                loss = F.cross_entropy(up(head(f, *stats)), y.long().to(device), ignore_index=255,
-                                       reduction="sum") / max(labelled.item(), 1)
-                step(opt, loss)
-                head.track(*stats, len(idx) * h * w)
-            sched.step()
-    head.eval()
+
+    def batch_loss(epoch, idx, mine, flips):
+        y = torch.where(flips[mine, None, None], masks[mine].flip(-1), masks[mine])
+        z = head(rows(split.feats(cell, local_rows(mine, split.block), flips[mine].long())),
+                 len(idx) * h * w)
+        labelled = all_sum(torch.tensor([(y != 255).sum().item()], dtype=torch.float64)).item()
+        return F.cross_entropy(up(z), y.long().to(device), ignore_index=255,
+                               reduction="sum") / max(labelled, 1)
+
+    train_head(head, len(split.y), split.block, batch_loss, lr=lr, epochs=epochs,
+               batch_size=batch_size, seed=seed)
     return lambda f: up(head(rows(f)))
 
 
 @torch.no_grad()
 def dense_scores(split, cell, predict, masks, classes):
-    """(mIoU %, pixel accuracy %, mean cross-entropy) over the labelled pixels of split's first
-    view: IoU of each class labelled or predicted, from a confusion matrix of all ranks."""
+    """(mIoU % over the classes labelled or predicted, pixel accuracy %, mean cross-entropy)."""
     conf, ce = torch.zeros(classes ** 2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     for j in torch.arange(len(split.mine)).split(256):
         y, z = masks[split.mine[j]].long(), predict(split.feats(cell, j, 0)).cpu()
@@ -582,14 +554,14 @@ def dense_scores(split, cell, predict, masks, classes):
 
 @torch.no_grad()
 def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, repeats=4):
-    """The plain denoising loss of held-out images (no augmentation, no EDM uncertainty weight, so
-    arms compare alike) per noise-level bin of the trainer's LossSums (`sums`): `repeats` draws of
-    t and noise per image, the same for every checkpoint."""
+    """The plain denoising loss of test images per noise-level bin of the trainer's LossSums."""
+    # no augmentation, no EDM uncertainty weight, the same draws for every checkpoint: arms compare
+    # alike
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     for _ in range(repeats):
         for i in torch.arange(len(data)).split(batch_size):
-            xb = data.batch(i, torch.zeros(len(i), dtype=torch.bool)).to(device)
+            xb = data.batch(i, no_flips(len(i))).to(device)
             cond = {"y": data.y[i].to(device)} if getattr(model, "num_classes", 0) else {}
             with autocast:
                 loss, level = diffusion.loss(model, xb, **cond)[:2]
@@ -608,10 +580,9 @@ def explained(target, x):
 
 @torch.no_grad()
 def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast):
-    """What self-conditioning adds to the conditioning vector, d = TimeMLP_sc(t) * Linear(GAP(h_k))
-    (Sec. 4.1), seen by a hook on the model's SelfCond: its norm over emb's per noise-level bin (t
-    as training draws it); at noise level t the share of its variance across images explained
-    linearly by class and by `nuisance` (N, k), when given."""
+    """What self-conditioning adds to emb, d = TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1)."""
+    # |d| / |emb| per noise-level bin as training draws t; at the probe's t the share of d's
+    # variance across images explained linearly by class and by the toy's nuisance draws
     seen = []  # (d, emb) of each forward
     hook = model.self_cond.register_forward_hook(lambda m, inputs, out: seen.append(
         ((out - inputs[0]).float().cpu(), inputs[0].float().cpu())))
@@ -619,7 +590,7 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
     torch.manual_seed(seed)
     try:
         for i in torch.arange(len(data)).split(batch_size):
-            x = data.batch(i, torch.zeros(len(i), dtype=torch.bool)).to(device)
+            x = data.batch(i, no_flips(len(i))).to(device)
             with autocast:  # t drawn as training draws it
                 level = diffusion.loss(model, x)[1].cpu()
             d, emb = seen.pop()
@@ -639,74 +610,10 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
 
 
 # ------------------------------------------------------------------------------------------------
-# Report: the grid's table and the Fig. 4-5 chart (accuracy against layer)
-
-def table(acc, ts, layers):
-    """Rows t, columns layers: accuracy {(t, layer): %}."""
-    w = max(8, *(len(l) + 1 for l in layers))
-    return "\n".join(["t".ljust(8) + "".join(l.rjust(w) for l in layers)] + [
-        f"{t:<8g}" + "".join(f"{acc[(t, l)]:{w}.2f}" for l in layers) for t in ts])
-
-
-def chart(path, series, title, baseline=None):
-    """A line per series {label: {layer index: (mean, std)}}, std as error bars, and a dashed
-    raw-pixel baseline."""
-    xs = sorted({i for pts in series.values() for i in pts})
-    W, H, L, R, T, B = 760, 440, 60, 190, 40, 50
-    vals = [m + s * k for pts in series.values() for m, s in pts.values() for k in (-1, 1)]
-    lo = math.floor(min(vals + [baseline or 100]) / 5) * 5
-    hi = math.floor(max(vals + [baseline or 0]) / 5) * 5 + 5
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    X = lambda i: L + (W - L - R) * (xs.index(i) + 0.5) / len(xs)
-    Y = lambda a: H - B - (H - T - B) * (a - lo) / (hi - lo)
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for a in range(lo, hi + 1, 5 if hi - lo <= 50 else 10):
-        d.line([L, Y(a), W - R, Y(a)], fill=(225, 225, 225))
-        d.text((L - 8, Y(a)), f"{a}", fill="black", anchor="rm")
-    for i in xs:
-        d.text((X(i), H - B + 6), str(i), fill="black", anchor="ma")
-    d.text(((L + W - R) / 2, H - 20), "layer", fill="black", anchor="ma")
-    d.text((L, T - 24), "linear probe accuracy (%)   " + title, fill="black")
-    for j, (label, pts) in enumerate(series.items()):
-        c, ly = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-                 (140, 86, 75), (127, 127, 127), (23, 190, 207)][j % 8], T + 10 + 18 * j
-        xy = [(X(i), Y(pts[i][0])) for i in sorted(pts)]
-        d.line(xy, fill=c, width=2) if len(xy) > 1 else None
-        for (x, y), (m, s) in zip(xy, (pts[i] for i in sorted(pts))):
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-            d.line([x, Y(m - s), x, Y(m + s)], fill=c, width=1)
-        d.line([W - R + 12, ly, W - R + 32, ly], fill=c, width=2)
-        d.text((W - R + 38, ly), label, fill="black", anchor="lm")
-    if baseline is not None:
-        for x in range(L, W - R, 12):
-            d.line([x, Y(baseline), min(x + 6, W - R), Y(baseline)], fill="gray", width=2)
-        d.text((W - R + 12, T + 10 + 18 * len(series)), f"pixels {baseline:.1f}", fill="gray",
-               anchor="lm")
-    img.save(path)
-
-
-def by_layer(results, t, kind):
-    """{layer index: [test accuracy]} of the trained network's `kind` layers (out, block, cls) at t."""
-    out = {}
-    for r in results:
-        k, _, i = r["layer"].rpartition("_")
-        if r["net"] == "trained" and r["t"] == t and k == kind and i.isdigit():
-            out.setdefault(int(i), []).append(r["test"])
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # The plan: every checkpoint read and every flag checked against it, before any work
 
-# What does not make two runs differ (the seed makes a replicate of an arm)
-BOOKKEEPING = {"out", "log_every", "ckpt_every", "ckpt_minutes", "sample_every", "workers",
-               "data_path", "cache_dir", "extract_batch", "train_images", "keep_every"}
-Job = namedtuple("Job", "path out mod args ts layers run")  # run: the args but bookkeeping
-
-
 def resolve_layers(names, model):
-    """Canonical layer names: '6' -> out_6 / block_6, 'all' -> every layer (UViT: also cls_1 ..)."""
+    """Canonical layer names: "6" -> out_6 / block_6, "all" -> every layer (UViT: cls_1 ..)."""
     known = list(model.feature_layers) + list(getattr(model, "cls_layers", []))
     extra = {"cls"} if len(known) > len(model.feature_layers) else set()
     out = []
@@ -714,9 +621,15 @@ def resolve_layers(names, model):
         n = f"{known[0].rsplit('_', 1)[0]}_{n}" if n.isdigit() else n
         new = known if n == "all" else [n]
         if not set(new) <= set(known) | extra:
-            raise SystemExit(f"unknown layer {n!r}: use one of {', '.join(known + sorted(extra))}, all")
+            raise SystemExit(f"unknown layer {n!r}: use one of "
+                             f"{', '.join(known + sorted(extra))}, all")
         out += [l for l in new if l not in out]
     return out
+
+
+def run_key(args, skip=BOOKKEEPING):
+    """A run's arguments as a key, but those in skip."""
+    return json.dumps({k: v for k, v in args.items() if k not in skip}, sort_keys=True)
 
 
 def plan(a):
@@ -730,9 +643,9 @@ def plan(a):
     jobs = []
     for p in paths:
         mod, args, ckpt = read_checkpoint(p)  # metadata only: exists, loads, names a trainer
-        run = json.dumps({k: v for k, v in ckpt["args"].items() if k not in BOOKKEEPING}, sort_keys=True)
         if a.raw and "model" not in ckpt:
-            raise SystemExit(f"--raw: {p} is a snapshot holding the EMA only; use the run's ckpt.pt")
+            raise SystemExit(f"--raw: {p} is a snapshot holding the EMA only; use the run's "
+                             "ckpt.pt")
         if a.dataset:  # its own default location, never the run's; an existing folder is itself
             own = a.data_path is None and a.dataset not in DENSE and Path(a.dataset).is_dir()
             path = a.dataset if own else a.data_path or DENSE.get(a.dataset, ["data"])[0]
@@ -756,7 +669,7 @@ def plan(a):
                              f"(0, {hi}] (DDPM step of T, EDM sigma, RF t with 1 = noise)")
         layers = resolve_layers(a.layer or (["all"] if a.grid else [args.sc_layer]), model)
         out = root / ckpt_name(p) if len(paths) > 1 else root or p.parent / folder
-        jobs.append(Job(p, out, mod, args, ts, layers, run))
+        jobs.append(Job(p, out, mod, args, ts, layers, run_key(ckpt["args"])))
     return jobs, root
 
 
@@ -764,12 +677,11 @@ def plan(a):
 # Probing one checkpoint
 
 def networks(a, job, device, first=None):
-    """({name: model}, diffusion, ckpt): the EMA (--raw: the online weights) and with --init the
-    run's initial weights, unless `first`, an earlier snapshot of the run, measured them."""
+    """({name: model}, diffusion, ckpt): the EMA (--raw: online) and --init's initial weights."""
     _, _, model, diffusion, ckpt = load_checkpoint(job.path, raw=a.raw, device=device)
     models = {"trained": model}
-    if a.init and first is None:  # what training starts from: its trainer seeds, then builds
-        torch.manual_seed(job.args.seed)
+    if a.init and first is None:  # an earlier snapshot of the run (first) measured them
+        torch.manual_seed(job.args.seed)  # as its trainer starts: it seeds, then builds
         models["init"] = for_inference(job.mod.build_model(job.args), device)
     return models, diffusion, ckpt
 
@@ -782,25 +694,59 @@ def recipe(a, args):
                 batch_size=a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128)))
 
 
-def level(a, job, models, diffusion, data, t, views, device, pixels, pool=True):
-    """(cells, train Split, test Split) of noise level t: data = (train, test) Data."""
-    ex = dict(batch_size=a.extract_batch, spill=job.out, pool=pool, pixels=pixels,
+def cells(a, job, models, diffusion, data, views, device, pixels, pool=True):
+    """(cell, train Split, test Split) of every cell, one noise level's features at a time."""
+    ex = dict(batch_size=a.extract_batch, spill=job.out, pool=pool,
               autocast=job.mod.autocast(device, a.precision))
-    splits = [extract(models, diffusion, d, t, job.layers, v, desc=f"t={t:g} {name} features", **ex)
-              for d, v, name in zip(data, (views, [(None, _seed(a.seed, TEST))]), ("train", "test"))]
-    cells = [Cell(net, t, l) for net in models for l in job.layers] + [Cell("pixels")] * pixels
-    return cells, *(Split(d.y, {c: (f[c.net], c.layer) for c in cells}, len(v), a.extract_batch)
-                    for d, f, v in zip(data, splits, (views, [None])))
+    for t in job.ts:
+        px = pixels and t == job.ts[0]  # no noise level changes the raw pixels
+        cs = [Cell(net, t, l) for net in models for l in job.layers] + [Cell("pixels")] * px
+        splits = []  # the test images in one view, unflipped
+        for d, v, name in zip(data, (views, [(None, _seed(a.seed, TEST))]), ("train", "test")):
+            f = extract(models, diffusion, d, t, job.layers, v, pixels=px, **ex,
+                        desc=f"t={t:g} {name} features")
+            splits.append(Split(d.y, {c: (f[c.net], c.layer) for c in cs}, len(v),
+                                a.extract_batch))
+        yield from ((c, *splits) for c in cs)
+
+
+def fit_cells(a, job, models, diffusion, data, views, classes, flip, device, pixels, log):
+    """[result] of a head per cell: accuracies (%), final training loss; lbfgs: held-out, l2."""
+    results = []
+    for c, tr, te in cells(a, job, models, diffusion, data, views, device, pixels):
+        held = l2 = None
+        if a.head == "lbfgs":
+            predict, held, l2 = fit_lbfgs(tr, c, classes, device, a.seed, log)
+        else:
+            predict = fit_table11(tr, c, classes, device, seed=a.seed, flip=flip,
+                                  **recipe(a, job.args))
+        loss, acc = evaluate(tr, c, predict, device)
+        results.append({**asdict(c), "test": evaluate(te, c, predict, device)[1], "train": acc,
+                        "loss": loss, "held_out": held, "l2": l2})
+    return results
+
+
+def diagnostics(a, job, model, diffusion, test, device):
+    """(--loss: the held-out loss by noise level, --sc-stats: the self-conditioning term)."""
+    mod, args, losses, sc = job.mod, job.args, None, None
+    kw = dict(batch_size=a.extract_batch, autocast=mod.autocast(device, a.precision))
+    if a.loss:
+        losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, LOSS),
+                              **kw)
+    if a.sc_stats:
+        nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
+            if args.dataset in mod.SHAPES else None
+        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, SC), **kw)
+    return losses, sc
 
 
 def probe_checkpoint(a, job, device, log, first=None):
-    """Probe one checkpoint; its record, also written to job.out/probe.json. first: an earlier
-    snapshot's record of the same run, whose --init and --raw-pixels figures stand for this one."""
-    mod, args = job.mod, job.args
+    """One checkpoint's record, also in job.out/probe.json; first: an earlier snapshot's."""
+    args = job.args
     models, diffusion, ckpt = networks(a, job, device, first)
-    train, test = (load_split(mod, args, ckpt, s) for s in ("train", "test"))
-    n_train, hp = len(train), recipe(a, args)
-    if a.limit:
+    train, test = (load_split(job.mod, args, ckpt, s) for s in ("train", "test"))
+    n_train = len(train)
+    if a.limit:  # the same random subset for every checkpoint
         pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
             len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
         train, test = pick(train), pick(test)
@@ -808,48 +754,29 @@ def probe_checkpoint(a, job, device, log, first=None):
     views = [(f, _seed(a.seed, TRAIN, d)) for d in range(a.draws)
              for f in [None, torch.ones(len(train), dtype=torch.bool)][:1 + flip]]
     classes = int(max(train.y.max(), test.y.max())) + 1
-    log(f"probing {job.path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on {args.dataset}: "
-        f"{len(train)} train / {len(test)} test, t {job.ts}, layers {job.layers}, {a.head} head, "
-        f"{len(views)} views per training image")
-    scores = {}
-    for t in job.ts:
-        pixels = a.raw_pixels and first is None and t == job.ts[0]
-        cells, tr, te = level(a, job, models, diffusion, (train, test), t, views, device, pixels)
-        for c in cells:
-            held = l2 = None
-            if a.head == "lbfgs":
-                predict, held, l2 = fit_lbfgs(tr, c, classes, device, a.seed, log)
-            else:
-                predict = fit_table11(tr, c, classes, device, seed=a.seed, flip=flip, **hp)
-            loss, acc = evaluate(tr, c, predict, device)
-            scores[c] = Score(evaluate(te, c, predict, device)[1], acc, loss, held, l2)
-    model, kw = models["trained"], dict(batch_size=a.extract_batch,
-                                        autocast=mod.autocast(device, a.precision))
-    losses = sc = None
-    if a.loss:
-        losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, LOSS), **kw)
-    if a.sc_stats:
-        nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
-            if args.dataset in mod.SHAPES else None
-        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, SC), **kw)
-    results = [{"net": c.net, "t": c.t, "layer": c.layer, **asdict(s)} for c, s in scores.items()]
+    log(f"probing {job.path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on "
+        f"{args.dataset}: {len(train)} train / {len(test)} test, t {job.ts}, layers "
+        f"{job.layers}, {a.head} head, {len(views)} views per training image")
+    results = fit_cells(a, job, models, diffusion, (train, test), views, classes, flip, device,
+                        a.raw_pixels and first is None, log)
+    losses, sc = diagnostics(a, job, models["trained"], diffusion, test, device)
     results += [r for r in (first or {}).get("results", []) if r["net"] != "trained"]
-    get = lambda net, t, l: next((r for r in results if (r["net"], r["t"], r["layer"]) == (net, t, l)),
-                                 None)
+    get = {Cell(r["net"], r["t"], r["layer"]): r for r in results}.get
     best = max((r for r in results if r["net"] == "trained"),
                key=lambda r: r["held_out" if a.head == "lbfgs" else "test"])
-    cell = get("trained", args.probe_t, args.sc_layer) or best
-    init, pixels = get("init", cell["t"], cell["layer"]), get("pixels", None, "pixels")
+    cell = get(Cell("trained", args.probe_t, args.sc_layer)) or best
+    init, pixels = get(Cell("init", cell["t"], cell["layer"])), get(Cell("pixels"))
     rec = {"ckpt": str(job.path), "script": ckpt["script"], "kind": diffusion.kind,
            "weights": "online" if a.raw else "ema", "dataset": args.dataset,
-           "trained_on": ckpt["args"]["dataset"], "args": ckpt["args"], "images": ckpt.get("images"),
-           "epoch": (ckpt.get("images") or 0) / n_train, "train_size": n_train, "head": a.head,
-           **(hp if a.head == "table11" else {}), "draws": a.draws, "flip": flip,
+           "trained_on": ckpt["args"]["dataset"], "args": ckpt["args"],
+           "images": ckpt.get("images"), "epoch": (ckpt.get("images") or 0) / n_train,
+           "train_size": n_train, "head": a.head,
+           **(recipe(a, args) if a.head == "table11" else {}), "draws": a.draws, "flip": flip,
            "views": len(views), "train_images": len(train), "test_images": len(test),
            "classes": classes, "chance": 100 / classes, "seed": a.seed, "ts": job.ts,
-           "layers": job.layers,
-           "heldout_loss_by_level": losses, "sc_stats": sc, "results": results,
-           "cell": {**cell, "init": init and init["test"]}, "raw_pixels": pixels and pixels["test"],
+           "layers": job.layers, "heldout_loss_by_level": losses, "sc_stats": sc,
+           "results": results, "cell": {**cell, "init": init and init["test"]},
+           "raw_pixels": pixels and pixels["test"],
            "best": {**best, "flags": f"--sc-layer {best['layer'].replace('cls_', 'out_')} "
                                      f"--probe-t {best['t']:g}"}}
     if world()[0] == 0:
@@ -857,12 +784,61 @@ def probe_checkpoint(a, job, device, log, first=None):
     return rec
 
 
+def dense_checkpoint(a, job, device, log):
+    """--dense on one checkpoint: its record, also written to job.out/probe.json."""
+    mod, args = job.mod, job.args
+    models, diffusion, ckpt = networks(a, job, device)
+    res, encode, hp = args.resolution, None, recipe(a, args)
+    if getattr(args, "latent", "none") != "none":  # images at 256, through the run's VA-VAE
+        vae, stats = mod.load_vae(args, device), ckpt["latent_stats"]
+        mean, std = (stats[k].to(device)[None, :, None, None] for k in ("mean", "std"))
+        encode, res = lambda x: (vae.encode(x.to(device)).float() - mean) / std, mod.IMAGE_SIZE
+    (x, masks), (x_test, masks_test) = (load_segmentation(mod, args, s, res)
+                                        for s in ("train", "test"))
+    classes = DENSE[args.dataset][1] if args.dataset in DENSE else int(max(
+        masks[masks != 255].max(), masks_test[masks_test != 255].max())) + 1
+    data = [Data(d, torch.zeros(len(d), dtype=torch.long), encode=encode) for d in (x, x_test)]
+    log(f"dense probe of {job.path} on {args.dataset}: {len(x)} train / {len(x_test)} test "
+        f"images, one ADM centre crop each at {res}x{res} (label maps nearest-neighbour), "
+        f"{classes} classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch "
+        f"{hp['batch_size']}")
+    x0, results = data[0].batch(torch.arange(1), no_flips(1)).to(device), []
+    maps = diffusion.pred(models["trained"], x0, torch.full((1,), job.ts[0], device=device),
+                          feats=tuple(job.layers), pool=False)[1]
+    shapes = {"pixels": x0.shape[1:], **{l: m.shape[1:] for l, m in maps.items()}}
+    seed = _seed(a.seed, TRAIN, 0)
+    views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)]  # unflipped, flipped
+    for c, tr, te in cells(a, job, models, diffusion, data, views, device, a.raw_pixels, False):
+        predict = fit_dense(tr, c, shapes[c.layer], masks, classes, device, seed=a.seed, **hp)
+        miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
+        _, train_acc, loss = dense_scores(tr, c, predict, masks, classes)
+        results.append({**asdict(c), "miou": miou, "pixel_acc": acc,
+                        "train_pixel_acc": train_acc, "train_loss": loss})
+        log(f"dense {c}: mIoU {miou:.2f}%, pixel accuracy {acc:.2f}%; train pixel accuracy "
+            f"{train_acc:.2f}% (loss {loss:.4f})")
+    rec = {"ckpt": str(job.path), "dataset": args.dataset, "trained_on": ckpt["args"]["dataset"],
+           "resolution": res, "classes": classes, "images": ckpt.get("images"), **hp,
+           "results": results}
+    if world()[0] == 0:
+        write(job.out / "probe.json", rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# Report: a checkpoint's lines, the grid's table and the Fig. 4-5 chart (accuracy against layer)
+
+def write(path, rec):
+    """rec as indented JSON at path, its folder made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1))
+
+
 def report(rec, job, log):
     """Rank 0's lines and files of a checkpoint's record."""
     for r in rec["results"]:
         held = "" if r["l2"] is None else f", held-out {r['held_out']:.2f}% at l2 {r['l2']:g}"
-        log(f"{Cell(r['net'], r['t'], r['layer'])}: test {r['test']:.2f}%, train {r['train']:.2f}% "
-            f"(loss {r['loss']:.4f}){held}")
+        log(f"{Cell(r['net'], r['t'], r['layer'])}: test {r['test']:.2f}%, train "
+            f"{r['train']:.2f}% (loss {r['loss']:.4f}){held}")
     acc, cell, best = {(r["t"], r["layer"]): r["test"] for r in rec["results"]
                        if r["net"] == "trained"}, rec["cell"], rec["best"]
     if len(acc) > 1:
@@ -872,27 +848,27 @@ def report(rec, job, log):
     log(f"t={cell['t']:g} {cell['layer']} ({rec['head']} head): {', '.join(parts)}, "
         f"chance {rec['chance']:.2f}%")
     home = job.path.parent / "probe" / "probe.json"  # the in-domain figure, beside a transfer
-    same = [r["test"] for r in json.loads(home.read_text())["results"] if (r["net"], r["t"],
-            r["layer"]) == ("trained", cell["t"], cell["layer"])] if rec["dataset"] != \
-        rec["trained_on"] and home.exists() else []
-    if same:
-        log(f"in-domain ({rec['trained_on']}, {home}): {same[0]:.2f}% at the same cell")
+    if rec["dataset"] != rec["trained_on"] and home.exists():
+        same = [r["test"] for r in json.loads(home.read_text())["results"]
+                if (r["net"], r["t"], r["layer"]) == ("trained", cell["t"], cell["layer"])]
+        if same:
+            log(f"in-domain ({rec['trained_on']}, {home}): {same[0]:.2f}% at the same cell")
     if rec["heldout_loss_by_level"]:
-        log("held-out loss by noise level " + " ".join(f"{v:.4f}" for v in rec["heldout_loss_by_level"]))
-    if rec["sc_stats"]:
-        sc = rec["sc_stats"]
+        log("held-out loss by noise level " + " ".join(
+            f"{v:.4f}" for v in rec["heldout_loss_by_level"]))
+    if sc := rec["sc_stats"]:
         log("self-conditioning term / emb norm by noise level " + " ".join(
             "-" if r is None else f"{r:.3f}" for r in sc["norm_ratio_by_level"]) +
-            f"; its variance explained by class {sc['r2_class']:.1%}" +
-            ("" if sc["r2_nuisance"] is None else f", by the nuisance draws {sc['r2_nuisance']:.1%}"))
-    how = "on the held-out tenth of train" if rec["head"] == "lbfgs" else "on test (the paper's way)"
+            f"; its variance explained by class {sc['r2_class']:.1%}" + ("" if sc["r2_nuisance"]
+                is None else f", by the nuisance draws {sc['r2_nuisance']:.1%}"))
+    how = "on the held-out tenth of train" if rec["head"] == "lbfgs" else \
+        "on test (the paper's way)"
     log(f"best cell t={best['t']:g} {best['layer']}, chosen {how}: test {best['test']:.2f}%")
     if len(acc) > 1:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer
         log(f"the paper's rule for a new setting: on a baseline checkpoint the best cell is where "
             f"self-conditioning reads; train with the baseline's command plus\n"
             f"    --self-cond {best['flags']}")
-    job.out.mkdir(parents=True, exist_ok=True)
-    (job.out / "probe.json").write_text(json.dumps(rec, indent=1))
+    write(job.out / "probe.json", rec)
     series = {f"t={t:g}": {i: (v[0], 0.0) for i, v in by_layer(
         rec["results"], t, cell["layer"].rpartition("_")[0]).items()} for t in rec["ts"]}
     if max(map(len, series.values())) > 1:
@@ -901,94 +877,113 @@ def report(rec, job, log):
     log(f"wrote {job.out / 'probe.json'}")
 
 
-def dense_checkpoint(a, job, device, log):
-    """--dense on one checkpoint: its record, also written to job.out/probe.json."""
-    mod, args = job.mod, job.args
-    models, diffusion, ckpt = networks(a, job, device)
-    res, encode = args.resolution, None
-    if getattr(args, "latent", "none") != "none":  # images at 256, through the run's VA-VAE
-        vae, stats = mod.load_vae(args, device), ckpt["latent_stats"]
-        mean, std = (stats[k].to(device)[None, :, None, None] for k in ("mean", "std"))
-        encode, res = lambda x: (vae.encode(x.to(device)).float() - mean) / std, mod.IMAGE_SIZE
-    (x, masks), (x_test, masks_test) = (load_segmentation(mod, args, s, res) for s in ("train", "test"))
-    classes = DENSE[args.dataset][1] if args.dataset in DENSE else int(max(
-        masks[masks != 255].max(), masks_test[masks_test != 255].max())) + 1
-    data = [Data(d, torch.zeros(len(d), dtype=torch.long), encode=encode) for d in (x, x_test)]
-    hp = recipe(a, args)
-    log(f"dense probe of {job.path} on {args.dataset}: {len(x)} train / {len(x_test)} test images, "
-        f"one ADM centre crop each at {res}x{res} (label maps nearest-neighbour), {classes} "
-        f"classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch {hp['batch_size']}")
-    x0, results = data[0].batch(torch.arange(1), torch.zeros(1, dtype=torch.bool)).to(device), []
-    seed = _seed(a.seed, TRAIN, 0)
-    for t in job.ts:
-        views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)]
-        cells, tr, te = level(a, job, models, diffusion, data, t, views, device,
-                              a.raw_pixels and t == job.ts[0], pool=False)
-        maps = diffusion.pred(models["trained"], x0, torch.full((1,), t, device=device),
-                              feats=tuple(job.layers), pool=False)[1]
-        shapes = {"pixels": x0.shape[1:], **{l: m.shape[1:] for l, m in maps.items()}}
-        for c in cells:
-            predict = fit_dense(tr, c, shapes[c.layer], masks, classes, device, seed=a.seed, **hp)
-            miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
-            _, train_acc, loss = dense_scores(tr, c, predict, masks, classes)
-            results.append({"net": c.net, "t": c.t, "layer": c.layer, "miou": miou,
-                            "pixel_acc": acc, "train_pixel_acc": train_acc, "train_loss": loss})
-            log(f"dense {c}: mIoU {miou:.2f}%, pixel accuracy {acc:.2f}%; train pixel accuracy "
-                f"{train_acc:.2f}% (loss {loss:.4f})")
-    rec = {"ckpt": str(job.path), "dataset": args.dataset, "trained_on": ckpt["args"]["dataset"],
-           "resolution": res, "classes": classes, "images": ckpt.get("images"), **hp,
-           "results": results}
-    if world()[0] == 0:
-        job.out.mkdir(parents=True, exist_ok=True)
-        (job.out / "probe.json").write_text(json.dumps(rec, indent=1))
-    return rec
+def table(acc, ts, layers):
+    """Rows t, columns layers: accuracy {(t, layer): %}."""
+    w = max(8, *(len(l) + 1 for l in layers))
+    return "\n".join(["t".ljust(8) + "".join(l.rjust(w) for l in layers)] + [
+        f"{t:<8g}" + "".join(f"{acc[(t, l)]:{w}.2f}" for l in layers) for t in ts])
+
+
+def by_layer(results, t, kind):
+    """{layer index: [test accuracy]} of the trained network's `kind` layers (out, block, cls)."""
+    out = {}
+    for r in results:
+        k, _, i = r["layer"].rpartition("_")
+        if r["net"] == "trained" and r["t"] == t and k == kind and i.isdigit():
+            out.setdefault(int(i), []).append(r["test"])
+    return out
+
+
+def chart(path, series, title, baseline=None):
+    """A line per series {label: {layer index: (mean, std)}}, a dashed raw-pixel baseline."""
+    xs = sorted({i for pts in series.values() for i in pts})
+    W, H, L, R, T, B = 760, 440, 60, 190, 40, 50
+    vals = [m + s * k for pts in series.values() for m, s in pts.values() for k in (-1, 1)]
+    lo = math.floor(min(vals + [baseline or 100]) / 5) * 5
+    hi = math.floor(max(vals + [baseline or 0]) / 5) * 5 + 5
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    X = lambda i: L + (W - L - R) * (xs.index(i) + 0.5) / len(xs)
+    Y = lambda a: H - B - (H - T - B) * (a - lo) / (hi - lo)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for a in range(lo, hi + 1, 5 if hi - lo <= 50 else 10):
+        d.line([L, Y(a), W - R, Y(a)], fill=(225, 225, 225))
+        d.text((L - 8, Y(a)), f"{a}", fill="black", anchor="rm")
+    for i in xs:
+        d.text((X(i), H - B + 6), str(i), fill="black", anchor="ma")
+    d.text(((L + W - R) / 2, H - 20), "layer", fill="black", anchor="ma")
+    d.text((L, T - 24), "linear probe accuracy (%)   " + title, fill="black")
+    for j, (label, pts) in enumerate(series.items()):
+        c, ly = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (127, 127, 127), (23, 190, 207)][j % 8], T + 10 + 18 * j
+        xy = [(X(i), Y(pts[i][0])) for i in sorted(pts)]
+        if len(xy) > 1:
+            d.line(xy, fill=c, width=2)
+        for (x, y), (m, s) in zip(xy, (pts[i] for i in sorted(pts))):
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+            d.line([x, Y(m - s), x, Y(m + s)], fill=c, width=1)
+        d.line([W - R + 12, ly, W - R + 32, ly], fill=c, width=2)
+        d.text((W - R + 38, ly), label, fill="black", anchor="lm")
+    if baseline is not None:
+        for x in range(L, W - R, 12):
+            d.line([x, Y(baseline), min(x + 6, W - R), Y(baseline)], fill="gray", width=2)
+        d.text((W - R + 12, T + 10 + 18 * len(series)), f"pixels {baseline:.1f}", fill="gray",
+               anchor="lm")
+    img.save(path)
 
 
 # ------------------------------------------------------------------------------------------------
 # Several checkpoints: App. A's snapshot rule, seeds, arms and their paired differences
 
 def mean_std(values):
+    """(mean, std) of the values that are not None; None if none is."""
     v = [x for x in values if x is not None]
     return (float(np.mean(v)), float(np.std(v))) if v else None
 
 
-def app_a(snapshots):
-    """The snapshot that stands for a run (App. A): on CIFAR the best of those at epochs 800, 1000
-    and 1200 (as many as the run has), elsewhere the final one."""
+def app_a(snapshots, on="test"):
+    """The snapshot standing for a run (App. A): CIFAR's best of 800/1000/1200, else the last."""
+    # "best" by the cell's `on` figure: the paper picked on test (table11 reproduces it), the lbfgs
+    # head picks on its held-out tenth of the training images, so test never chooses
     at = lambda r, e: 0 <= r["epoch"] - e < r["args"]["batch_size"] / r["train_size"]  # in a step
     picks = [r for r in snapshots if r["dataset"] == r["trained_on"] and any(
         at(r, e) for e in APP_A_EPOCHS.get(r["trained_on"], ()))]
-    return max(picks, key=lambda r: r["cell"]["test"]) if picks else \
+    return max(picks, key=lambda r: r["cell"][on]) if picks else \
         max(snapshots, key=lambda r: r["images"] or 0)
 
 
-def summarize(records, out, log):
-    """Each run's snapshots and the one App. A's rule names; mean +- std over the seeds of each
-    arm and its paired difference from the first arm; out/summary.json and out/layers.png."""
-    key = lambda r, skip: json.dumps({k: v for k, v in r["args"].items() if k not in skip},
-                                     sort_keys=True)
-    f = lambda ms, d=2: "-" if ms is None else f"{ms[0]:.{d}f} +- {ms[1]:.{d}f}"
-    runs, trajectories, arms = {}, [], {}
+def trajectories(records, log):
+    """{run: the snapshot that stands for it}, and each run's trajectory (several snapshots)."""
+    on = "held_out" if records[0]["head"] == "lbfgs" else "test"
+    how = "on the held-out tenth of train" if on == "held_out" else "on test, as the paper did"
+    runs, out = {}, []
     for r in records:
-        runs.setdefault(key(r, BOOKKEEPING), []).append(r)
+        runs.setdefault(run_key(r["args"]), []).append(r)
     for rs in (sorted(rs, key=lambda r: r["images"] or 0) for rs in runs.values() if len(rs) > 1):
-        pick, cell = app_a(rs), rs[0]["cell"]
-        trajectories.append({"ckpts": [r["ckpt"] for r in rs], "images": [r["images"] for r in rs],
-                             "test": [r["cell"]["test"] for r in rs], "stands": pick["ckpt"]})
+        pick, cell = app_a(rs, on), rs[0]["cell"]
+        out.append({"ckpts": [r["ckpt"] for r in rs], "images": [r["images"] for r in rs],
+                    "test": [r["cell"]["test"] for r in rs], "stands": pick["ckpt"]})
         log(f"along {Path(rs[0]['ckpt']).parent} at t={cell['t']:g} {cell['layer']}: " + ", ".join(
             f"{r['images']:,} images {r['cell']['test']:.2f}%" for r in rs))
-        log(f"    the run's figure (App. A: CIFAR's best of epochs 800/1000/1200, else the final "
-            f"snapshot): {pick['ckpt']} ({pick['images']:,} images)")
-    chosen = [app_a(rs) for rs in runs.values()]
+        log(f"    the run's figure (App. A: CIFAR's best of epochs 800/1000/1200 {how}, else the "
+            f"final snapshot): {pick['ckpt']} ({pick['images']:,} images)")
+    return [app_a(rs, on) for rs in runs.values()], out
+
+
+def summarize(records, out, log):
+    """Mean +- std over each arm's seeds, paired differences from the first arm; their files."""
+    f = lambda ms, d=2: "-" if ms is None else f"{ms[0]:.{d}f} +- {ms[1]:.{d}f}"
+    chosen, runs = trajectories(records, log)
+    arms, rows, series = {}, [], {}
     for r in chosen:
-        arms.setdefault(key(r, BOOKKEEPING | {"seed"}), []).append(r)
+        arms.setdefault(run_key(r["args"], BOOKKEEPING | {"seed"}), []).append(r)
     varying = sorted({k for r in chosen for k, v in r["args"].items() if k not in BOOKKEEPING
                       and k != "seed" and any(v != q["args"].get(k) for q in chosen)})
-    rows, series = [], {}
     for rs in arms.values():
         label = ", ".join(f"{k}={rs[0]['args'].get(k)}" for k in varying) or "all"
         cell, seeds = rs[0]["cell"], {r["args"]["seed"]: r["cell"]["test"] for r in rs}
-        row = {"arm": label, "n": len(rs), "seeds": list(seeds), "cell": [cell["t"], cell["layer"]],
+        row = {"arm": label, "n": len(rs), "seeds": list(seeds),
+               "cell": [cell["t"], cell["layer"]],
                "test": mean_std(seeds.values()), "train": mean_std(r["cell"]["train"] for r in rs),
                "best": mean_std(r["best"]["test"] for r in rs),
                "best_cells": [f"t={r['best']['t']:g} {r['best']['layer']}" for r in rs],
@@ -1004,10 +999,8 @@ def summarize(records, out, log):
             row["paired"] = {"vs": base["arm"], "seeds": common, "diff": diff,
                              "mean_std": mean_std(diff)}
         rows.append({**row, "by_seed": seeds})
-        per_layer = {}
-        for r in rs:
-            for i, v in by_layer(r["results"], cell["t"], cell["layer"].rpartition("_")[0]).items():
-                per_layer.setdefault(i, []).extend(v)
+        per_layer = by_layer([q for r in rs for q in r["results"]], cell["t"],
+                             cell["layer"].rpartition("_")[0])
         series[f"{label} (t={cell['t']:g})"] = {i: mean_std(v) for i, v in per_layer.items()}
         log(f"{label} ({len(rs)} seeds): t={cell['t']:g} {cell['layer']} {f(row['test'])}% (train "
             f"{f(row['train'])}%), best cell {f(row['best'])}% ({', '.join(row['best_cells'])}), "
@@ -1018,8 +1011,7 @@ def summarize(records, out, log):
         if "paired" in row:
             log(f"    minus {base['arm']}, per seed " + ", ".join(f"{d:+.2f}" for d in diff) +
                 f": {f(row['paired']['mean_std'])} points")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"arms": rows, "runs": trajectories}, indent=1))
+    write(out / "summary.json", {"arms": rows, "runs": runs})
     pixels = mean_std(r["raw_pixels"] for r in chosen)
     chart(out / "layers.png", series, f"{chosen[0]['script']} {chosen[0]['dataset']}",
           pixels and pixels[0])
@@ -1027,6 +1019,7 @@ def summarize(records, out, log):
 
 
 def main(argv=None):
+    """Probe every --ckpt; its record, or their list (several: the summary too)."""
     a = get_args(argv)
     jobs, root = plan(a)  # every flag against every checkpoint: one line within seconds
     rank, _, device = jobs[0].mod.setup_distributed()
