@@ -455,8 +455,7 @@ def get_args(argv=None):
     args.keep_epochs = 0 if args.dataset in SHAPES else 20  # kept: Table 6's evaluation epochs
     args.warmup_epochs = 0  # Table 11 lists no warm-up for latent pre-training
     depth = NETS[args.net]["depth"]
-    # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
-    # scaled to the net's depth
+    # Table 10 for DiT-B on ImageNet, elsewhere IN100's block 8 of 12; scaled to the net's depth
     default = round(SC_LAYER.get((args.dataset, args.class_cond), 8) * depth / 12)
     layer = args.sc_layer or str(default)
     args.sc_layer = f"block_{layer}" if layer.isdigit() else layer
@@ -489,9 +488,8 @@ def param_report(model):
 
 
 def load_train_data(args, device):
-    """The training split. Latents: the (N, 2 flips, 32, 16, 16) float16 cache stays memory-mapped
-    and a batch gathers its rows (the flip picks a copy); pixels: one uint8 tensor on the device.
-    batch(idx) gives (x, y): x in model space, y the labels or None (unconditional)."""
+    """batch(idx) -> (x, y or None): latents gather rows of the memory-mapped (N, 2 flips, 32, 16,
+    16) float16 cache, the flip picking a copy; pixels index one uint8 tensor on the device."""
     latent = args.latent != "none"
     if latent:
         cache = latent_cache(args, "train")
@@ -687,9 +685,8 @@ class AutoencoderKL(nn.Module):
     @torch.no_grad()
     def encode(self, x):
         """Images in [-1, 1] (N, 3, 256, 256) -> posterior mean (N, 32, 16, 16)."""
-        # The mean, not a sample: VA-VAE's KL weight is tiny (1e-6), so the posterior std is far
-        # below the latent scale, and the mean makes the cache deterministic (a resumed or
-        # repeated extraction writes identical rows). LightningDiT samples instead.
+        # The mean, not a sample (LightningDiT samples): VA-VAE's KL weight (1e-6) leaves the
+        # posterior std far below the latent scale, and a resumed extraction writes the same rows.
         return self.quant_conv(self.encoder(x)).chunk(2, dim=1)[0]
 
     @torch.no_grad()
@@ -753,8 +750,7 @@ def decode(vae, z, latent_stats):
 
 
 # ------------------------------------------------------------------------------------------------
-# Latents: every training image and its flip encoded once into a memory-mapped cache,
-# resumable, sharded over ranks, and keyed by what it holds
+# Latents: each training image and its flip encoded once: memory-mapped, resumable, sharded, keyed
 
 def cache_dir(args, split):
     root = Path(args.cache_dir or Path("runs") / "cache" / args.dataset)
@@ -814,10 +810,9 @@ def open_cache(out, n=None, mode="r"):
 
 def extract_latents(dataset, labels, out, key, vae, device, batch=64, workers=0, rank=0, world=1):
     """Encode each image of `dataset` ((index, uint8 (3, 256, 256), error) as ImageFiles yields)
-    and its flip once into out/latents.npy (N, 2, 32, 16, 16) float16, beside labels (N,) and the
-    key. Rank r encodes r::world of the rows not done, marked in out/done.rank<r>.npy after each
-    batch: a killed run resumes, with any world size. Returns its indices. A collective: any
-    rank's error (full disk, foreign cache, unreadable image) ends every rank within one batch."""
+    and its flip once into out/latents.npy (N, 2, 32, 16, 16) float16, beside labels and key. Rank
+    r encodes r::world of the rows not done, marked in out/done.rank<r>.npy after each batch (a
+    killed run resumes, any world size); returns them. Any rank's error ends all in one batch."""
     n, shape, error = len(labels), (len(labels), 2, 32, 16, 16), None
     if rank == 0 and not (out / "latents.npy").exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -892,9 +887,8 @@ def same_cache(out, rank, world):
 
 
 def latent_cache(args, split, source=None):
-    """The folder of the split's latent cache, encoded first if unfinished (a collective) from the
-    class folders of args.data_path, or source = (dataset, labels) as extract_latents takes them.
-    A bad cache, or one of another key (cache_key), ends every rank with one line."""
+    """The split's latent cache folder, first encoded if unfinished (a collective) from the class
+    folders, or source = (dataset, labels); a bad or foreign cache ends every rank in one line."""
     out = cache_dir(args, split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     same_cache(out, rank, world)  # before any rank branches on the folder's content
@@ -1352,10 +1346,9 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """10 classes told apart by geometry alone: four identical dots whose constellation is the
-    class, under random position, size, rotation, mirroring and colours, which carry no class.
-    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
-    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four dots whose constellation is the class, under
+    random pose and colours. Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks
+    (n, res, res) (1 + label on a dot, else 0), nuisance draws (n, 8): colours, size, radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
     # and three arms), arc, zigzag, trapezoid, triangle with a tail

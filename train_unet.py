@@ -249,9 +249,8 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Diffusion formulations (Table 8). Paper convention: t=0 is data, t=T is noise; data in [-1, 1].
-# Each: add_noise, pred, level, loss -> per-sample loss (N,), level (N,), pooled features, and a
-# preview sampler (sample.py has the paper's)
+# Diffusion formulations (Table 8): t=0 is data, t=T noise; data in [-1, 1]. Each: add_noise, pred,
+# level, loss -> loss (N,), level (N,), features; a preview sampler (sample.py has the paper's)
 
 class DDPM:
     """Linear betas 1e-4..0.02, T=1000, eps-prediction, plain MSE; t in 1..T, the net sees t/T."""
@@ -1189,10 +1188,9 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """10 classes told apart by geometry alone: four identical dots whose constellation is the
-    class, under random position, size, rotation, mirroring and colours, which carry no class.
-    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
-    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four dots whose constellation is the class, under
+    random pose and colours. Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks
+    (n, res, res) (1 + label on a dot, else 0), nuisance draws (n, 8): colours, size, radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
     # and three arms), arc, zigzag, trapezoid, triangle with a tail

@@ -57,10 +57,9 @@ TOOL_INTERFACE = (
 
 
 # ------------------------------------------------------------------------------------------------
-# Self-conditioning (Sec. 4.1, Fig. 2): a [CLS] token. It has no loss of its own; through
-# attention it gathers global semantics from the image tokens and conditions them in return, so
-# the net picks its own "designated layer". Its pieces: UViT.cls_token, the mask below, and the
-# feature "cls", the token's output at an out-block (UViT.forward).
+# Self-conditioning (Sec. 4.1, Fig. 2): a [CLS] token with no loss of its own; through attention
+# it gathers global semantics from the image tokens and conditions them in return, so the net picks
+# its own "designated layer": UViT.cls_token, the mask below, the feature "cls" (UViT.forward).
 
 def attention_mask(n_tok, self_cond, aug):
     """(S, S) bool, True = may attend, or None (flash attention): [CLS] and the augment label must
@@ -210,9 +209,8 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Diffusion: DDPM (Table 8); the paper found EDM and RF unstable with UViT (train_unet.py has
-# them). Paper convention: t=0 is data, t=T is noise; data in [-1, 1]. sample() is a short
-# sampler for preview grids (sample.py holds the paper's samplers).
+# Diffusion: DDPM (Table 8; the paper found EDM and RF unstable with UViT). Paper convention: t=0
+# is data, t=T is noise; data in [-1, 1]. sample() draws previews (sample.py has the paper's).
 
 class DDPM:
     """Linear betas 1e-4..0.02, T=1000, eps-prediction, plain MSE; t in 1..T, the net sees t/T."""
@@ -548,8 +546,7 @@ def get_args(argv=None):
     args.sc_layer = f"out_{layer}" if layer.isdigit() else layer
     if args.sc_layer not in [f"out_{i}" for i in range(1, n_out + 1)]:
         p.error(f"--sc-layer {args.sc_layer}: the {args.net} decoder has out_1 .. out_{n_out}")
-    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read
-    # at the designated out-block
+    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, at sc_layer
     args.cl_layer = f"cls_{args.sc_layer[4:]}" if args.cl_feature == "cls" else args.sc_layer
     suffix = "-sc" * args.self_cond + "-aug" * args.aug + "-cl" * args.cl
     args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-DDPM{suffix}"
@@ -1030,10 +1027,9 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """10 classes told apart by geometry alone: four identical dots whose constellation is the
-    class, under random position, size, rotation, mirroring and colours, which carry no class.
-    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
-    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four dots whose constellation is the class, under
+    random pose and colours. Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks
+    (n, res, res) (1 + label on a dot, else 0), nuisance draws (n, 8): colours, size, radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
     # and three arms), arc, zigzag, trapezoid, triangle with a tail
