@@ -629,8 +629,8 @@ def main(argv=None):
     step, images = resume(ckpt_path, args, log, model, ema, opt) if ckpt_path.exists() else (0, 0)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves none
-    command = " ".join(map(str, sys.argv[1:] if argv is None else argv))
-    log(f"{Path(__file__).name} {command}\n{json.dumps(vars(args))}")
+    command = argv if argv is not None else sys.argv[1:]
+    log(f"{Path(__file__).name} {' '.join(map(str, command))}\n{json.dumps(vars(args))}")
     log(f"{param_report(model)}; {data.n:,} training images; world {world}")
     log(snapshot_plan(args, ema))
     net = torch.compile(model) if args.compile else model
