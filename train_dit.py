@@ -7,8 +7,7 @@ conditions the blocks after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (S
     python train_dit.py --no-class-cond --self-cond --dry-run     # config + parameter counts
 
 Each training image (ADM centre crop to 256) and its flip are encoded once by the VA-VAE f16d32
-into a memory-mapped cache. Read top to bottom: the method (self-conditioning, the DiT,
-rectified flow, train_step), the recipe, the latents, then the plumbing every trainer shares.
+into a memory-mapped cache.
 """
 import argparse
 import copy
@@ -36,8 +35,7 @@ from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------------------
-# Tool interface: what sample.py, probe.py, fid.py and .ci/gpu_check.py may call in this file; a
-# trainer of another model provides these (test_smoke.py holds the tools to this list)
+# Tool interface: what sample.py, probe.py, fid.py and .ci/*.py call here (test_smoke.py checks)
 
 TOOL_INTERFACE = (
     "get_args",  # argv -> args: the paper's defaults; a checkpoint's "args" then update them
@@ -66,9 +64,8 @@ TOOL_INTERFACE = (
 # Self-conditioning (Sec. 4.1, Fig. 1): pool the designated block, add it back into `emb`
 
 class SelfCond(nn.Module):
-    """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)); "add" drops the time-dependent scale
-    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b).
-    A model that re-initialises its Linears must call reset_parameters() after doing so."""
+    """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)), TimeMLP_sc a copy of the time MLP (Sec. 4.1,
+    Fig. 1b); "add" drops it (Table 7a). Call reset_parameters() after re-initialising Linears."""
 
     def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
         super().__init__()
@@ -215,8 +212,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """LightningDiT-style DiT of a (C, S, S) input with patch p; an optional label table and
-    self-conditioning; blocks are named block_1 .. block_depth."""
+    """LightningDiT-style DiT of (C, S, S) inputs, patch p, blocks named block_1 .. block_depth."""
 
     def __init__(self, in_ch, size, patch, width, depth, heads, num_classes=0, sc_layer=0,
                  sc_mode="adaptive"):
@@ -324,8 +320,7 @@ class LatentRF:
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def pred(self, model, x_t, t, y=None, feats=(), pool=True):
-        """The velocity and the features in feats (pooled or maps). The net sees the paper's t in
-        [0, 1] (LightningDiT feeds its own t, 0 = noise, to the same sinusoid: a relabelling)."""
+        """Velocity and features; t is the paper's (LightningDiT's 0 = noise is a relabelling)."""
         return model(x_t, t, y, feats, pool)
 
     def loss(self, model, x0, y=None):
@@ -391,8 +386,6 @@ def sample_preview(ema, diffusion, args, device):
 
 # ------------------------------------------------------------------------------------------------
 # Recipe: DiT and VA-VAE presets (Table 9), training length (App. A), designated blocks (Table 10)
-# The shared main calls this file's get_args, build_model, build_diffusion, build_optimizer,
-# load_train_data, train_step, sample_preview and param_report; --bench also fake_batch.
 
 NETS = {  # width, blocks, heads: 'B' is DiT-B (Table 9), 'tiny' is for the CPU tests
     "B": dict(width=768, depth=12, heads=12),
@@ -462,8 +455,7 @@ def get_args(argv=None):
     args.keep_epochs = 0 if args.dataset in SHAPES else 20  # kept: Table 6's evaluation epochs
     args.warmup_epochs = 0  # Table 11 lists no warm-up for latent pre-training
     depth = NETS[args.net]["depth"]
-    # Table 10 for DiT-B on ImageNet; elsewhere block 8 of 12 (the smaller-data IN100 choice),
-    # scaled to the net's depth
+    # Table 10 for DiT-B on ImageNet, elsewhere IN100's block 8 of 12; scaled to the net's depth
     default = round(SC_LAYER.get((args.dataset, args.class_cond), 8) * depth / 12)
     layer = args.sc_layer or str(default)
     args.sc_layer = f"block_{layer}" if layer.isdigit() else layer
@@ -480,8 +472,7 @@ def get_args(argv=None):
 
 
 def folder_classes(args):
-    """The class count of a class-folder dataset: its training split's folders (not their files),
-    else a latent cache's labels; None when neither is there (--dry-run without data)."""
+    """Class folders of the training split, else the latent cache's labels, else None (no data)."""
     root = Path(args.data_path)
     root = root / "train" if (root / "train").is_dir() else root
     if root.is_dir():
@@ -497,9 +488,8 @@ def param_report(model):
 
 
 def load_train_data(args, device):
-    """The training split. Latents: the (N, 2 flips, 32, 16, 16) float16 cache stays memory-mapped
-    and a batch gathers its rows (the flip picks a copy); pixels: one uint8 tensor on the device.
-    batch(idx) gives (x, y): x in model space, y the labels or None (unconditional)."""
+    """batch(idx) -> (x, y or None): latents gather rows of the memory-mapped (N, 2 flips, 32, 16,
+    16) float16 cache, the flip picking a copy; pixels index one uint8 tensor on the device."""
     latent = args.latent != "none"
     if latent:
         cache = latent_cache(args, "train")
@@ -599,8 +589,7 @@ class VAEResample(nn.Module):
 
 
 def _level(cin, cout, n, attn, resample=None):
-    """LDM's level: n ResnetBlocks to cout, each followed by attention if attn, then resampling
-    ("down" or "up", under LDM's names "downsample" and "upsample")."""
+    """LDM's level: n ResnetBlocks to cout, attention after each if attn, then "down"/"up"."""
     level = nn.Module()
     level.block, level.attn = nn.ModuleList(), nn.ModuleList()
     for i in range(n):
@@ -696,9 +685,8 @@ class AutoencoderKL(nn.Module):
     @torch.no_grad()
     def encode(self, x):
         """Images in [-1, 1] (N, 3, 256, 256) -> posterior mean (N, 32, 16, 16)."""
-        # The mean, not a sample: VA-VAE's KL weight is tiny (1e-6), so the posterior std is far
-        # below the latent scale, and the mean makes the cache deterministic (a resumed or
-        # repeated extraction writes identical rows). LightningDiT samples instead.
+        # The mean, not a sample (LightningDiT samples): VA-VAE's KL weight (1e-6) leaves the
+        # posterior std far below the latent scale, and a resumed extraction writes the same rows.
         return self.quant_conv(self.encoder(x)).chunk(2, dim=1)[0]
 
     @torch.no_grad()
@@ -724,8 +712,7 @@ def vae_state_dict(path):
 
 
 def download_vae(path, config):
-    """Fetch the official VA-VAE file and check that it loads strictly as plain weights into the
-    `config` layout, all under a temporary name (Hugging Face publishes no checksum beside it)."""
+    """Fetch the VA-VAE under a temporary name; no checksum is published, so load it strictly."""
     print(f"downloading the VA-VAE from {VAVAE_URL} to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
@@ -763,8 +750,7 @@ def decode(vae, z, latent_stats):
 
 
 # ------------------------------------------------------------------------------------------------
-# Latents: every training image and its flip encoded once into a memory-mapped cache,
-# resumable, sharded over ranks, and keyed by what it holds
+# Latents: each training image and its flip encoded once: memory-mapped, resumable, sharded, keyed
 
 def cache_dir(args, split):
     root = Path(args.cache_dir or Path("runs") / "cache" / args.dataset)
@@ -779,8 +765,7 @@ def cache_key(args, images=None):
 
 
 def key_error(out, key):
-    """None if the cache in `out` is one of `key` or not begun, else the line refusing it: a
-    cache of other images or another autoencoder is never reused."""
+    """None if the cache in `out` is one of `key` or not begun, else the line refusing it."""
     if not (out / "key.json").exists():
         return None if not (out / "latents.npy").exists() else (
             f"latent cache {out} records no key (an older version made it): delete it or pass "
@@ -825,10 +810,9 @@ def open_cache(out, n=None, mode="r"):
 
 def extract_latents(dataset, labels, out, key, vae, device, batch=64, workers=0, rank=0, world=1):
     """Encode each image of `dataset` ((index, uint8 (3, 256, 256), error) as ImageFiles yields)
-    and its flip once into out/latents.npy (N, 2, 32, 16, 16) float16, beside labels (N,) and the
-    key. Rank r encodes r::world of the rows not done, marked in out/done.rank<r>.npy after each
-    batch: a killed run resumes, with any world size. Returns its indices. A collective: any
-    rank's error (full disk, foreign cache, unreadable image) ends every rank within one batch."""
+    and its flip once into out/latents.npy (N, 2, 32, 16, 16) float16, beside labels and key. Rank
+    r encodes r::world of the rows not done, marked in out/done.rank<r>.npy after each batch (a
+    killed run resumes, any world size); returns them. Any rank's error ends all in one batch."""
     n, shape, error = len(labels), (len(labels), 2, 32, 16, 16), None
     if rank == 0 and not (out / "latents.npy").exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -883,8 +867,7 @@ def channel_stats(lat, chunk=1024):
 
 
 def same_cache(out, rank, world):
-    """Stop every rank unless all see the same cache folder: rank 0 writes a fresh token there
-    and each rank reads it back (a multi-node run needs the cache on a shared file system)."""
+    """Stop every rank unless all read back the token rank 0 wrote (the cache must be shared)."""
     if world == 1:
         return
     token, error = os.urandom(8).hex(), None
@@ -904,9 +887,8 @@ def same_cache(out, rank, world):
 
 
 def latent_cache(args, split, source=None):
-    """The folder of the split's latent cache, encoded first if unfinished (a collective) from the
-    class folders of args.data_path, or source = (dataset, labels) as extract_latents takes them.
-    A bad cache, or one of another key (cache_key), ends every rank with one line."""
+    """The split's latent cache folder, first encoded if unfinished (a collective) from the class
+    folders, or source = (dataset, labels); a bad or foreign cache ends every rank in one line."""
     out = cache_dir(args, split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     same_cache(out, rank, world)  # before any rank branches on the folder's content
@@ -1056,8 +1038,7 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """Where ranks meet for events, a function of (step, images) alone: every 10th step, the last
-    step, and each log, checkpoint, snapshot or preview boundary."""
+    """Where ranks meet, from (step, images) alone: every 10th step, the last, each event's."""
     events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
     return step % 10 == 0 or images >= args.train_images or any(
         crossed(images, args.batch_size, every) for every in events)
@@ -1180,8 +1161,7 @@ def raise_on_any(error):
 
 
 def fetch_once(path, fetch, failed):
-    """Make `path` exist: one process per node runs fetch(path), the others wait (all ranks call
-    this); a failure ends every rank with one line. Nodes on one file system: the first wins."""
+    """Collective: one process per node runs fetch(path) unless it exists; failing ends all."""
     error = None
     if local_rank() == 0 and not path.exists():
         try:
@@ -1246,8 +1226,7 @@ def save_grid(images, path, cols=8):
 
 
 def atomic_save(obj, path, save=None):
-    """save(obj, file) (torch.save) to a temporary name, then rename: a kill at any instant, or
-    a full disk, leaves the previous file intact and no temporary file behind."""
+    """save(obj, file) to a temporary name, then rename: a kill or full disk keeps the old file."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1367,10 +1346,9 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """10 classes told apart by geometry alone: four identical dots whose constellation is the
-    class, under random position, size, rotation, mirroring and colours, which carry no class.
-    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
-    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four dots whose constellation is the class, under
+    random pose and colours. Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks
+    (n, res, res) (1 + label on a dot, else 0), nuisance draws (n, 8): colours, size, radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
     # and three arms), arc, zigzag, trapezoid, triangle with a tail
@@ -1413,8 +1391,7 @@ def shapes_split(args, split):
 
 
 def center_crop(img, res, labels=False):
-    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop; a label
-    map (labels=True) is resampled nearest-neighbour throughout, so labels never blend."""
+    """ADM's centre crop: box-halve while >= 2x, bicubic, crop (labels=True: nearest, no blend)."""
     down, up = (Image.NEAREST, Image.NEAREST) if labels else (Image.BOX, Image.BICUBIC)
     while min(img.size) >= 2 * res:
         img = img.resize(tuple(s // 2 for s in img.size), down)
@@ -1492,8 +1469,7 @@ def matmul_tflops(device, dtype):
 
 
 def benchmark(args, rounds=5):
-    """--bench: img/s, ms/step, peak memory, FLOPs/image, MFU of train_step, self-cond on vs off;
-    both and the matmul peak timed in interleaved rounds, so a drifting machine slows all alike."""
+    """--bench: speed, memory, FLOPs, MFU of train_step, self-cond on/off in interleaved rounds."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,9 +5,6 @@ the layers after it, emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)) (Sec. 4.1).
     python train_unet.py --dataset shapes-fixed --net tiny --model RF --self-cond  # CPU quickstart
     torchrun --nproc_per_node=4 train_unet.py --net ddpm --model EDM --self-cond   # Table 2
     python train_unet.py --net ddpmpp --self-cond --dry-run       # config + parameter counts
-
-Read top to bottom: the method (self-conditioning, the UNet, the losses, augmentation and
-contrastive, train_step), the recipe, then the plumbing every trainer shares: main, run, data.
 """
 import argparse
 import copy
@@ -36,8 +33,7 @@ from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------------------
-# Tool interface: what sample.py, probe.py, fid.py and .ci/gpu_check.py may call in this file; a
-# trainer of another model provides these (test_smoke.py holds the tools to this list)
+# Tool interface: what sample.py, probe.py, fid.py and .ci/*.py call here (test_smoke.py checks)
 
 TOOL_INTERFACE = (
     "get_args",  # argv -> args: the paper's defaults; a checkpoint's "args" then update them
@@ -62,9 +58,8 @@ TOOL_INTERFACE = (
 # Self-conditioning (Sec. 4.1, Fig. 1): pool the designated decoder layer, add it back into `emb`
 
 class SelfCond(nn.Module):
-    """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)); "add" drops the time-dependent scale
-    (Table 7a). TimeMLP_sc is a second copy of the backbone's time MLP (Sec. 4.1, Fig. 1b).
-    A model that re-initialises its Linears must call reset_parameters() after doing so."""
+    """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)), TimeMLP_sc a copy of the time MLP (Sec. 4.1,
+    Fig. 1b); "add" drops it (Table 7a). Call reset_parameters() after re-initialising Linears."""
 
     def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
         super().__init__()
@@ -245,8 +240,7 @@ def build_model(args):
     model = UNet(**NETS[args.net], resolution=args.resolution, dropout=args.dropout,
                  self_cond=args.self_cond, sc_mode=args.sc_mode, sc_layer=args.sc_layer,
                  aug_dim=9 if args.aug else 0)
-    # Training-only heads live in the model, so optimizer, DDP, EMA and checkpoints cover them;
-    # sampling and probing never call them.
+    # Training-only heads live in the model: optimizer, DDP, EMA and checkpoints cover them
     if args.aug and args.model == "EDM":
         model.uncertainty = Uncertainty()
     if args.cl:
@@ -255,9 +249,8 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Diffusion formulations (Table 8). Paper convention: t=0 is data, t=T is noise; data in [-1, 1].
-# Each gives add_noise, pred, level (native units), loss(model, x0, aug, feats) -> per-sample loss
-# (N,), level (N,), pooled features, and a preview sampler (sample.py has the paper's samplers).
+# Diffusion formulations (Table 8): t=0 is data, t=T noise; data in [-1, 1]. Each: add_noise, pred,
+# level, loss -> loss (N,), level (N,), features; a preview sampler (sample.py has the paper's)
 
 class DDPM:
     """Linear betas 1e-4..0.02, T=1000, eps-prediction, plain MSE; t in 1..T, the net sees t/T."""
@@ -463,9 +456,9 @@ class AugmentPipe(nn.Module):
       5-6 aniso w cos(r), w sin(r): G = R(-r) diag(2^(-aniso_std w), 2^(aniso_std w)) R(r)
           (r = 0 half of the time)
       7-8 translation wx, wy: G p = p - translate_std (wx W, wy H)
-    All zero = not augmented (sampling, probing). The x-flip is a plain 50% flip (EDM writes
-    xflip=1e8); every other op is on per image with probability p (a yflip then flips half of
-    those). Randomness comes only from `generator`: a seed per (rank, step) reproduces a batch."""
+    All zero = not augmented (sampling, probing). The x-flip is a plain 50% flip (EDM: xflip=1e8);
+    each other op is on per image with probability p (a yflip then flips half); randomness comes
+    only from `generator`."""
 
     def __init__(self, p=0.12, xflip=True, yflip=1, scale=1, rotate=1, aniso=1, translate=1,
                  scale_std=0.2, aniso_std=0.2, translate_std=0.125):
@@ -545,9 +538,8 @@ class ProjHead(nn.Module):
 
     def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()
-        # BN always uses the batch statistics (no running stats): the online and EMA heads then
-        # behave alike in train and eval mode, and a target at the probe level is not normalised
-        # with statistics of the training levels.
+        # BN on batch statistics only: online and EMA heads behave alike in train and eval mode,
+        # and a target at the probe level is not normalised with the training levels' statistics
         bn = lambda d, affine=True: nn.BatchNorm1d(d, affine=affine, track_running_stats=False)
         self.fc1, self.bn1 = nn.Linear(in_dim, hidden, bias=False), bn(hidden)
         self.fc2, self.bn2 = nn.Linear(hidden, out, bias=False), bn(out, affine=False)
@@ -597,8 +589,7 @@ def contrastive_step(model, ema, diffusion, x, f, level, args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training step (Sec. 4): the diffusion loss, optionally augmented and contrastive, one
-# optimizer step and the EMA; the preview sampler
+# Training step (Sec. 4): the loss, optionally augmented and contrastive; the preview sampler
 
 def build_optimizer(model, args):
     """Adam, lr set per step by the warm-up (Table 11)."""
@@ -637,8 +628,6 @@ def sample_preview(ema, diffusion, args, device):
 
 # ------------------------------------------------------------------------------------------------
 # Recipe: backbones (Table 9), formulations (Table 8), designated layers, probe levels (Table 10)
-# The shared main calls this file's get_args, build_model, build_diffusion, build_optimizer,
-# load_train_data, train_step, sample_preview and param_report; --bench also fake_batch.
 
 NETS = {  # base width, width multipliers per resolution, res blocks per resolution, BigGAN up/down
     "ddpm": dict(ch=128, mult=(1, 2, 2, 2), blocks=2, biggan=False),  # 35.75M parameters
@@ -880,8 +869,7 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """Where ranks meet for events, a function of (step, images) alone: every 10th step, the last
-    step, and each log, checkpoint, snapshot or preview boundary."""
+    """Where ranks meet, from (step, images) alone: every 10th step, the last, each event's."""
     events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
     return step % 10 == 0 or images >= args.train_images or any(
         crossed(images, args.batch_size, every) for every in events)
@@ -1004,8 +992,7 @@ def raise_on_any(error):
 
 
 def fetch_once(path, fetch, failed):
-    """Make `path` exist: one process per node runs fetch(path), the others wait (all ranks call
-    this); a failure ends every rank with one line. Nodes on one file system: the first wins."""
+    """Collective: one process per node runs fetch(path) unless it exists; failing ends all."""
     error = None
     if local_rank() == 0 and not path.exists():
         try:
@@ -1070,8 +1057,7 @@ def save_grid(images, path, cols=8):
 
 
 def atomic_save(obj, path, save=None):
-    """save(obj, file) (torch.save) to a temporary name, then rename: a kill at any instant, or
-    a full disk, leaves the previous file intact and no temporary file behind."""
+    """save(obj, file) to a temporary name, then rename: a kill or full disk keeps the old file."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1178,8 +1164,7 @@ class LossSums:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: the shapes toy and the datasets this model trains on in the paper (CIFAR, Tiny-ImageNet,
-# class folders), fetched once per node
+# Data: the shapes toy and this model's datasets in the paper: CIFAR, Tiny-ImageNet, class folders
 
 SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
     # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
@@ -1203,10 +1188,9 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """10 classes told apart by geometry alone: four identical dots whose constellation is the
-    class, under random position, size, rotation, mirroring and colours, which carry no class.
-    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
-    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four dots whose constellation is the class, under
+    random pose and colours. Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks
+    (n, res, res) (1 + label on a dot, else 0), nuisance draws (n, 8): colours, size, radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
     # and three arms), arc, zigzag, trapezoid, triangle with a tail
@@ -1249,8 +1233,7 @@ def shapes_split(args, split):
 
 
 def load_cifar(name, root, split):
-    """CIFAR from the official pickles, downloaded on first use: md5-checked and extracted under
-    temporary names in the same file system, so an interrupted fetch leaves nothing behind."""
+    """CIFAR's official pickles, fetched once: md5-checked, extracted under a temporary name."""
     url, md5, folder, train_files, test_files, key = CIFAR[name]
     root = Path(root)
     root = root.parent if root.name == folder else root
@@ -1277,8 +1260,7 @@ def load_cifar(name, root, split):
 
 
 def center_crop(img, res, labels=False):
-    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop; a label
-    map (labels=True) is resampled nearest-neighbour throughout, so labels never blend."""
+    """ADM's centre crop: box-halve while >= 2x, bicubic, crop (labels=True: nearest, no blend)."""
     down, up = (Image.NEAREST, Image.NEAREST) if labels else (Image.BOX, Image.BICUBIC)
     while min(img.size) >= 2 * res:
         img = img.resize(tuple(s // 2 for s in img.size), down)
@@ -1386,8 +1368,7 @@ def matmul_tflops(device, dtype):
 
 
 def benchmark(args, rounds=5):
-    """--bench: img/s, ms/step, peak memory, FLOPs/image, MFU of train_step, self-cond on vs off;
-    both and the matmul peak timed in interleaved rounds, so a drifting machine slows all alike."""
+    """--bench: speed, memory, FLOPs, MFU of train_step, self-cond on/off in interleaved rounds."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,9 +7,6 @@ augmentation and contrastive self-distillation.
     torchrun --nproc_per_node=4 train_uvit.py --dataset cifar10 --self-cond  # Table 2
     torchrun --nproc_per_node=4 train_uvit.py --dataset cifar100 --self-cond --aug --cl  # Table 3
     python train_uvit.py --self-cond --dry-run                  # config + parameter counts
-
-Read top to bottom: the method (self-conditioning, the U-ViT, DDPM, augmentation and
-contrastive, train_step), the recipe, then the plumbing every trainer shares: main, run, data.
 """
 import argparse
 import copy
@@ -38,8 +35,7 @@ from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------------------
-# Tool interface: what sample.py, probe.py, fid.py and .ci/gpu_check.py may call in this file; a
-# trainer of another model provides these (test_smoke.py holds the tools to this list)
+# Tool interface: what sample.py, probe.py, fid.py and .ci/*.py call here (test_smoke.py checks)
 
 TOOL_INTERFACE = (
     "get_args",  # argv -> args: the paper's defaults; a checkpoint's "args" then update them
@@ -61,10 +57,9 @@ TOOL_INTERFACE = (
 
 
 # ------------------------------------------------------------------------------------------------
-# Self-conditioning (Sec. 4.1, Fig. 2): a [CLS] token. It has no loss of its own; through
-# attention it gathers global semantics from the image tokens and conditions them in return, so
-# the net picks its own "designated layer". Its pieces: UViT.cls_token, the mask below, and the
-# feature "cls", the token's output at an out-block (UViT.forward).
+# Self-conditioning (Sec. 4.1, Fig. 2): a [CLS] token with no loss of its own; through attention
+# it gathers global semantics from the image tokens and conditions them in return, so the net picks
+# its own "designated layer": UViT.cls_token, the mask below, the feature "cls" (UViT.forward).
 
 def attention_mask(n_tok, self_cond, aug):
     """(S, S) bool, True = may attend, or None (flash attention): [CLS] and the augment label must
@@ -214,9 +209,8 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Diffusion: DDPM (Table 8); the paper found EDM and RF unstable with UViT (train_unet.py has
-# them). Paper convention: t=0 is data, t=T is noise; data in [-1, 1]. sample() is a short
-# sampler for preview grids (sample.py holds the paper's samplers).
+# Diffusion: DDPM (Table 8; the paper found EDM and RF unstable with UViT). Paper convention: t=0
+# is data, t=T is noise; data in [-1, 1]. sample() draws previews (sample.py has the paper's).
 
 class DDPM:
     """Linear betas 1e-4..0.02, T=1000, eps-prediction, plain MSE; t in 1..T, the net sees t/T."""
@@ -340,9 +334,9 @@ class AugmentPipe(nn.Module):
       5-6 aniso w cos(r), w sin(r): G = R(-r) diag(2^(-aniso_std w), 2^(aniso_std w)) R(r)
           (r = 0 half of the time)
       7-8 translation wx, wy: G p = p - translate_std (wx W, wy H)
-    All zero = not augmented (sampling, probing). The x-flip is a plain 50% flip (EDM writes
-    xflip=1e8); every other op is on per image with probability p (a yflip then flips half of
-    those). Randomness comes only from `generator`: a seed per (rank, step) reproduces a batch."""
+    All zero = not augmented (sampling, probing). The x-flip is a plain 50% flip (EDM: xflip=1e8);
+    each other op is on per image with probability p (a yflip then flips half); randomness comes
+    only from `generator`."""
 
     def __init__(self, p=0.12, xflip=True, yflip=1, scale=1, rotate=1, aniso=1, translate=1,
                  scale_std=0.2, aniso_std=0.2, translate_std=0.125):
@@ -394,9 +388,8 @@ class ProjHead(nn.Module):
 
     def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()
-        # BN always uses the batch statistics (no running stats): the online and EMA heads then
-        # behave alike in train and eval mode, and a target at the probe level is not normalised
-        # with statistics of the training levels.
+        # BN on batch statistics only: online and EMA heads behave alike in train and eval mode,
+        # and a target at the probe level is not normalised with the training levels' statistics
         bn = lambda d, affine=True: nn.BatchNorm1d(d, affine=affine, track_running_stats=False)
         self.fc1, self.bn1 = nn.Linear(in_dim, hidden, bias=False), bn(hidden)
         self.fc2, self.bn2 = nn.Linear(hidden, out, bias=False), bn(out, affine=False)
@@ -446,8 +439,7 @@ def contrastive_step(model, ema, diffusion, x, f, level, args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training step (Sec. 4): the diffusion loss, optionally augmented and contrastive, one
-# optimizer step and the EMA; the preview sampler
+# Training step (Sec. 4): the loss, optionally augmented and contrastive; the preview sampler
 
 def param_groups(model, weight_decay):
     """AdamW groups: decay on all but biases and position embeddings (App. A), so the [CLS]
@@ -497,8 +489,6 @@ def sample_preview(ema, diffusion, args, device):
 
 # ------------------------------------------------------------------------------------------------
 # Recipe: backbones (Table 9), DDPM settings (Tables 8, 11), designated layer and step (Table 10)
-# The shared main calls this file's get_args, build_model, build_diffusion, build_optimizer,
-# load_train_data, train_step, sample_preview and param_report; --bench also fake_batch.
 
 NETS = {  # patch size, width, transformer blocks (in + mid + out), heads, MLP ratio
     "uvit_s": dict(patch=2, dim=512, depth=13, heads=8, mlp_ratio=4),  # U-ViT's CIFAR config
@@ -556,8 +546,7 @@ def get_args(argv=None):
     args.sc_layer = f"out_{layer}" if layer.isdigit() else layer
     if args.sc_layer not in [f"out_{i}" for i in range(1, n_out + 1)]:
         p.error(f"--sc-layer {args.sc_layer}: the {args.net} decoder has out_1 .. out_{n_out}")
-    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, both read
-    # at the designated out-block
+    # Table 7e: the contrastive feature is the [CLS] token or the pooled image tokens, at sc_layer
     args.cl_layer = f"cls_{args.sc_layer[4:]}" if args.cl_feature == "cls" else args.sc_layer
     suffix = "-sc" * args.self_cond + "-aug" * args.aug + "-cl" * args.cl
     args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-DDPM{suffix}"
@@ -719,8 +708,7 @@ def crossed(images, batch, every):
 
 
 def is_gate(step, images, args):
-    """Where ranks meet for events, a function of (step, images) alone: every 10th step, the last
-    step, and each log, checkpoint, snapshot or preview boundary."""
+    """Where ranks meet, from (step, images) alone: every 10th step, the last, each event's."""
     events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
     return step % 10 == 0 or images >= args.train_images or any(
         crossed(images, args.batch_size, every) for every in events)
@@ -843,8 +831,7 @@ def raise_on_any(error):
 
 
 def fetch_once(path, fetch, failed):
-    """Make `path` exist: one process per node runs fetch(path), the others wait (all ranks call
-    this); a failure ends every rank with one line. Nodes on one file system: the first wins."""
+    """Collective: one process per node runs fetch(path) unless it exists; failing ends all."""
     error = None
     if local_rank() == 0 and not path.exists():
         try:
@@ -909,8 +896,7 @@ def save_grid(images, path, cols=8):
 
 
 def atomic_save(obj, path, save=None):
-    """save(obj, file) (torch.save) to a temporary name, then rename: a kill at any instant, or
-    a full disk, leaves the previous file intact and no temporary file behind."""
+    """save(obj, file) to a temporary name, then rename: a kill or full disk keeps the old file."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1017,8 +1003,7 @@ class LossSums:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: the shapes toy and the datasets this model trains on in the paper (CIFAR, Tiny-ImageNet,
-# class folders), fetched once per node
+# Data: the shapes toy and this model's datasets in the paper: CIFAR, Tiny-ImageNet, class folders
 
 SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radius, constellation
     # size (x res); a range (v, v) fixes the value but keeps its draws, so labels and poses agree
@@ -1042,10 +1027,9 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
-    """10 classes told apart by geometry alone: four identical dots whose constellation is the
-    class, under random position, size, rotation, mirroring and colours, which carry no class.
-    Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks (n, res, res) (1 + label on a
-    dot, else 0) and the nuisance draws (n, 8): background and dot colour, size, dot radius."""
+    """10 classes told apart by geometry alone: four dots whose constellation is the class, under
+    random pose and colours. Returns uint8 images (n, 3, res, res), labels (n,), uint8 masks
+    (n, res, res) (1 + label on a dot, else 0), nuisance draws (n, 8): colours, size, radius."""
     bg_range, fg_range, radius_range, size_range = SHAPES[name]
     # four dots per class, in units of the dot spacing: square, line, T, L, diamond, Y (a centre
     # and three arms), arc, zigzag, trapezoid, triangle with a tail
@@ -1088,8 +1072,7 @@ def shapes_split(args, split):
 
 
 def load_cifar(name, root, split):
-    """CIFAR from the official pickles, downloaded on first use: md5-checked and extracted under
-    temporary names in the same file system, so an interrupted fetch leaves nothing behind."""
+    """CIFAR's official pickles, fetched once: md5-checked, extracted under a temporary name."""
     url, md5, folder, train_files, test_files, key = CIFAR[name]
     root = Path(root)
     root = root.parent if root.name == folder else root
@@ -1116,8 +1099,7 @@ def load_cifar(name, root, split):
 
 
 def center_crop(img, res, labels=False):
-    """ADM's centre crop: box-downsample while the short side is >= 2x, bicubic, crop; a label
-    map (labels=True) is resampled nearest-neighbour throughout, so labels never blend."""
+    """ADM's centre crop: box-halve while >= 2x, bicubic, crop (labels=True: nearest, no blend)."""
     down, up = (Image.NEAREST, Image.NEAREST) if labels else (Image.BOX, Image.BICUBIC)
     while min(img.size) >= 2 * res:
         img = img.resize(tuple(s // 2 for s in img.size), down)
@@ -1225,8 +1207,7 @@ def matmul_tflops(device, dtype):
 
 
 def benchmark(args, rounds=5):
-    """--bench: img/s, ms/step, peak memory, FLOPs/image, MFU of train_step, self-cond on vs off;
-    both and the matmul peak timed in interleaved rounds, so a drifting machine slows all alike."""
+    """--bench: speed, memory, FLOPs, MFU of train_step, self-cond on/off in interleaved rounds."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
