@@ -58,6 +58,9 @@ LBFGS = dict(max_iter=1000, tolerance_grad=1e-4, history_size=20)  # sklearn's t
 CACHE_BYTES = 2 ** 30  # on CPU a node holds one cell's standardised rows for its fit below this
 # App. A: CIFAR accuracy is the best of the 800/1000/1200-epoch snapshots; else the final one.
 APP_A_EPOCHS = {"cifar10": (800, 1000, 1200), "cifar100": (800, 1000, 1200)}
+# What a best cell or snapshot is picked on, per head: never test for the converged head
+PICK = {"lbfgs": ("held_out", "on the held-out tenth of train"),
+        "table11": ("test", "on test, as the paper did")}
 TEST, TRAIN, FLIPS, LOSS, SC, HOLD = range(6)  # random streams: _seed(--seed, stream, index)
 DENSE = {  # the standard protocols: default folder, classes scored; 255 is ignored everywhere
     "ade20k": ("data/ADEChallengeData2016", 150),  # label 0 ("other") ignored: c -> c - 1
@@ -316,6 +319,7 @@ class Split:
         return store.get(local, view, layer)
 
     def width(self, cell):
+        """The feature width of cell."""
         return self.feats(cell, torch.arange(1), 0).shape[1]
 
     def chunks(self, cell, keep=None, chunk=4096):
@@ -763,7 +767,7 @@ def probe_checkpoint(a, job, device, log, first=None):
     results += [r for r in (first or {}).get("results", []) if r["net"] != "trained"]
     get = {Cell(r["net"], r["t"], r["layer"]): r for r in results}.get
     best = max((r for r in results if r["net"] == "trained"),
-               key=lambda r: r["held_out" if a.head == "lbfgs" else "test"])
+               key=lambda r: r[PICK[a.head][0]])
     cell = get(Cell("trained", args.probe_t, args.sc_layer)) or best
     init, pixels = get(Cell("init", cell["t"], cell["layer"])), get(Cell("pixels"))
     rec = {"ckpt": str(job.path), "script": ckpt["script"], "kind": diffusion.kind,
@@ -861,9 +865,8 @@ def report(rec, job, log):
             "-" if r is None else f"{r:.3f}" for r in sc["norm_ratio_by_level"]) +
             f"; its variance explained by class {sc['r2_class']:.1%}" + ("" if sc["r2_nuisance"]
                 is None else f", by the nuisance draws {sc['r2_nuisance']:.1%}"))
-    how = "on the held-out tenth of train" if rec["head"] == "lbfgs" else \
-        "on test (the paper's way)"
-    log(f"best cell t={best['t']:g} {best['layer']}, chosen {how}: test {best['test']:.2f}%")
+    log(f"best cell t={best['t']:g} {best['layer']}, chosen {PICK[rec['head']][1]}: "
+        f"test {best['test']:.2f}%")
     if len(acc) > 1:  # Sec. 4.1: self-conditioning reads the baseline's best probe layer
         log(f"the paper's rule for a new setting: on a baseline checkpoint the best cell is where "
             f"self-conditioning reads; train with the baseline's command plus\n"
@@ -954,8 +957,7 @@ def app_a(snapshots, on="test"):
 
 def trajectories(records, log):
     """{run: the snapshot that stands for it}, and each run's trajectory (several snapshots)."""
-    on = "held_out" if records[0]["head"] == "lbfgs" else "test"
-    how = "on the held-out tenth of train" if on == "held_out" else "on test, as the paper did"
+    on, how = PICK[records[0]["head"]]
     runs, out = {}, []
     for r in records:
         runs.setdefault(run_key(r["args"]), []).append(r)
