@@ -44,7 +44,6 @@ THROUGHPUT = {"images": 0, "seconds": 0.0}  # this process's Inception passes, f
 
 class BasicConv2d(nn.Module):
     """Conv without bias + BatchNorm with TF's eps + ReLU."""
-
     def __init__(self, cin, cout, **kw):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
@@ -63,21 +62,17 @@ class BasicConv2d(nn.Module):
         self.conv.bias = nn.Parameter(bias.float(), requires_grad=False)
         self.bn = nn.Identity()
 
-
 def _chain(x, *layers):
     for layer in layers:
         x = layer(x)
     return x
 
-
 def _avg_pool(x):
     # TF's average pool divides by the number of real (unpadded) pixels
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
-
 class InceptionA(nn.Module):
     """35x35 block: 1x1, 5x5, double 3x3 and pooled branches."""
-
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
@@ -94,10 +89,8 @@ class InceptionA(nn.Module):
                           _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           self.branch_pool(_avg_pool(x))], 1)
 
-
 class InceptionB(nn.Module):
     """Grid reduction 35x35 -> 17x17."""
-
     def __init__(self, cin):
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
@@ -110,10 +103,8 @@ class InceptionB(nn.Module):
                           _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
-
 class InceptionC(nn.Module):
     """17x17 block with factorised 7x7 convolutions."""
-
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -134,10 +125,8 @@ class InceptionC(nn.Module):
                                  self.branch7x7dbl_4, self.branch7x7dbl_5),
                           self.branch_pool(_avg_pool(x))], 1)
 
-
 class InceptionD(nn.Module):
     """Grid reduction 17x17 -> 8x8."""
-
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -153,10 +142,8 @@ class InceptionD(nn.Module):
                                  self.branch7x7x3_4),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
-
 class InceptionE(nn.Module):
     """8x8 block with split 1x3 / 3x1 outputs; the last one of the FID graph max-pools."""
-
     def __init__(self, cin, max_pool=False):
         super().__init__()
         self.max_pool = max_pool  # a quirk of the 2015 TF graph that FID numbers depend on
@@ -179,10 +166,8 @@ class InceptionE(nn.Module):
                           self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
                           self.branch_pool(pool)], 1)
 
-
 class InceptionV3(nn.Module):
     """FID Inception: images in [0, 1] (N, 3, H, W) -> (pool3 (N, 2048), logits (N, 1008))."""
-
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
@@ -222,7 +207,6 @@ class InceptionV3(nn.Module):
         # the reference IS (improved-GAN, ADM evaluator) uses the softmax matmul without its bias
         return pool3, pool3 @ self.fc.weight.t()  # (N, 1008)
 
-
 def load_inception(path=None, device="cpu"):
     """The FID Inception with the official weights, ready for inference (BatchNorm folded,
     channels_last). Without `path` the weights come from the torch hub cache, downloaded once per
@@ -240,7 +224,6 @@ def load_inception(path=None, device="cpu"):
         if isinstance(m, BasicConv2d):
             m.fold()
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
-
 
 def _weights_file(path):
     """`path`, or the torch hub cache copy, downloaded when missing by one process per node while
@@ -274,11 +257,9 @@ def _weights_file(path):
 def _dist():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-
 def _local_rank():
     """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
     return int(os.environ.get("LOCAL_RANK", _dist()[0]))
-
 
 def _raise_on_any(error):
     """Collective: when any rank has an error message, every rank exits with the first one."""
@@ -288,7 +269,6 @@ def _raise_on_any(error):
         error = next((e for e in errors if e), None)
     if error:
         raise SystemExit(error)
-
 
 def _rank0(value):
     """Rank 0's value on every rank, so that all ranks take the same branch (and collectives)."""
@@ -303,7 +283,6 @@ def _rank0(value):
 
 class _ImageFiles(torch.utils.data.Dataset):
     """Image files -> (index, uint8 (3, H, W), '' or why the file cannot be read)."""
-
     def __init__(self, files):
         self.files = files
 
@@ -317,13 +296,11 @@ class _ImageFiles(torch.utils.data.Dataset):
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
             return i, torch.zeros(3, 1, 1, dtype=torch.uint8), f"{self.files[i]} ({e})"
 
-
 class Source:
     """Images to measure: their number n and this rank's share as batches of (global indices
     (B,), uint8 (B, C, H, W)[, reasons files could not be read]): a tensor or array (N, C, H, W),
     a list of image files, or a dataset of (index, image, error) (the trainers' ImageFiles), each
     rank taking every world-th image; or any iterable of batches that is already this rank's."""
-
     def __init__(self, images, batch_size=200, num_workers=0, n=None):
         rank, world = _dist()
         if isinstance(images, (list, tuple)):
@@ -339,13 +316,11 @@ class Source:
             self.batches = images
         self.n = len(images) if n is None else n
 
-
 class Sums:
     """Running sums of Inception outputs, float64: count, sum f and sum f f^T of pool3 (the FID
     statistics, never the features themselves), and per Inception Score split (chunks of the n
     images by global index) the sum of p(y|x) and of sum_y p log p. Summed over the ranks by
     reduce()."""
-
     def __init__(self, n, splits=10, device="cpu", dim=FEATURE_DIM):
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
         self.n, self.splits = n, splits
@@ -394,7 +369,6 @@ class Sums:
         scores = (self.plogp / self.k - torch.special.xlogy(pbar, pbar).sum(1)).exp().cpu().numpy()
         return float(np.mean(scores)), float(np.std(scores))
 
-
 @contextlib.contextmanager
 def _fp32():
     """Plain fp32 on GPU, TF32 off (sample.py turns it on), cuDNN autotuned; the flags are
@@ -408,12 +382,10 @@ def _fp32():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
-
 def _check_batch(x):
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} "
                          f"{tuple(x.shape)}")
-
 
 @torch.inference_mode()
 def compute_features(images, model, batch_size=200, num_workers=0):
@@ -448,14 +420,12 @@ def compute_features(images, model, batch_size=200, num_workers=0):
     THROUGHPUT["seconds"] += time.time() - t0
     return f, l
 
-
 def statistics(feats):
     """Mean (D,) and covariance (D, D) in float64 of features (N, D), with a check on N."""
     feats = torch.as_tensor(np.asarray(feats, dtype=np.float64))
     sums = Sums(len(feats), dim=feats.shape[1])
     sums.add(feats)
     return sums.statistics()
-
 
 @torch.inference_mode()
 def accumulate(source, model, logits=True):
@@ -479,7 +449,6 @@ def accumulate(source, model, logits=True):
     THROUGHPUT["seconds"] += time.time() - t0
     _raise_on_any(error)
     return sums.reduce()
-
 
 def compute_statistics(images, model, batch_size=200, num_workers=0, score=True):
     """(mu (2048,), sigma (2048, 2048), n, Inception Score (mean, std) or None without `score`) of
@@ -515,7 +484,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
-
 def inception_score(logits, splits=10):
     """(mean, std) over `splits` consecutive chunks of exp(E_x KL(p(y|x) || p(y)))."""
     logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
@@ -544,12 +512,10 @@ def _npz_arrays(path):
                          f"intact samples or statistics .npz")
     return arrays
 
-
 def _enough(n, name):
     if n < 3:
         raise SystemExit(f"FID needs at least 3 images, {name} has {n} (the covariance would be "
                          f"degenerate)")
-
 
 def _inspect(spec):
     """(kind, detail) of an input path, or one line naming what is wrong with it: ("folder",
@@ -584,12 +550,10 @@ def _inspect(spec):
     _enough(shape[0], spec)
     return "samples", shape
 
-
 def check_input(spec):
     """One line (SystemExit) unless path `spec` is a samples .npz, a statistics .npz or a folder of
     images, readable and of at least 3 images; only file headers and names are read."""
     _inspect(spec)
-
 
 def load_input(spec):
     """An input path, checked as check_input does, then read: a samples .npz -> uint8 (N, C, H,
@@ -603,7 +567,6 @@ def load_input(spec):
             return f["mu"], f["sigma"], int(f["n"]) if "n" in f else None
         return torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2)  # (N, C, H, W)
 
-
 def _checked(x):
     """An input path loaded (load_input), or images, a Source or statistics as they are, with at
     least 3 images where they can be counted."""
@@ -612,7 +575,6 @@ def _checked(x):
     if not isinstance(x, tuple):
         _enough(x.n if isinstance(x, Source) else len(x), "the input")
     return x
-
 
 def _check_writable(path):
     """Fail before any work when `path` cannot be written (a folder, a parent that is a file, no
@@ -625,14 +587,12 @@ def _check_writable(path):
         why = "a folder" if os.path.isdir(path) else f"{parent} is not a writable folder"
         raise SystemExit(f"--stats-out {path}: cannot write a file there ({why})")
 
-
 def cache_file(name, key, cache_dir=None):
     """Where a reference's statistics are cached: <cache_dir>/<name>-<hash of key>.npz, the key
     saying what they are of (a path made absolute, or a dataset with its settings); nothing is
     read. cache_dir defaults to CACHE_DIR."""
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return os.path.join(cache_dir or CACHE_DIR, f"{name}-{digest}.npz")
-
 
 def save_statistics(path, mu, sigma, n):
     """Write mu, sigma (pytorch-fid's keys) and the count n (when known) atomically, or exit with
@@ -682,7 +642,6 @@ def fid_from_samples(samples, ref, model, batch_size=200, num_workers=0, cache=N
     is_mean, is_std = score or (float("nan"), float("nan"))  # statistics files hold no logits
     return dict(fid=frechet_distance(mu1, sigma1, mu2, sigma2), is_mean=is_mean, is_std=is_std,
                 n=n, n_ref=n_ref)
-
 
 def report(result, world, device):
     """Rank 0's lines: FID and IS, then the Inception throughput of this process."""
@@ -742,7 +701,6 @@ def benchmark(rounds, batch=50):
     print(json.dumps(rec))
     return rec
 
-
 # ----------------------------------------------------------------------------
 # Main
 
@@ -783,7 +741,6 @@ def main(argv=None):
         if own_pg:
             dist.destroy_process_group()
 
-
 def _run(args):
     """main() once the process group (if any) is up: inputs checked, then the network built."""
     rank, world = _dist()
@@ -810,7 +767,6 @@ def _run(args):
     if rank == 0:
         report(result, world, device)
     return result
-
 
 if __name__ == "__main__":
     main()

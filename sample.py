@@ -37,7 +37,6 @@ import fid
 # Samplers: pure functions of a prediction fn(x, t) with t a python scalar in native units.
 # Each takes unit Gaussian `noise` and returns the sample in model space; NFE = calls of fn.
 
-
 @torch.no_grad()
 def ddim(eps_fn, noise, alphas_cumprod, steps=100, clip=False):
     """DDIM (eta 0) for an eps-prediction DDPM; alphas_cumprod is (T+1,) with index 0 == 1
@@ -59,14 +58,12 @@ def ddim(eps_fn, noise, alphas_cumprod, steps=100, clip=False):
         x = math.sqrt(ab[t_next]) * x0 + math.sqrt(1 - ab[t_next]) * eps
     return x
 
-
 def edm_sigmas(steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM's rho-spaced noise levels, sigma_max -> sigma_min, plus a final 0."""
     i = torch.arange(steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     s = (hi + i / max(steps - 1, 1) * (lo - hi)) ** rho
     return s.tolist() + [0.0]
-
 
 @torch.no_grad()
 def heun(denoise_fn, noise, steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, clip=False):
@@ -84,7 +81,6 @@ def heun(denoise_fn, noise, steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, 
             x_next = x + (s_next - s) * (d + d_next) / 2
         x = x_next
     return x
-
 
 @torch.no_grad()
 def rk45(v_fn, noise, rtol=1e-5, atol=1e-5, t_end=1e-3):
@@ -104,13 +100,11 @@ def rk45(v_fn, noise, rtol=1e-5, atol=1e-5, t_end=1e-3):
         raise RuntimeError(f"RK45 failed: {sol.message}")
     return torch.from_numpy(sol.y[:, -1]).reshape(shape).to(device, dtype)
 
-
 def shifted_times(steps=250, shift=3.3):
     """Uniform grid 1 -> 0 warped by t' = s t / (1 + (s-1) t): s > 1 spends more steps at high
     noise."""
     t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     return (shift * t / (1 + (shift - 1) * t)).tolist()
-
 
 @torch.no_grad()
 def euler(v_fn, noise, steps=250, shift=3.3):
@@ -122,7 +116,6 @@ def euler(v_fn, noise, steps=250, shift=3.3):
         x = x + (t_next - t) * v_fn(x, t)
     return x
 
-
 def cfg(pred_fn, y, null, scale=1.5, max_level=0.89, level=lambda t: t):
     """Classifier-free guidance on all channels, only where level(t) <= max_level (paper: t=1 is
     noise)."""
@@ -132,7 +125,6 @@ def cfg(pred_fn, y, null, scale=1.5, max_level=0.89, level=lambda t: t):
         c, u = pred_fn(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, null)])).chunk(2)
         return u + scale * (c - u)
     return guided
-
 
 def noise_level(diffusion):
     """Native t -> the RF noise level sigma/(1+sigma) of the same signal-to-noise ratio (= t for
@@ -148,7 +140,6 @@ def noise_level(diffusion):
 # Checkpoints
 
 SCRIPTS = ("train_unet.py", "train_uvit.py", "train_dit.py")
-
 
 def read_checkpoint(path):
     """(trainer module, args, checkpoint dict) of a train_*.py checkpoint, memory-mapped: only
@@ -175,7 +166,6 @@ def read_checkpoint(path):
     vars(args).update(ckpt["args"])
     return mod, args, ckpt
 
-
 def weights(ckpt, path, raw, model):
     """The EMA weights (the online ones with `raw`) of a checkpoint, checked against `model`'s
     keys and shapes (a model on the meta device will do): one line where they differ."""
@@ -191,7 +181,6 @@ def weights(ckpt, path, raw, model):
                          f"was it edited or written by another version?")
     return state
 
-
 def load_checkpoint(path, raw=False, device="cpu"):
     """Rebuild (module, args, model in eval mode, diffusion, ckpt) from a train_*.py checkpoint:
     the script it names builds the model; `raw` takes the online weights instead of the EMA."""
@@ -200,13 +189,11 @@ def load_checkpoint(path, raw=False, device="cpu"):
     model.load_state_dict(weights(ckpt, path, raw, model))
     return mod, args, for_inference(model, device), mod.build_diffusion(args), ckpt
 
-
 def for_inference(model, device):
     """The model frozen for sampling or feature extraction. channels_last on any device: the
     tiny UNet's inference convolutions ran 1.2-1.3x faster on CPU too (batch 256), while
     training gains nothing there and stays contiguous on CPU."""
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-
 
 def import_trainer(script):
     """The training script (train_unet.py ...) as a module; they live next to this file."""
@@ -214,7 +201,6 @@ def import_trainer(script):
     if here not in sys.path:
         sys.path.insert(0, here)
     return importlib.import_module(Path(script).stem)
-
 
 def ckpt_name(path):
     """A checkpoint's name among several: its run folder's, and the snapshot's (ckpt-<images>)."""
@@ -229,7 +215,6 @@ DEFAULT_STEPS = {"ddim": 100, "heun": 18, "euler": 250}
 VALID = {"ddim": "DDPM", "heun": "EDM", "rk45": "RF", "euler": "RF"}
 # ranks wait at barriers while others finish a slow shard or rank 0 merges 50k images
 DIST_TIMEOUT = datetime.timedelta(hours=2)
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -281,7 +266,6 @@ def get_args(argv=None):
                          f"to use the training run's")
     return a
 
-
 def resolve(a, args, model, diffusion):
     """Fill the defaults that depend on the checkpoint; reject combinations that cannot work.
     Returns (latent, classes)."""
@@ -312,7 +296,6 @@ def resolve(a, args, model, diffusion):
     a.out = a.out or str(Path(a.ckpt).parent / f"samples-{a.sampler}{'-raw' * a.raw}{snapshot}")
     return latent, classes
 
-
 @dataclass
 class Job:
     """One --ckpt to sample: its flags resolved against it, and what they were resolved from."""
@@ -326,7 +309,6 @@ class Job:
     images: int
     ref: object = None  # --fid's reference as fid.fid_from_samples takes it
     cache: str = None  # where the reference's statistics are cached
-
 
 def plan(a):
     """A Job per --ckpt, every checkpoint read (metadata only) and every flag checked against it:
@@ -345,7 +327,6 @@ def plan(a):
                         ckpt.get("images") or 0))
     return jobs
 
-
 def config(job, device):
     """The settings a shard depends on: shards of another checkpoint or setting must not be mixed
     into a run."""
@@ -356,7 +337,6 @@ def config(job, device):
              bf16=job.mod.use_bf16(device, a.precision),
              vae=(a.vae or job.args.vae) if job.latent else None)
     return c
-
 
 def check_outputs(job, rank, device):
     """Before anything is written: --out can be created, and holds no samples of other settings
@@ -370,7 +350,6 @@ def check_outputs(job, rank, device):
             error = (f"{out} holds samples made with other settings ({diff}): use another "
                      f"--out or delete it")
     job.mod.raise_on_any(error)
-
 
 def fid_reference(ref, mod, args, size, workers=min(8, os.cpu_count() or 1)):
     """--fid REF as fid.fid_from_samples takes it, the file caching its statistics (see
@@ -397,7 +376,6 @@ def fid_reference(ref, mod, args, size, workers=min(8, os.cpu_count() or 1)):
     stream = lambda: fid.Source(mod.ImageFiles(files(), size), num_workers=workers)
     return stream, cache, files
 
-
 def check_reference(name, mod, cache, check, rank):
     """--fid REF before any sampling, unless its statistics are cached (then nothing is read):
     check() on rank 0, its one line on every rank."""
@@ -423,7 +401,6 @@ def initial_state(a, start, end, shape, classes):
         labels.append(a.cls if a.cls is not None else i % max(classes, 1))
     return torch.stack(noise), torch.tensor(labels)
 
-
 def generate(a, model, diffusion, noise, labels, classes, autocast):
     """One batch: model-space samples and the number of network evaluations used."""
     def pred(x, t, y):
@@ -448,12 +425,10 @@ def generate(a, model, diffusion, noise, labels, classes, autocast):
         x = euler(counted, noise, a.steps, a.shift)
     return x, nfe
 
-
 def to_uint8(x):
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
-
 
 def shard_done(shards, start, size):
     """A shard counts when it holds `size` images: a changed --n regenerates the last one."""
@@ -463,13 +438,11 @@ def shard_done(shards, start, size):
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing or unreadable
         return False
 
-
 def input_shape(mod, args, model, latent):
     """(C, H, W) the network denoises: RGB pixels, or the VA-VAE's f16 latents of train_dit.py."""
     if latent:
         return (model.in_ch, mod.IMAGE_SIZE // 16, mod.IMAGE_SIZE // 16)
     return (3, args.resolution, args.resolution)
-
 
 def main(argv=None):
     """Sample each --ckpt; several snapshots of a run with --fid: the FID of each and the best
@@ -498,7 +471,6 @@ def main(argv=None):
         best = min(results, key=lambda r: r["fid"])
         print(f"best FID {best['fid']:.4f}: {best['ckpt']} ({best['images']:,} images)")
     return results
-
 
 def sample_checkpoint(job, rank, world, device):
     """Sample one checkpoint into its --out; with --fid, rank 0 returns its FID and IS."""
@@ -560,12 +532,10 @@ def sample_checkpoint(job, rank, world, device):
     fid.report(result, world, device)
     return {**result, "ckpt": a.ckpt, "images": job.images}
 
-
 def shard_images(path):
     """A shard's images as uint8 (B, C, H, W)."""
     with np.load(path) as f:
         return torch.from_numpy(f["images"]).permute(0, 3, 1, 2)
-
 
 def merge(paths, f, n, classes):
     """Write the shards into file f as the ADM evaluator's npz (arr_0 uint8 NHWC, arr_1 labels
@@ -589,11 +559,9 @@ def merge(paths, f, n, classes):
                 np.lib.format.write_array(member, labels)
     return nfes
 
-
 def barrier(world):
     if world > 1:
         dist.barrier()
-
 
 if __name__ == "__main__":
     main()

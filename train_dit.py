@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-
 # ------------------------------------------------------------------------------------------------
 # Tool interface: what sample.py, probe.py, fid.py and .ci/*.py call here (test_smoke.py checks)
 
@@ -59,14 +58,12 @@ TOOL_INTERFACE = (
     "decode",  # (vae, normalised latents (N, 32, 16, 16), latent_stats) -> images in [-1, 1]
 )
 
-
 # ------------------------------------------------------------------------------------------------
 # Self-conditioning (Sec. 4.1, Fig. 1): pool the designated block, add it back into `emb`
 
 class SelfCond(nn.Module):
     """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)), TimeMLP_sc a copy of the time MLP (Sec. 4.1,
     Fig. 1b); "add" drops it (Table 7a). Call reset_parameters() after re-initialising Linears."""
-
     def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
         super().__init__()
         self.scale = time_mlp(freq_dim, emb_dim) if mode == "adaptive" else None
@@ -82,7 +79,6 @@ class SelfCond(nn.Module):
         f = self.proj(feat)  # (N, D)
         return emb + (f if self.scale is None else self.scale(t_freq) * f)
 
-
 # ------------------------------------------------------------------------------------------------
 # Model: DiT in LightningDiT's layout (RMSNorm, SwiGLU, qkv bias, 2D RoPE, AdaLN-zero)
 
@@ -93,11 +89,9 @@ def timestep_embedding(t, dim, max_period=10_000):
     angles = t.float()[:, None] * freqs  # (N, half)
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
-
 def time_mlp(freq_dim, dim):
     """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning `emb` (N, dim)."""
     return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
 
 def sincos_pos_embed(dim, grid):
     """Fixed 2D sin-cos position embedding (grid^2, dim): first half the row, second the column."""
@@ -110,10 +104,8 @@ def sincos_pos_embed(dim, grid):
         return torch.cat([out.sin(), out.cos()], dim=1)
     return torch.cat([emb(rows), emb(cols)], dim=1).float()
 
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain, computed in fp32."""
-
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
@@ -124,10 +116,8 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * \
             self.weight
 
-
 class Rope2D(nn.Module):
     """2D RoPE of patch tokens: a head's first half turns with the row, the second the column."""
-
     def __init__(self, head_dim, grid, theta=10000.0):
         super().__init__()
         quarter = head_dim // 4  # rotation pairs per axis
@@ -145,10 +135,8 @@ class Rope2D(nn.Module):
         rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)  # pairs (a, b) -> (-b, a)
         return x * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
 
-
 class DiTAttention(nn.Module):
     """Multi-head self-attention with qkv bias and RoPE on q and k, through SDPA."""
-
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -162,10 +150,8 @@ class DiTAttention(nn.Module):
         x = F.scaled_dot_product_attention(rope(q), rope(k), v)
         return self.proj(x.transpose(1, 2).reshape(N, L, D))
 
-
 class SwiGLU(nn.Module):
     """SwiGLU MLP, hidden int(2/3 * 4 * dim); w12 holds the gate and value projections."""
-
     def __init__(self, dim):
         super().__init__()
         hidden = int(2 / 3 * 4 * dim)
@@ -176,14 +162,11 @@ class SwiGLU(nn.Module):
         gate, value = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(gate) * value)
 
-
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
-
 class DiTBlock(nn.Module):
     """AdaLN-zero modulated attention and SwiGLU, both pre-normed with RMSNorm."""
-
     def __init__(self, dim, heads):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
@@ -196,10 +179,8 @@ class DiTBlock(nn.Module):
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
-
 class FinalLayer(nn.Module):
     """Norm -> modulate -> linear to patch pixels."""
-
     def __init__(self, dim, out_dim):
         super().__init__()
         self.norm = RMSNorm(dim)
@@ -210,10 +191,8 @@ class FinalLayer(nn.Module):
         shift, scale = self.ada(emb).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
-
 class DiT(nn.Module):
     """LightningDiT-style DiT of (C, S, S) inputs, patch p, blocks named block_1 .. block_depth."""
-
     def __init__(self, in_ch, size, patch, width, depth, heads, num_classes=0, sc_layer=0,
                  sc_mode="adaptive"):
         super().__init__()
@@ -285,7 +264,6 @@ class DiT(nn.Module):
         x = h.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, S, S)
         return x, out_feats
 
-
 def build_model(args):
     """DiT of the resolved args: 16x16x32 latents with patch 1, or pixels with patch 2."""
     latent = args.latent != "none"
@@ -294,14 +272,12 @@ def build_model(args):
                **NETS[args.net], num_classes=classes, sc_mode=args.sc_mode,
                sc_layer=int(args.sc_layer.split("_")[1]) if args.self_cond else 0)
 
-
 # ------------------------------------------------------------------------------------------------
 # Rectified flow, latent recipe (Table 8). Paper convention: t=0 data, t=1 noise,
 # x_t = (1 - t) x0 + t eps; the net predicts the velocity v = dx_t/dt = eps - x0.
 
 class LatentRF:
     """Logit-normal t, velocity MSE (+ LightningDiT's cosine term), label dropout for CFG."""
-
     kind = "RF"
 
     def __init__(self, num_classes=0, label_dropout=0.1, cos_loss=True):
@@ -347,10 +323,8 @@ class LatentRF:
             x = x + (t_next - t) * self.pred(model, x, tt, y)[0].float()
         return x
 
-
 def build_diffusion(args, model=None):
     return LatentRF(args.num_classes if args.class_cond else 0, args.label_dropout, args.cos_loss)
-
 
 # ------------------------------------------------------------------------------------------------
 # Training step (Sec. 4): the flow loss, one optimizer step and the EMA; the preview
@@ -359,7 +333,6 @@ def build_optimizer(model, args):
     """Adam with LightningDiT's beta2; the frozen sin-cos table is not optimised."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=args.lr, betas=(0.9, args.beta2), fused=params[0].is_cuda)
-
 
 def train_step(net, model, ema, opt, diffusion, batch, step, args):
     """One step (training's, --bench's) on a (flipped) batch (x, y) -> loss (B,), level (B,)."""
@@ -373,7 +346,6 @@ def train_step(net, model, ema, opt, diffusion, batch, step, args):
     update_ema(ema, model, step, args.ema)
     return loss.detach(), level, {}
 
-
 def sample_preview(ema, diffusion, args, device):
     """16 samples of the EMA model from the same noise and labels each time (no CFG)."""
     g = torch.Generator().manual_seed(args.seed)
@@ -382,7 +354,6 @@ def sample_preview(ema, diffusion, args, device):
     y = torch.arange(16, device=device) % args.num_classes if args.class_cond else None
     with autocast(device, args.precision):
         return diffusion.sample(ema, noise, y)
-
 
 # ------------------------------------------------------------------------------------------------
 # Recipe: DiT and VA-VAE presets (Table 9), training length (App. A), designated blocks (Table 10)
@@ -408,7 +379,6 @@ EPOCHS = {("in100", False): 1400, ("in100", True): 1000, ("in1k", False): 90, ("
 SC_LAYER = {("in100", False): 8, ("in100", True): 8, ("in1k", False): 9, ("in1k", True): 10}
 ARCH_KEYS = ("net", "latent", "resolution", "class_cond", "num_classes", "self_cond", "sc_mode",
              "sc_layer")  # what a resumed run may not change (num_classes: the label table)
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -470,7 +440,6 @@ def get_args(argv=None):
     args.out = args.out or f"runs/dit-{args.dataset}-{args.net}-RF{kind}{sc}"
     return args
 
-
 def folder_classes(args):
     """Class folders of the training split, else the latent cache's labels, else None (no data)."""
     root = Path(args.data_path)
@@ -480,12 +449,10 @@ def folder_classes(args):
     labels = cache_dir(args, "train") / "labels.npy"
     return int(np.load(labels, mmap_mode="r").max()) + 1 if labels.exists() else None
 
-
 def param_report(model):
     """One line: the total and what each option adds."""
     return (f"parameters: {count_params(model):,} total, {count_params(model.self_cond):,} "
             f"self-conditioning, {count_params(model.y_embed):,} label table")
-
 
 def load_train_data(args, device):
     """batch(idx) -> (x, y or None): latents gather rows of the memory-mapped (N, 2 flips, 32, 16,
@@ -527,7 +494,6 @@ def load_train_data(args, device):
     return SimpleNamespace(n=len(labels), batch=batch, to_pixels=lambda z: decode(vae, z, stats),
                            state={"latent_stats": stats})
 
-
 def fake_batch(args, device):
     """A synthetic batch of the training shape, for --bench."""
     c, s = (32, 16) if args.latent != "none" else (3, args.resolution)
@@ -535,17 +501,14 @@ def fake_batch(args, device):
     y = torch.randint(0, args.num_classes or 1000, (args.batch_size,), device=device)
     return x.contiguous(memory_format=memory_format(device)), y if args.class_cond else None
 
-
 # ------------------------------------------------------------------------------------------------
 # Autoencoder: the VA-VAE tokenizer (LDM AutoencoderKL; module names follow the official keys)
 
 def group_norm(ch):
     return nn.GroupNorm(32, ch, eps=1e-6)
 
-
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice; a 1x1 shortcut when the width changes."""
-
     def __init__(self, cin, cout):
         super().__init__()
         self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -557,10 +520,8 @@ class ResnetBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
-
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections."""
-
     def __init__(self, ch):
         super().__init__()
         self.norm = group_norm(ch)
@@ -574,10 +535,8 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(N, C, H, W)
         return x + self.proj_out(h)
 
-
 class VAEResample(nn.Module):
     """LDM's 2x resampling: a stride-2 conv, or nearest-neighbour upsampling and a conv."""
-
     def __init__(self, ch, down):
         super().__init__()
         self.down, self.conv = down, nn.Conv2d(ch, ch, 3, stride=1 + down, padding=1 - down)
@@ -586,7 +545,6 @@ class VAEResample(nn.Module):
         if self.down:
             return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right and bottom only
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
 
 def _level(cin, cout, n, attn, resample=None):
     """LDM's level: n ResnetBlocks to cout, attention after each if attn, then "down"/"up"."""
@@ -600,12 +558,10 @@ def _level(cin, cout, n, attn, resample=None):
         setattr(level, f"{resample}sample", VAEResample(cout, resample == "down"))
     return level
 
-
 def _mid(ch):
     mid = nn.Module()
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(ch, ch), AttnBlock(ch), ResnetBlock(ch, ch)
     return mid
-
 
 def _run_level(level, h):
     """The level's blocks, each followed by its attention if it has one, then its resampling."""
@@ -617,10 +573,8 @@ def _run_level(level, h):
         h = getattr(level, name)(h) if hasattr(level, name) else h
     return h
 
-
 class Encoder(nn.Module):
     """Image (3, R, R) -> posterior moments (2z, R/16, R/16), for a ch_mult of length 5."""
-
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
                  resolution=IMAGE_SIZE):
         super().__init__()
@@ -642,10 +596,8 @@ class Encoder(nn.Module):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
-
 class Decoder(nn.Module):
     """Latent (z, r, r) -> image (3, 16r, 16r); num_res_blocks + 1 blocks per level, as LDM."""
-
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels,
                  resolution=IMAGE_SIZE):
         super().__init__()
@@ -668,10 +620,8 @@ class Decoder(nn.Module):
             h = _run_level(level, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-
 class AutoencoderKL(nn.Module):
     """VA-VAE: encoder -> quant_conv -> (mean, logvar); post_quant_conv -> decoder."""
-
     VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels=32, embed_dim=32):
@@ -693,11 +643,9 @@ class AutoencoderKL(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
-
 def build_vae(args):
     """The VA-VAE of args.vae_config ('f16d32' official, 'tiny' for tests), random weights."""
     return AutoencoderKL(**VAES[args.vae_config])
-
 
 def vae_state_dict(path):
     """The autoencoder's weights in an official VA-VAE file (not its loss's or DINOv2's)."""
@@ -710,7 +658,6 @@ def vae_state_dict(path):
     sd = sd.get("state_dict", sd)
     return {k: v for k, v in sd.items() if k.startswith(AutoencoderKL.VAE_KEYS)}
 
-
 def download_vae(path, config):
     """Fetch the VA-VAE under a temporary name; no checksum is published, so load it strictly."""
     print(f"downloading the VA-VAE from {VAVAE_URL} to {path}")
@@ -721,7 +668,6 @@ def download_vae(path, config):
         with torch.device("meta"):  # shapes only: every tensor of the file is checked
             AutoencoderKL(**VAES[config]).load_state_dict(vae_state_dict(part), assign=True)
         os.replace(part, path)
-
 
 def vae_file(args):
     """--vae, or the official file in ~/.cache/ddae, downloaded on first use (all ranks call)."""
@@ -734,20 +680,17 @@ def vae_file(args):
                       f"cannot download the VA-VAE from {VAVAE_URL}; fetch it by hand and "
                       f"pass --vae PATH")
 
-
 def load_vae(args, device, path=None):
     """The VA-VAE with the weights of `path` (default: vae_file(args), a collective)."""
     vae = build_vae(args)
     vae.load_state_dict(vae_state_dict(path or vae_file(args)))
     return vae.to(device).eval().requires_grad_(False)
 
-
 @torch.no_grad()
 def decode(vae, z, latent_stats):
     """Normalised latents (N, 32, 16, 16) -> images in [-1, 1] (N, 3, 256, 256)."""
     mean, std = (latent_stats[k].to(z.device)[None, :, None, None] for k in ("mean", "std"))
     return vae.decode(z.float() * std + mean).clamp(-1, 1)
-
 
 # ------------------------------------------------------------------------------------------------
 # Latents: each training image and its flip encoded once: memory-mapped, resumable, sharded, keyed
@@ -756,13 +699,11 @@ def cache_dir(args, split):
     root = Path(args.cache_dir or Path("runs") / "cache" / args.dataset)
     return root / {"train": "train", "test": "val"}[split]
 
-
 def cache_key(args, images=None):
     """What a cache holds: dataset, folder, VA-VAE file and layout, image count (None: any)."""
     vae = str(Path(args.vae).absolute()) if args.vae else Path(VAVAE_URL).name
     return {"dataset": args.dataset, "data_path": str(Path(args.data_path).absolute()),
             "vae": vae, "vae_config": args.vae_config, "images": images}
-
 
 def key_error(out, key):
     """None if the cache in `out` is one of `key` or not begun, else the line refusing it."""
@@ -776,14 +717,12 @@ def key_error(out, key):
     return (f"latent cache {out} holds {json.dumps(held)}, not {json.dumps(key)}: pass another "
             f"--cache-dir, or delete it to encode afresh")
 
-
 def done_mask(out, n):
     """Which of the n rows of the cache in `out` are encoded, from every rank's mask file."""
     done = np.zeros(n, dtype=bool)
     for f in out.glob("done.rank*.npy"):
         done |= np.load(f)
     return done
-
 
 def create_cache_file(path, shape):
     """An empty float16 .npy of `shape` whose header is padded to 4096 bytes: every row of
@@ -793,7 +732,6 @@ def create_cache_file(path, shape):
         f.write(b"\x93NUMPY\x01\x00" + (4096 - 10).to_bytes(2, "little"))
         f.write(header.ljust(4096 - 10 - 1) + b"\n")
         f.truncate(4096 + 2 * math.prod(shape))  # sparse until written
-
 
 def open_cache(out, n=None, mode="r"):
     """(out/latents.npy memory-mapped, None), or (None, why it is unreadable or not n images)."""
@@ -806,7 +744,6 @@ def open_cache(out, n=None, mode="r"):
         return None, (f"latent cache {out} holds {len(lat)} images, the dataset {n}: "
                       f"delete the folder")
     return lat, None
-
 
 def extract_latents(dataset, labels, out, key, vae, device, batch=64, workers=0, rank=0, world=1):
     """Encode each image of `dataset` ((index, uint8 (3, 256, 256), error) as ImageFiles yields)
@@ -852,7 +789,6 @@ def extract_latents(dataset, labels, out, key, vae, device, batch=64, workers=0,
         raise_on_any(error)  # once a batch: a bad image stops every rank within one batch
     return todo.tolist()
 
-
 @torch.no_grad()
 def channel_stats(lat, chunk=1024):
     """Per-channel mean and std of (N, 2, C, h, w) latents, both flips, summed in float64."""
@@ -864,7 +800,6 @@ def channel_stats(lat, chunk=1024):
     mean = s / count
     std = (ss / count - mean.square()).clamp(min=0).sqrt()
     return {"mean": mean.float(), "std": std.float()}
-
 
 def same_cache(out, rank, world):
     """Stop every rank unless all read back the token rank 0 wrote (the cache must be shared)."""
@@ -884,7 +819,6 @@ def same_cache(out, rank, world):
     raise_on_any(None if seen == sent[0] else
                  f"the ranks do not share the latent cache {out}: put it on a file system every "
                  f"node sees (--cache-dir)")
-
 
 def latent_cache(args, split, source=None):
     """The split's latent cache folder, first encoded if unfinished (a collective) from the class
@@ -914,11 +848,9 @@ def latent_cache(args, split, source=None):
     raise_on_any(open_cache(out)[1])  # a truncated or garbage file: one line, every rank
     return out
 
-
 def latent_stats(args):
     """Per-channel mean and std of the training cache: the normalisation of every split."""
     return torch.load(latent_cache(args, "train") / "stats.pt", weights_only=True)
-
 
 # ------------------------------------------------------------------------------------------------
 # Main: EDM's loop; the events (log, checkpoint, snapshot, preview, stop) are helpers below. From
@@ -1031,18 +963,15 @@ def main(argv=None):
         dist.destroy_process_group()
     return model, ema
 
-
 def crossed(images, batch, every):
     """Whether the step that brought the count to `images` passed a multiple of `every`."""
     return bool(every) and images // every > (images - batch) // every
-
 
 def is_gate(step, images, args):
     """Where ranks meet, from (step, images) alone: every 10th step, the last, each event's."""
     events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
     return step % 10 == 0 or images >= args.train_images or any(
         crossed(images, args.batch_size, every) for every in events)
-
 
 def agree(flags, world, device):
     """The flags, true on every rank if true on any (a collective: call at gates only)."""
@@ -1051,7 +980,6 @@ def agree(flags, world, device):
         dist.all_reduce(t)
         flags = (t > 0).tolist()
     return flags
-
 
 def check_finite(rec, model, ckpt_path, step, images, log):
     """Stop every rank if a loss (or, given a model, a weight) is not finite, before a save."""
@@ -1063,7 +991,6 @@ def check_finite(rec, model, ckpt_path, step, images, log):
         kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
                 else "no checkpoint was written")
         log.fail(f"{bad} at step {step} ({images:,} images); {kept}; lower --lr or check the data")
-
 
 def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
     """The losses (overall, by noise level, extra terms) and img/s: log.txt, metrics.jsonl."""
@@ -1081,7 +1008,6 @@ def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
     log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
-
 def snapshot_plan(args, ema):
     """The line announcing the snapshots the run keeps and the disk they take (EMA weights)."""
     if not args.keep_every:
@@ -1093,7 +1019,6 @@ def snapshot_plan(args, ema):
     size = sum(v.nbytes for v in ema.state_dict().values())
     return (f"snapshots: {count} kept (every {every:,} images and the final weights), {count} x "
             f"{size / 1e6:.3g} MB = {count * size / 1e9:.3g} GB in {args.out}")
-
 
 # ------------------------------------------------------------------------------------------------
 # Run plumbing: flags, processes, precision, batch order, EMA, checkpoints, logs
@@ -1129,7 +1054,6 @@ def add_training_args(p):
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
                    help="time STEPS training steps on a synthetic batch, self-cond on and off")
 
-
 def setup_distributed(timeout=None):
     """(rank, world, device) of a process torchrun started (plain python: a world of one)."""
     if "RANK" in os.environ and not dist.is_initialized():
@@ -1143,12 +1067,10 @@ def setup_distributed(timeout=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
 
-
 def local_rank():
     """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     return int(os.environ.get("LOCAL_RANK", rank))
-
 
 def raise_on_any(error):
     """Collective: when any rank has an error message, every rank exits with the first one."""
@@ -1158,7 +1080,6 @@ def raise_on_any(error):
         error = next((e for e in errors if e), None)
     if error:
         raise SystemExit(error)
-
 
 def fetch_once(path, fetch, failed):
     """Collective: one process per node runs fetch(path) unless it exists; failing ends all."""
@@ -1172,25 +1093,20 @@ def fetch_once(path, fetch, failed):
     raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
     return path
 
-
 def use_bf16(device, precision):
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
-
 def autocast(device, precision):
     return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(device, precision))
-
 
 def memory_format(device):
     # channels_last lets cuDNN use its NHWC tensor-core convolutions; on CPU it gains little
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
-
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(seed, epoch, size):
     """The dataset's order in an epoch, seeded by (seed, epoch); cached: 15 ms on ImageNet-1k."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
 
 def batch_indices(start, n, size, seed):
     """Dataset indices of stream positions start .. start+n: a function of the seed alone."""
@@ -1202,17 +1118,14 @@ def batch_indices(start, n, size, seed):
         pos += take
     return torch.cat(idx)
 
-
 @torch.no_grad()
 def update_ema(ema, model, step, rate):
     decay = min(rate, 1 - (1 + step) ** (-2 / 3))  # DDAE's warm-up: an early EMA tracks the model
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
-
 def count_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
 
 def save_grid(images, path, cols=8):
     """uint8 images (N, 3, H, W) -> one PNG, `cols` per row: previews and sample.py's grids."""
@@ -1223,7 +1136,6 @@ def save_grid(images, path, cols=8):
     for i, im in enumerate(x):
         grid[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
 
 def atomic_save(obj, path, save=None):
     """save(obj, file) to a temporary name, then rename: a kill or full disk keeps the old file."""
@@ -1239,7 +1151,6 @@ def atomic_save(obj, path, save=None):
         kept = f"the previous {path} is intact" if path.exists() else "nothing was written"
         raise SystemExit(f"cannot write {path} ({str(e).splitlines()[0]}); {kept}") from None
 
-
 def check_out_dir(out):
     """One line, before anything is written, if folder `out` can be neither found nor created."""
     p = Path(out).absolute()
@@ -1252,7 +1163,6 @@ def check_out_dir(out):
     except OSError as e:
         return f"--out {out}: cannot write in {p} ({e.strerror}); choose another --out"
     return None
-
 
 def resume(path, args, log, model, ema, opt):
     """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer if this run's."""
@@ -1277,10 +1187,8 @@ def resume(path, args, log, model, ema, opt):
     log(f"resumed from {path} at step {ckpt['step']} ({ckpt['images']:,} images)")
     return ckpt["step"], ckpt["images"]
 
-
 class Log:
     """Rank 0's log: printed at once, appended to <out>/log.txt once the run folder exists."""
-
     def __init__(self, out, rank):
         self.out, self.rank, self.held = Path(out), rank, []
 
@@ -1300,10 +1208,8 @@ class Log:
         self(msg, echo=False)
         raise SystemExit(msg)
 
-
 class LossSums:
     """Each rank's loss sums since the last log line: overall, per noise-level bin, per term."""
-
     BINS = 5  # equal-width bins of the noise level in [0, 1]
 
     def __init__(self):
@@ -1331,7 +1237,6 @@ class LossSums:
         out.update({f"loss_bin{i}": total / n if n else None for i, (n, total) in enumerate(bins)})
         return out
 
-
 # ------------------------------------------------------------------------------------------------
 # Data: the shapes toy (a pixel DiT's data) and the class folders the latent cache encodes
 
@@ -1342,7 +1247,6 @@ SHAPES = {  # the toy's variants: ranges of background and dot colour, dot radiu
 }
 DATASETS = dict.fromkeys(SHAPES, (10, 32))  # pixel datasets known by name: classes, resolution
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class folders
-
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
@@ -1383,12 +1287,10 @@ def make_shapes(n, seed, res=32, name="shapes"):
     return (torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks),
             nuisance)
 
-
 def shapes_split(args, split):
     """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
     n, seed = (10_000, 0) if split == "train" else (2_000, 1)
     return make_shapes(n, seed, args.resolution, args.dataset)
-
 
 def center_crop(img, res, labels=False):
     """ADM's centre crop: box-halve while >= 2x, bicubic, crop (labels=True: nearest, no blend)."""
@@ -1399,7 +1301,6 @@ def center_crop(img, res, labels=False):
     img = img.resize(tuple(round(s * scale) for s in img.size), up)
     x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
     return img.crop((x, y, x + res, y + res))
-
 
 def image_files(args, split):
     """[(path, label)] of a class-folder split ('train' or 'test'): <root>/<class>/*, or
@@ -1419,10 +1320,8 @@ def image_files(args, split):
                          f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
     return files
 
-
 class ImageFiles(torch.utils.data.Dataset):
     """(index, ADM-cropped uint8 (3, res, res), "" or why it could not be read) of each file."""
-
     def __init__(self, files, res):
         self.files, self.res = files, res
 
@@ -1438,7 +1337,6 @@ class ImageFiles(torch.utils.data.Dataset):
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
             return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
 
-
 def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of the shapes toy: other data are latents here."""
     if args.dataset not in SHAPES:
@@ -1446,14 +1344,12 @@ def load_pixels(args, split="train"):
                          f"{args.dataset!r}: encode those with latent_cache")
     return shapes_split(args, split)[:2]
 
-
 # ------------------------------------------------------------------------------------------------
 # Benchmark: --bench times the real training step
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 def matmul_tflops(device, dtype):
     """Dense matmul TFLOP/s in the training dtype, measured here and now: MFU's denominator."""
@@ -1466,7 +1362,6 @@ def matmul_tflops(device, dtype):
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
 
 def benchmark(args, rounds=5):
     """--bench: speed, memory, FLOPs, MFU of train_step, self-cond on/off in interleaved rounds."""
@@ -1529,7 +1424,6 @@ def benchmark(args, rounds=5):
           f"(median of {rounds} interleaved rounds of {n} steps)")
     print(json.dumps(rec))
     return rec
-
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-
 # ------------------------------------------------------------------------------------------------
 # Tool interface: what sample.py, probe.py, fid.py and .ci/*.py call here (test_smoke.py checks)
 
@@ -53,14 +52,12 @@ TOOL_INTERFACE = (
     "SHAPES", "DATASETS",  # the toy's variants; datasets by name -> (classes, resolution)
 )
 
-
 # ------------------------------------------------------------------------------------------------
 # Self-conditioning (Sec. 4.1, Fig. 1): pool the designated decoder layer, add it back into `emb`
 
 class SelfCond(nn.Module):
     """emb' = emb + TimeMLP_sc(t) * Linear(GAP(h_k)), TimeMLP_sc a copy of the time MLP (Sec. 4.1,
     Fig. 1b); "add" drops it (Table 7a). Call reset_parameters() after re-initialising Linears."""
-
     def __init__(self, feat_dim, emb_dim, freq_dim, mode="adaptive"):
         super().__init__()
         self.scale = time_mlp(freq_dim, emb_dim) if mode == "adaptive" else None
@@ -76,7 +73,6 @@ class SelfCond(nn.Module):
         f = self.proj(feat)  # (N, D)
         return emb + (f if self.scale is None else self.scale(t_freq) * f)
 
-
 # ------------------------------------------------------------------------------------------------
 # Model: the DDAE UNet (ddpm: DDPM's CIFAR-10 net; ddpmpp: deeper, BigGAN-style up/down)
 
@@ -87,19 +83,15 @@ def ddpm_sinusoid(t, dim):
     angles = t.float()[:, None] * freqs  # (N, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-
 def time_mlp(freq_dim, dim):
     """Sinusoid (N, freq_dim) -> Linear -> SiLU -> Linear: the conditioning `emb` (N, dim)."""
     return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-
 def norm(ch):
     return nn.GroupNorm(min(32, ch // 4), ch)  # DDPM's 32 groups; fewer only in the tiny preset
 
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, `emb` added as a per-channel bias; optional BigGAN resampling."""
-
     def __init__(self, cin, cout, emb_dim, dropout, resample=None):
         super().__init__()
         self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -120,10 +112,8 @@ class ResBlock(nn.Module):
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return h + self.skip(self._resample(x))
 
-
 class PixelAttention(nn.Module):
     """Single-head self-attention over pixels, with a residual (DDPM's AttnBlock)."""
-
     def __init__(self, ch):
         super().__init__()
         self.norm, self.qkv = norm(ch), nn.Linear(ch, 3 * ch)
@@ -136,10 +126,8 @@ class PixelAttention(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, HW, C)
         return x + self.proj(a).transpose(1, 2).reshape(n, c, h, w)
 
-
 class UNetBlock(nn.Module):
     """A ResBlock, then attention at the attention resolution."""
-
     def __init__(self, cin, cout, emb_dim, dropout, attn):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim, dropout)
@@ -148,10 +136,8 @@ class UNetBlock(nn.Module):
     def forward(self, x, emb):
         return self.attn(self.res(x, emb))
 
-
 class Resample(nn.Module):
     """Between resolutions: a BigGAN residual block (ddpmpp), or a conv / nearest-up + conv."""
-
     def __init__(self, ch, emb_dim, dropout, mode, biggan):
         super().__init__()
         self.mode, self.biggan = mode, biggan
@@ -165,10 +151,8 @@ class Resample(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.op(x)
 
-
 class UNet(nn.Module):
     """The DDAE UNet; decoder blocks are named out_1 .. out_N, lowest resolution first."""
-
     def __init__(self, ch, mult, blocks, biggan, resolution=32, dropout=0.1, self_cond=False,
                  sc_mode="adaptive", sc_layer=None, aug_dim=0):
         super().__init__()
@@ -235,7 +219,6 @@ class UNet(nn.Module):
         out = self.conv_out(F.silu(self.norm_out(h)))
         return out, out_feats
 
-
 def build_model(args):
     model = UNet(**NETS[args.net], resolution=args.resolution, dropout=args.dropout,
                  self_cond=args.self_cond, sc_mode=args.sc_mode, sc_layer=args.sc_layer,
@@ -247,14 +230,12 @@ def build_model(args):
         model.cl_head = ProjHead(model.feature_ch[args.cl_layer], mode=args.cl_head)
     return model
 
-
 # ------------------------------------------------------------------------------------------------
 # Diffusion formulations (Table 8): t=0 is data, t=T noise; data in [-1, 1]. Each: add_noise, pred,
 # level, loss -> loss (N,), level (N,), features; a preview sampler (sample.py has the paper's)
 
 class DDPM:
     """Linear betas 1e-4..0.02, T=1000, eps-prediction, plain MSE; t in 1..T, the net sees t/T."""
-
     kind, T, t_min = "DDPM", 1000, 1
 
     def __init__(self):
@@ -296,10 +277,8 @@ class DDPM:
             x = ab_s**0.5 * x0 + (1 - ab_s) ** 0.5 * eps
         return x
 
-
 class EDM:
     """VE, ln(sigma) ~ N(-1.2, 1.2^2), x0-prediction with EDM's preconditioning and weighting."""
-
     kind, t_min, sigma_data, p_mean, p_std = "EDM", 0.002, 0.5, -1.2, 1.2
     uncertainty = None  # EDM2's learned loss weighting, set by build_diffusion with --aug
 
@@ -346,10 +325,8 @@ class EDM:
             x = x_next
         return x
 
-
 class RF:
     """Rectified flow x_t = (1-t) x0 + t eps, t ~ U[0, 1], v-prediction of eps - x0."""
-
     kind, t_min = "RF", 0.0
 
     def add_noise(self, x0, t, noise):
@@ -376,12 +353,10 @@ class RF:
             x = x + (s - t) * self.pred(model, x, torch.full((len(x),), t, device=x.device))[0]
         return x
 
-
 def build_diffusion(args, model=None):
     diffusion = {"DDPM": DDPM, "EDM": EDM, "RF": RF}[args.model]()
     diffusion.uncertainty = getattr(model, "uncertainty", None)
     return diffusion
-
 
 # ------------------------------------------------------------------------------------------------
 # Non-leaky augmentation (Sec. 4.2): EDM's AugmentPipe, CIFAR setting; the net sees the warp
@@ -392,22 +367,18 @@ SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
         0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
         -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
 
-
 def _affine(a, b, c, d, tx, ty):
     """Batch of 3x3 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from (N,) tensors."""
     z = torch.zeros_like(a)
     return torch.stack([a, b, tx, c, d, ty, z, z, z + 1], dim=-1).view(-1, 3, 3)
 
-
 def _rotate(theta):
     c, s, z = theta.cos(), theta.sin(), 0 * theta
     return _affine(c, -s, s, c, z, z)
 
-
 def _scale(sx, sy):
     z = 0 * sx
     return _affine(sx, z, z, sy, z, z)
-
 
 def _sym6_operator(n, up, device):
     """Sym6 2x up- (n, 2n) or downsampling (n, n // 2) along one axis as a matrix: x @ M."""
@@ -416,7 +387,6 @@ def _sym6_operator(n, up, device):
     k = torch.tensor(SYM6, device=device).view(1, 1, -1)
     conv = F.conv_transpose1d if up else F.conv1d
     return conv(eye, k, stride=2, padding=len(SYM6) // 2 - 1)[:, 0]
-
 
 def _apply_matrix(x, G):
     """Resample x (N, C, H, W) so that output pixel p reads input pixel G p (pixels, centred)."""
@@ -447,7 +417,6 @@ def _apply_matrix(x, G):
     down_h, down_w = _sym6_operator(Ho, False, x.device), _sym6_operator(Wo, False, x.device)
     return down_h[:, pad:-pad].t() @ x @ down_w[:, pad:-pad]  # decimate, crop the margin
 
-
 class AugmentPipe(nn.Module):
     """EDM's geometric augmentation (CIFAR setting), returning the 9-d label the net is given.
     Label slots in EDM's order (w ~ N(0, 1); output pixel p reads the input at G p, centred):
@@ -459,7 +428,6 @@ class AugmentPipe(nn.Module):
     All zero = not augmented (sampling, probing). The x-flip is a plain 50% flip (EDM: xflip=1e8);
     each other op is on per image with probability p (a yflip then flips half); randomness comes
     only from `generator`."""
-
     def __init__(self, p=0.12, xflip=True, yflip=1, scale=1, rotate=1, aniso=1, translate=1,
                  scale_std=0.2, aniso_std=0.2, translate_std=0.125):
         super().__init__()
@@ -497,14 +465,11 @@ class AugmentPipe(nn.Module):
                 x = _apply_matrix(x, G)
         return x, labels  # (N, C, H, W), (N, 9)
 
-
 AUGMENT = AugmentPipe()  # the paper's setting (EDM's CIFAR pipe, App. A); it holds no state
 AUGMENT_NO_FLIP = AugmentPipe(xflip=False)  # --no-flip: the other ops as the paper's
 
-
 class Uncertainty(nn.Module):
     """EDM2's learned loss uncertainty u(sigma): loss -> loss / exp(u) + u, least at u = ln loss"""
-
     def __init__(self, channels=128):
         super().__init__()
         g = torch.Generator().manual_seed(0)  # a fixed Fourier basis, the same on every rank
@@ -521,7 +486,6 @@ class Uncertainty(nn.Module):
         with torch.autocast(sigma.device.type, enabled=False):  # u enters exp(): keep it fp32
             return self.linear(feat).squeeze(1)
 
-
 # ------------------------------------------------------------------------------------------------
 # Contrastive self-distillation (Sec. 4.2): MoCo v3 against the EMA model as the teacher
 
@@ -532,10 +496,8 @@ def timestep_embedding(t, dim, max_period=10_000):
     angles = t.float()[:, None] * freqs  # (N, half)
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
-
 class ProjHead(nn.Module):
     """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time' gates it by level."""
-
     def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()
         # BN on batch statistics only: online and EMA heads behave alike in train and eval mode,
@@ -561,7 +523,6 @@ class ProjHead(nn.Module):
     def forward(self, f, level):  # online branch: projector, then predictor
         return self.predictor(self.project(f, level))
 
-
 def contrastive_loss(q, k, T=0.2):
     """InfoNCE of online q (N, D) against targets k (N, D) from all ranks, x 2T as MoCo v3."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
@@ -573,7 +534,6 @@ def contrastive_loss(q, k, T=0.2):
     labels = torch.arange(len(q), device=q.device) + rank * len(q)  # positives: own slice
     with torch.autocast(q.device.type, enabled=False):  # logits / T need more than bf16 holds
         return F.cross_entropy(q @ k.t() / T, labels) * (2 * T)
-
 
 def contrastive_step(model, ema, diffusion, x, f, level, args):
     """The contrastive term: online feature f (N, C) of the training view at its own level
@@ -587,14 +547,12 @@ def contrastive_step(model, ema, diffusion, x, f, level, args):
         k = ema.cl_head.project(f2, diffusion.level(t))  # the EMA head projects the target
     return contrastive_loss(model.cl_head(f, level), k)
 
-
 # ------------------------------------------------------------------------------------------------
 # Training step (Sec. 4): the loss, optionally augmented and contrastive; the preview sampler
 
 def build_optimizer(model, args):
     """Adam, lr set per step by the warm-up (Table 11)."""
     return torch.optim.Adam(model.parameters(), lr=args.lr, fused=next(model.parameters()).is_cuda)
-
 
 def train_step(net, model, ema, opt, diffusion, batch, step, args):
     """One step (training's, --bench's) on a clean batch (B, 3, H, W) in [-1, 1]: flip or augment,
@@ -617,14 +575,12 @@ def train_step(net, model, ema, opt, diffusion, batch, step, args):
     update_ema(ema, model, step, args.ema)
     return loss.detach(), level, {k: v.detach() for k, v in extra.items()}
 
-
 def sample_preview(ema, diffusion, args, device):
     """64 samples of the EMA model from the same noise each time, so a run's grids compare."""
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(64, 3, args.resolution, args.resolution, generator=g).to(device)
     with autocast(device, args.precision):
         return diffusion.sample(ema, noise)
-
 
 # ------------------------------------------------------------------------------------------------
 # Recipe: backbones (Table 9), formulations (Table 8), designated layers, probe levels (Table 10)
@@ -657,7 +613,6 @@ PROBE_T = {"DDPM": 11, "EDM": 0.06, "RF": 0.06}  # elsewhere: Table 10's CIFAR l
 PROBE_T_64 = {"DDPM": 66, "EDM": 0.2964}  # ... and its Tiny-ImageNet / ImageNet-100 ones
 ARCH_KEYS = ("net", "model", "self_cond", "sc_mode", "sc_layer", "resolution", "aug", "cl",
              "cl_head")  # what a resumed run may not change
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -713,7 +668,6 @@ def get_args(argv=None):
     args.out = args.out or f"runs/unet-{args.dataset}-{args.net}-{args.model}{sc}"
     return args
 
-
 def add_aug_args(p):
     """The command line of augmentation and contrastive self-distillation (Sec. 4.2)."""
     p.add_argument("--aug", action="store_true",
@@ -724,7 +678,6 @@ def add_aug_args(p):
     p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
                    help="noise level of the target view (Table 7c)")
 
-
 def param_report(model):
     """One line: the total and what each option adds."""
     parts = {"self-conditioning": model.self_cond, "augment embedding": model.aug_emb,
@@ -732,7 +685,6 @@ def param_report(model):
              "uncertainty": getattr(model, "uncertainty", None)}
     return f"parameters: {count_params(model):,} total" + "".join(
         f", {count_params(m):,} {name}" for name, m in parts.items() if m is not None)
-
 
 def load_train_data(args, device):
     """The training split, kept whole on the device: a batch is an index gather, no loader."""
@@ -744,12 +696,10 @@ def load_train_data(args, device):
         return x.contiguous(memory_format=layout)
     return SimpleNamespace(n=len(images), batch=batch, to_pixels=lambda x: x, state={})
 
-
 def fake_batch(args, device):
     """A synthetic batch of the training shape, for --bench."""
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
     return (x * 2 - 1).contiguous(memory_format=memory_format(device))
-
 
 # ------------------------------------------------------------------------------------------------
 # Main: EDM's loop; the events (log, checkpoint, snapshot, preview, stop) are helpers below. From
@@ -862,18 +812,15 @@ def main(argv=None):
         dist.destroy_process_group()
     return model, ema
 
-
 def crossed(images, batch, every):
     """Whether the step that brought the count to `images` passed a multiple of `every`."""
     return bool(every) and images // every > (images - batch) // every
-
 
 def is_gate(step, images, args):
     """Where ranks meet, from (step, images) alone: every 10th step, the last, each event's."""
     events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
     return step % 10 == 0 or images >= args.train_images or any(
         crossed(images, args.batch_size, every) for every in events)
-
 
 def agree(flags, world, device):
     """The flags, true on every rank if true on any (a collective: call at gates only)."""
@@ -882,7 +829,6 @@ def agree(flags, world, device):
         dist.all_reduce(t)
         flags = (t > 0).tolist()
     return flags
-
 
 def check_finite(rec, model, ckpt_path, step, images, log):
     """Stop every rank if a loss (or, given a model, a weight) is not finite, before a save."""
@@ -894,7 +840,6 @@ def check_finite(rec, model, ckpt_path, step, images, log):
         kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
                 else "no checkpoint was written")
         log.fail(f"{bad} at step {step} ({images:,} images); {kept}; lower --lr or check the data")
-
 
 def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
     """The losses (overall, by noise level, extra terms) and img/s: log.txt, metrics.jsonl."""
@@ -912,7 +857,6 @@ def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
     log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
-
 def snapshot_plan(args, ema):
     """The line announcing the snapshots the run keeps and the disk they take (EMA weights)."""
     if not args.keep_every:
@@ -924,7 +868,6 @@ def snapshot_plan(args, ema):
     size = sum(v.nbytes for v in ema.state_dict().values())
     return (f"snapshots: {count} kept (every {every:,} images and the final weights), {count} x "
             f"{size / 1e6:.3g} MB = {count * size / 1e9:.3g} GB in {args.out}")
-
 
 # ------------------------------------------------------------------------------------------------
 # Run plumbing: flags, processes, precision, batch order, EMA, checkpoints, logs
@@ -960,7 +903,6 @@ def add_training_args(p):
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
                    help="time STEPS training steps on a synthetic batch, self-cond on and off")
 
-
 def setup_distributed(timeout=None):
     """(rank, world, device) of a process torchrun started (plain python: a world of one)."""
     if "RANK" in os.environ and not dist.is_initialized():
@@ -974,12 +916,10 @@ def setup_distributed(timeout=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
 
-
 def local_rank():
     """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     return int(os.environ.get("LOCAL_RANK", rank))
-
 
 def raise_on_any(error):
     """Collective: when any rank has an error message, every rank exits with the first one."""
@@ -989,7 +929,6 @@ def raise_on_any(error):
         error = next((e for e in errors if e), None)
     if error:
         raise SystemExit(error)
-
 
 def fetch_once(path, fetch, failed):
     """Collective: one process per node runs fetch(path) unless it exists; failing ends all."""
@@ -1003,25 +942,20 @@ def fetch_once(path, fetch, failed):
     raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
     return path
 
-
 def use_bf16(device, precision):
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
-
 def autocast(device, precision):
     return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(device, precision))
-
 
 def memory_format(device):
     # channels_last lets cuDNN use its NHWC tensor-core convolutions; on CPU it gains little
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
-
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(seed, epoch, size):
     """The dataset's order in an epoch, seeded by (seed, epoch); cached: 15 ms on ImageNet-1k."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
 
 def batch_indices(start, n, size, seed):
     """Dataset indices of stream positions start .. start+n: a function of the seed alone."""
@@ -1033,17 +967,14 @@ def batch_indices(start, n, size, seed):
         pos += take
     return torch.cat(idx)
 
-
 @torch.no_grad()
 def update_ema(ema, model, step, rate):
     decay = min(rate, 1 - (1 + step) ** (-2 / 3))  # DDAE's warm-up: an early EMA tracks the model
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
-
 def count_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
 
 def save_grid(images, path, cols=8):
     """uint8 images (N, 3, H, W) -> one PNG, `cols` per row: previews and sample.py's grids."""
@@ -1054,7 +985,6 @@ def save_grid(images, path, cols=8):
     for i, im in enumerate(x):
         grid[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
 
 def atomic_save(obj, path, save=None):
     """save(obj, file) to a temporary name, then rename: a kill or full disk keeps the old file."""
@@ -1070,7 +1000,6 @@ def atomic_save(obj, path, save=None):
         kept = f"the previous {path} is intact" if path.exists() else "nothing was written"
         raise SystemExit(f"cannot write {path} ({str(e).splitlines()[0]}); {kept}") from None
 
-
 def check_out_dir(out):
     """One line, before anything is written, if folder `out` can be neither found nor created."""
     p = Path(out).absolute()
@@ -1083,7 +1012,6 @@ def check_out_dir(out):
     except OSError as e:
         return f"--out {out}: cannot write in {p} ({e.strerror}); choose another --out"
     return None
-
 
 def resume(path, args, log, model, ema, opt):
     """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer if this run's."""
@@ -1108,10 +1036,8 @@ def resume(path, args, log, model, ema, opt):
     log(f"resumed from {path} at step {ckpt['step']} ({ckpt['images']:,} images)")
     return ckpt["step"], ckpt["images"]
 
-
 class Log:
     """Rank 0's log: printed at once, appended to <out>/log.txt once the run folder exists."""
-
     def __init__(self, out, rank):
         self.out, self.rank, self.held = Path(out), rank, []
 
@@ -1131,10 +1057,8 @@ class Log:
         self(msg, echo=False)
         raise SystemExit(msg)
 
-
 class LossSums:
     """Each rank's loss sums since the last log line: overall, per noise-level bin, per term."""
-
     BINS = 5  # equal-width bins of the noise level in [0, 1]
 
     def __init__(self):
@@ -1162,7 +1086,6 @@ class LossSums:
         out.update({f"loss_bin{i}": total / n if n else None for i, (n, total) in enumerate(bins)})
         return out
 
-
 # ------------------------------------------------------------------------------------------------
 # Data: the shapes toy and this model's datasets in the paper: CIFAR, Tiny-ImageNet, class folders
 
@@ -1184,7 +1107,6 @@ CIFAR = {  # the official python pickles: url, md5, folder, train files, test fi
                  ["train"], ["test"], b"fine_labels"),
 }
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class folders
-
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
@@ -1225,12 +1147,10 @@ def make_shapes(n, seed, res=32, name="shapes"):
     return (torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks),
             nuisance)
 
-
 def shapes_split(args, split):
     """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
     n, seed = (10_000, 0) if split == "train" else (2_000, 1)
     return make_shapes(n, seed, args.resolution, args.dataset)
-
 
 def load_cifar(name, root, split):
     """CIFAR's official pickles, fetched once: md5-checked, extracted under a temporary name."""
@@ -1258,7 +1178,6 @@ def load_cifar(name, root, split):
         ys.append(np.asarray(d[key], dtype=np.int64))
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-
 def center_crop(img, res, labels=False):
     """ADM's centre crop: box-halve while >= 2x, bicubic, crop (labels=True: nearest, no blend)."""
     down, up = (Image.NEAREST, Image.NEAREST) if labels else (Image.BOX, Image.BICUBIC)
@@ -1268,7 +1187,6 @@ def center_crop(img, res, labels=False):
     img = img.resize(tuple(round(s * scale) for s in img.size), up)
     x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
     return img.crop((x, y, x + res, y + res))
-
 
 def image_files(args, split):
     """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
@@ -1300,10 +1218,8 @@ def image_files(args, split):
                          f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
     return files
 
-
 class ImageFiles(torch.utils.data.Dataset):
     """(index, ADM-cropped uint8 (3, res, res), "" or why it could not be read) of each file."""
-
     def __init__(self, files, res):
         self.files, self.res = files, res
 
@@ -1318,7 +1234,6 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, torch.from_numpy(img.copy()), ""
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
             return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
-
 
 def decode_images(files, res, workers, skip_bad):
     """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
@@ -1336,7 +1251,6 @@ def decode_images(files, res, workers, skip_bad):
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return xs[ok], labels[ok]
 
-
 def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
     if args.dataset in SHAPES:
@@ -1345,14 +1259,12 @@ def load_pixels(args, split="train"):
         return load_cifar(args.dataset, args.data_path, split)
     return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
 
-
 # ------------------------------------------------------------------------------------------------
 # Benchmark: --bench times the real training step
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 def matmul_tflops(device, dtype):
     """Dense matmul TFLOP/s in the training dtype, measured here and now: MFU's denominator."""
@@ -1365,7 +1277,6 @@ def matmul_tflops(device, dtype):
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
 
 def benchmark(args, rounds=5):
     """--bench: speed, memory, FLOPs, MFU of train_step, self-cond on/off in interleaved rounds."""
@@ -1428,7 +1339,6 @@ def benchmark(args, rounds=5):
           f"(median of {rounds} interleaved rounds of {n} steps)")
     print(json.dumps(rec))
     return rec
-
 
 if __name__ == "__main__":
     main()

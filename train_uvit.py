@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-
 # ------------------------------------------------------------------------------------------------
 # Tool interface: what sample.py, probe.py, fid.py and .ci/*.py call here (test_smoke.py checks)
 
@@ -55,7 +54,6 @@ TOOL_INTERFACE = (
     "SHAPES", "DATASETS",  # the toy's variants; datasets by name -> (classes, resolution)
 )
 
-
 # ------------------------------------------------------------------------------------------------
 # Self-conditioning (Sec. 4.1, Fig. 2): a [CLS] token with no loss of its own; through attention
 # it gathers global semantics from the image tokens and conditions them in return, so the net picks
@@ -70,7 +68,6 @@ def attention_mask(n_tok, self_cond, aug):
     mask[1, 2] = mask[2, 1] = False  # token 1 is the augment label, token 2 the [CLS]
     return mask
 
-
 # ------------------------------------------------------------------------------------------------
 # Model: U-ViT (time, conditions and patches are tokens; out-blocks fuse long skips)
 
@@ -81,10 +78,8 @@ def timestep_embedding(t, dim, max_period=10_000):
     angles = t.float()[:, None] * freqs  # (N, half)
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
-
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA (flash kernels whenever no mask is needed)."""
-
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -98,10 +93,8 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (S, S): may attend
         return self.proj(x.transpose(1, 2).reshape(n, s, d))
 
-
 class Block(nn.Module):
     """Pre-LN transformer block; an out-block first fuses its long skip by Linear(2D, D)."""
-
     def __init__(self, dim, heads, mlp_ratio, skip=False):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
@@ -116,11 +109,9 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
-
 class UViT(nn.Module):
     """U-ViT denoiser; tokens [time, (augment label), ([CLS]), patches]; out-blocks out_1 .. out_N
     (image tokens, pooled) and, with the [CLS] token, cls_1 .. cls_N (its output there)."""
-
     def __init__(self, patch, dim, depth, heads, mlp_ratio, resolution=32, self_cond=False,
                  aug=False, sc_layer="out_2"):
         super().__init__()
@@ -199,7 +190,6 @@ class UViT(nn.Module):
         h = h.view(n, hh // p, ww // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(n, 3, hh, ww)
         return self.final_layer(h), pooled
 
-
 def build_model(args):
     model = UViT(**NETS[args.net], resolution=args.resolution, self_cond=args.self_cond,
                  aug=args.aug, sc_layer=args.sc_layer)
@@ -207,14 +197,12 @@ def build_model(args):
         model.cl_head = ProjHead(model.dim, mode=args.cl_head)
     return model
 
-
 # ------------------------------------------------------------------------------------------------
 # Diffusion: DDPM (Table 8; the paper found EDM and RF unstable with UViT). Paper convention: t=0
 # is data, t=T is noise; data in [-1, 1]. sample() draws previews (sample.py has the paper's).
 
 class DDPM:
     """Linear betas 1e-4..0.02, T=1000, eps-prediction, plain MSE; t in 1..T, the net sees t/T."""
-
     kind, T, t_min = "DDPM", 1000, 1
 
     def __init__(self):
@@ -256,10 +244,8 @@ class DDPM:
             x = ab_s**0.5 * x0 + (1 - ab_s) ** 0.5 * eps
         return x
 
-
 def build_diffusion(args, model=None):
     return DDPM()
-
 
 # ------------------------------------------------------------------------------------------------
 # Non-leaky augmentation (Sec. 4.2): EDM's AugmentPipe, CIFAR setting; the net sees the warp
@@ -270,22 +256,18 @@ SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
         0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
         -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
 
-
 def _affine(a, b, c, d, tx, ty):
     """Batch of 3x3 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from (N,) tensors."""
     z = torch.zeros_like(a)
     return torch.stack([a, b, tx, c, d, ty, z, z, z + 1], dim=-1).view(-1, 3, 3)
 
-
 def _rotate(theta):
     c, s, z = theta.cos(), theta.sin(), 0 * theta
     return _affine(c, -s, s, c, z, z)
 
-
 def _scale(sx, sy):
     z = 0 * sx
     return _affine(sx, z, z, sy, z, z)
-
 
 def _sym6_operator(n, up, device):
     """Sym6 2x up- (n, 2n) or downsampling (n, n // 2) along one axis as a matrix: x @ M."""
@@ -294,7 +276,6 @@ def _sym6_operator(n, up, device):
     k = torch.tensor(SYM6, device=device).view(1, 1, -1)
     conv = F.conv_transpose1d if up else F.conv1d
     return conv(eye, k, stride=2, padding=len(SYM6) // 2 - 1)[:, 0]
-
 
 def _apply_matrix(x, G):
     """Resample x (N, C, H, W) so that output pixel p reads input pixel G p (pixels, centred)."""
@@ -325,7 +306,6 @@ def _apply_matrix(x, G):
     down_h, down_w = _sym6_operator(Ho, False, x.device), _sym6_operator(Wo, False, x.device)
     return down_h[:, pad:-pad].t() @ x @ down_w[:, pad:-pad]  # decimate, crop the margin
 
-
 class AugmentPipe(nn.Module):
     """EDM's geometric augmentation (CIFAR setting), returning the 9-d label the net is given.
     Label slots in EDM's order (w ~ N(0, 1); output pixel p reads the input at G p, centred):
@@ -337,7 +317,6 @@ class AugmentPipe(nn.Module):
     All zero = not augmented (sampling, probing). The x-flip is a plain 50% flip (EDM: xflip=1e8);
     each other op is on per image with probability p (a yflip then flips half); randomness comes
     only from `generator`."""
-
     def __init__(self, p=0.12, xflip=True, yflip=1, scale=1, rotate=1, aniso=1, translate=1,
                  scale_std=0.2, aniso_std=0.2, translate_std=0.125):
         super().__init__()
@@ -375,17 +354,14 @@ class AugmentPipe(nn.Module):
                 x = _apply_matrix(x, G)
         return x, labels  # (N, C, H, W), (N, 9)
 
-
 AUGMENT = AugmentPipe()  # the paper's setting (EDM's CIFAR pipe, App. A); it holds no state
 AUGMENT_NO_FLIP = AugmentPipe(xflip=False)  # --no-flip: the other ops as the paper's
-
 
 # ------------------------------------------------------------------------------------------------
 # Contrastive self-distillation (Sec. 4.2): MoCo v3 against the EMA model as the teacher
 
 class ProjHead(nn.Module):
     """MoCo v3 projector (+ predictor) on a pooled feature (N, C); 'time' gates it by level."""
-
     def __init__(self, in_dim, hidden=1024, out=256, mode="time", t_dim=128):
         super().__init__()
         # BN on batch statistics only: online and EMA heads behave alike in train and eval mode,
@@ -411,7 +387,6 @@ class ProjHead(nn.Module):
     def forward(self, f, level):  # online branch: projector, then predictor
         return self.predictor(self.project(f, level))
 
-
 def contrastive_loss(q, k, T=0.2):
     """InfoNCE of online q (N, D) against targets k (N, D) from all ranks, x 2T as MoCo v3."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
@@ -423,7 +398,6 @@ def contrastive_loss(q, k, T=0.2):
     labels = torch.arange(len(q), device=q.device) + rank * len(q)  # positives: own slice
     with torch.autocast(q.device.type, enabled=False):  # logits / T need more than bf16 holds
         return F.cross_entropy(q @ k.t() / T, labels) * (2 * T)
-
 
 def contrastive_step(model, ema, diffusion, x, f, level, args):
     """The contrastive term: online feature f (N, C) of the training view at its own level
@@ -437,7 +411,6 @@ def contrastive_step(model, ema, diffusion, x, f, level, args):
         k = ema.cl_head.project(f2, diffusion.level(t))  # the EMA head projects the target
     return contrastive_loss(model.cl_head(f, level), k)
 
-
 # ------------------------------------------------------------------------------------------------
 # Training step (Sec. 4): the loss, optionally augmented and contrastive; the preview sampler
 
@@ -450,12 +423,10 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
-
 def build_optimizer(model, args):
     """AdamW with U-ViT's CIFAR betas (0.99, 0.999), which the paper inherits (Table 11)."""
     return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                              betas=(0.99, 0.999), fused=next(model.parameters()).is_cuda)
-
 
 def train_step(net, model, ema, opt, diffusion, batch, step, args):
     """One step (training's, --bench's) on a clean batch (B, 3, H, W) in [-1, 1]: flip or augment,
@@ -478,14 +449,12 @@ def train_step(net, model, ema, opt, diffusion, batch, step, args):
     update_ema(ema, model, step, args.ema)
     return loss.detach(), level, {k: v.detach() for k, v in extra.items()}
 
-
 def sample_preview(ema, diffusion, args, device):
     """64 samples of the EMA model from the same noise each time, so a run's grids compare."""
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(64, 3, args.resolution, args.resolution, generator=g).to(device)
     with autocast(device, args.precision):
         return diffusion.sample(ema, noise)
-
 
 # ------------------------------------------------------------------------------------------------
 # Recipe: backbones (Table 9), DDPM settings (Tables 8, 11), designated layer and step (Table 10)
@@ -500,7 +469,6 @@ PROBE = {  # Table 10, DDPM UViT-S: probe step and out-block
 }
 AUG_DIM = 9  # the augment label of the non-leaky pipe
 ARCH_KEYS = ("net", "self_cond", "aug", "cl", "cl_head", "resolution")  # a resume may not change
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -552,7 +520,6 @@ def get_args(argv=None):
     args.out = args.out or f"runs/uvit-{args.dataset}-{args.net}-DDPM{suffix}"
     return args
 
-
 def add_aug_args(p):
     """The command line of augmentation and contrastive self-distillation (Sec. 4.2)."""
     p.add_argument("--aug", action="store_true",
@@ -563,7 +530,6 @@ def add_aug_args(p):
     p.add_argument("--cl-target-t", choices=["probe", "min"], default="probe",
                    help="noise level of the target view (Table 7c)")
 
-
 def param_report(model):
     """One line: the total and what each option adds (a token counts with its position row)."""
     n_sc = 2 * model.dim if model.cls_token is not None else 0
@@ -571,7 +537,6 @@ def param_report(model):
     return (f"parameters: {count_params(model):,} total, {n_sc:,} self-conditioning, "
             f"{n_aug:,} augment label, {count_params(getattr(model, 'cl_head', None)):,} "
             f"contrastive head")
-
 
 def load_train_data(args, device):
     """The training split, kept whole on the device: a batch is an index gather, no loader."""
@@ -583,12 +548,10 @@ def load_train_data(args, device):
         return x.contiguous(memory_format=layout)
     return SimpleNamespace(n=len(images), batch=batch, to_pixels=lambda x: x, state={})
 
-
 def fake_batch(args, device):
     """A synthetic batch of the training shape, for --bench."""
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
     return (x * 2 - 1).contiguous(memory_format=memory_format(device))
-
 
 # ------------------------------------------------------------------------------------------------
 # Main: EDM's loop; the events (log, checkpoint, snapshot, preview, stop) are helpers below. From
@@ -701,18 +664,15 @@ def main(argv=None):
         dist.destroy_process_group()
     return model, ema
 
-
 def crossed(images, batch, every):
     """Whether the step that brought the count to `images` passed a multiple of `every`."""
     return bool(every) and images // every > (images - batch) // every
-
 
 def is_gate(step, images, args):
     """Where ranks meet, from (step, images) alone: every 10th step, the last, each event's."""
     events = (args.log_every, args.ckpt_every, args.keep_every, args.sample_every)
     return step % 10 == 0 or images >= args.train_images or any(
         crossed(images, args.batch_size, every) for every in events)
-
 
 def agree(flags, world, device):
     """The flags, true on every rank if true on any (a collective: call at gates only)."""
@@ -721,7 +681,6 @@ def agree(flags, world, device):
         dist.all_reduce(t)
         flags = (t > 0).tolist()
     return flags
-
 
 def check_finite(rec, model, ckpt_path, step, images, log):
     """Stop every rank if a loss (or, given a model, a weight) is not finite, before a save."""
@@ -733,7 +692,6 @@ def check_finite(rec, model, ckpt_path, step, images, log):
         kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
                 else "no checkpoint was written")
         log.fail(f"{bad} at step {step} ({images:,} images); {kept}; lower --lr or check the data")
-
 
 def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
     """The losses (overall, by noise level, extra terms) and img/s: log.txt, metrics.jsonl."""
@@ -751,7 +709,6 @@ def log_metrics(rec, step, images, opt, clock, out, log, bar, extra):
     log(f"step {step} images {images:,} loss {rec['loss']:.4f} (by noise level "
         f"{bins}){more} {rec['img_per_s']:.0f} img/s")
 
-
 def snapshot_plan(args, ema):
     """The line announcing the snapshots the run keeps and the disk they take (EMA weights)."""
     if not args.keep_every:
@@ -763,7 +720,6 @@ def snapshot_plan(args, ema):
     size = sum(v.nbytes for v in ema.state_dict().values())
     return (f"snapshots: {count} kept (every {every:,} images and the final weights), {count} x "
             f"{size / 1e6:.3g} MB = {count * size / 1e9:.3g} GB in {args.out}")
-
 
 # ------------------------------------------------------------------------------------------------
 # Run plumbing: flags, processes, precision, batch order, EMA, checkpoints, logs
@@ -799,7 +755,6 @@ def add_training_args(p):
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
                    help="time STEPS training steps on a synthetic batch, self-cond on and off")
 
-
 def setup_distributed(timeout=None):
     """(rank, world, device) of a process torchrun started (plain python: a world of one)."""
     if "RANK" in os.environ and not dist.is_initialized():
@@ -813,12 +768,10 @@ def setup_distributed(timeout=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, device
 
-
 def local_rank():
     """This process's index on its node: torchrun's LOCAL_RANK, else the global rank."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     return int(os.environ.get("LOCAL_RANK", rank))
-
 
 def raise_on_any(error):
     """Collective: when any rank has an error message, every rank exits with the first one."""
@@ -828,7 +781,6 @@ def raise_on_any(error):
         error = next((e for e in errors if e), None)
     if error:
         raise SystemExit(error)
-
 
 def fetch_once(path, fetch, failed):
     """Collective: one process per node runs fetch(path) unless it exists; failing ends all."""
@@ -842,25 +794,20 @@ def fetch_once(path, fetch, failed):
     raise_on_any(error)  # also the barrier: nobody reads `path` before it is in place
     return path
 
-
 def use_bf16(device, precision):
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
-
 def autocast(device, precision):
     return torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(device, precision))
-
 
 def memory_format(device):
     # channels_last lets cuDNN use its NHWC tensor-core convolutions; on CPU it gains little
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
-
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_order(seed, epoch, size):
     """The dataset's order in an epoch, seeded by (seed, epoch); cached: 15 ms on ImageNet-1k."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
 
 def batch_indices(start, n, size, seed):
     """Dataset indices of stream positions start .. start+n: a function of the seed alone."""
@@ -872,17 +819,14 @@ def batch_indices(start, n, size, seed):
         pos += take
     return torch.cat(idx)
 
-
 @torch.no_grad()
 def update_ema(ema, model, step, rate):
     decay = min(rate, 1 - (1 + step) ** (-2 / 3))  # DDAE's warm-up: an early EMA tracks the model
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
-
 def count_params(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
 
 def save_grid(images, path, cols=8):
     """uint8 images (N, 3, H, W) -> one PNG, `cols` per row: previews and sample.py's grids."""
@@ -893,7 +837,6 @@ def save_grid(images, path, cols=8):
     for i, im in enumerate(x):
         grid[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = im
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
 
 def atomic_save(obj, path, save=None):
     """save(obj, file) to a temporary name, then rename: a kill or full disk keeps the old file."""
@@ -909,7 +852,6 @@ def atomic_save(obj, path, save=None):
         kept = f"the previous {path} is intact" if path.exists() else "nothing was written"
         raise SystemExit(f"cannot write {path} ({str(e).splitlines()[0]}); {kept}") from None
 
-
 def check_out_dir(out):
     """One line, before anything is written, if folder `out` can be neither found nor created."""
     p = Path(out).absolute()
@@ -922,7 +864,6 @@ def check_out_dir(out):
     except OSError as e:
         return f"--out {out}: cannot write in {p} ({e.strerror}); choose another --out"
     return None
-
 
 def resume(path, args, log, model, ema, opt):
     """(step, images) of <out>/ckpt.pt, loaded into model, EMA and optimizer if this run's."""
@@ -947,10 +888,8 @@ def resume(path, args, log, model, ema, opt):
     log(f"resumed from {path} at step {ckpt['step']} ({ckpt['images']:,} images)")
     return ckpt["step"], ckpt["images"]
 
-
 class Log:
     """Rank 0's log: printed at once, appended to <out>/log.txt once the run folder exists."""
-
     def __init__(self, out, rank):
         self.out, self.rank, self.held = Path(out), rank, []
 
@@ -970,10 +909,8 @@ class Log:
         self(msg, echo=False)
         raise SystemExit(msg)
 
-
 class LossSums:
     """Each rank's loss sums since the last log line: overall, per noise-level bin, per term."""
-
     BINS = 5  # equal-width bins of the noise level in [0, 1]
 
     def __init__(self):
@@ -1001,7 +938,6 @@ class LossSums:
         out.update({f"loss_bin{i}": total / n if n else None for i, (n, total) in enumerate(bins)})
         return out
 
-
 # ------------------------------------------------------------------------------------------------
 # Data: the shapes toy and this model's datasets in the paper: CIFAR, Tiny-ImageNet, class folders
 
@@ -1023,7 +959,6 @@ CIFAR = {  # the official python pickles: url, md5, folder, train files, test fi
                  ["train"], ["test"], b"fine_labels"),
 }
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # the image files of class folders
-
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, seed, res=32, name="shapes"):
@@ -1064,12 +999,10 @@ def make_shapes(n, seed, res=32, name="shapes"):
     return (torch.from_numpy(img), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(masks),
             nuisance)
 
-
 def shapes_split(args, split):
     """A toy split (10k train, 2k test): make_shapes' images, labels, masks and nuisance draws."""
     n, seed = (10_000, 0) if split == "train" else (2_000, 1)
     return make_shapes(n, seed, args.resolution, args.dataset)
-
 
 def load_cifar(name, root, split):
     """CIFAR's official pickles, fetched once: md5-checked, extracted under a temporary name."""
@@ -1097,7 +1030,6 @@ def load_cifar(name, root, split):
         ys.append(np.asarray(d[key], dtype=np.int64))
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-
 def center_crop(img, res, labels=False):
     """ADM's centre crop: box-halve while >= 2x, bicubic, crop (labels=True: nearest, no blend)."""
     down, up = (Image.NEAREST, Image.NEAREST) if labels else (Image.BOX, Image.BICUBIC)
@@ -1107,7 +1039,6 @@ def center_crop(img, res, labels=False):
     img = img.resize(tuple(round(s * scale) for s in img.size), up)
     x, y = (img.size[0] - res) // 2, (img.size[1] - res) // 2
     return img.crop((x, y, x + res, y + res))
-
 
 def image_files(args, split):
     """[(path, label)] of a folder dataset split ('train' or 'test'): Tiny-ImageNet's layout, or
@@ -1139,10 +1070,8 @@ def image_files(args, split):
                          f"--data-path at class folders (ImageNet: train/<wnid>/*.JPEG, val/...)")
     return files
 
-
 class ImageFiles(torch.utils.data.Dataset):
     """(index, ADM-cropped uint8 (3, res, res), "" or why it could not be read) of each file."""
-
     def __init__(self, files, res):
         self.files, self.res = files, res
 
@@ -1157,7 +1086,6 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, torch.from_numpy(img.copy()), ""
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged file
             return i, torch.zeros(3, self.res, self.res, dtype=torch.uint8), f"{path} ({e})"
-
 
 def decode_images(files, res, workers, skip_bad):
     """Decode (path, label) pairs with `workers` processes into uint8 (N, 3, res, res), labels."""
@@ -1175,7 +1103,6 @@ def decode_images(files, res, workers, skip_bad):
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return xs[ok], labels[ok]
 
-
 def load_pixels(args, split="train"):
     """(uint8 images (N, 3, H, W), labels (N,)) of a pixel dataset's 'train' or 'test' split."""
     if args.dataset in SHAPES:
@@ -1184,14 +1111,12 @@ def load_pixels(args, split="train"):
         return load_cifar(args.dataset, args.data_path, split)
     return decode_images(image_files(args, split), args.resolution, args.workers, args.skip_bad)
 
-
 # ------------------------------------------------------------------------------------------------
 # Benchmark: --bench times the real training step
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 def matmul_tflops(device, dtype):
     """Dense matmul TFLOP/s in the training dtype, measured here and now: MFU's denominator."""
@@ -1204,7 +1129,6 @@ def matmul_tflops(device, dtype):
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
 
 def benchmark(args, rounds=5):
     """--bench: speed, memory, FLOPs, MFU of train_step, self-cond on/off in interleaved rounds."""
@@ -1267,7 +1191,6 @@ def benchmark(args, rounds=5):
           f"(median of {rounds} interleaved rounds of {n} steps)")
     print(json.dumps(rec))
     return rec
-
 
 if __name__ == "__main__":
     main()

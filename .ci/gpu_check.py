@@ -41,10 +41,8 @@ BENCHES = {
 # What the compile/DDP order is timed on: the paper's most-run net at its per-GPU batch.
 DDP_ORDER_NET = ["--net", "ddpm", "--self-cond", "--batch-size", "128"]
 
-
 def log(msg):
     print(f"gpu check: {msg}", file=sys.stderr, flush=True)
-
 
 def datasheet_bf16_tflops(gpu):
     """Dense bf16 TFLOP/s of NVIDIA's datasheet for the cards this check was written for, else
@@ -53,7 +51,6 @@ def datasheet_bf16_tflops(gpu):
         return None
     return 989.0 if "H100" in gpu or "H200" in gpu else None
 
-
 def last_json(text):
     """The last line of `text` that is a JSON object: what --bench and pytest's tail end with."""
     for line in reversed(text.strip().splitlines()):
@@ -61,14 +58,12 @@ def last_json(text):
             return json.loads(line)
     raise ValueError("no JSON line in the output")
 
-
 def run(cmd, timeout):
     """A subprocess in the repository root; its output, or an error carrying the output's tail."""
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise RuntimeError(f"exit {p.returncode}: {(p.stdout + p.stderr)[-2000:]}")
     return p.stdout
-
 
 # ------------------------------------------------------------------------------------------------
 # The parts: each returns a dict of figures or raises
@@ -86,7 +81,6 @@ def gpu_tests(tmp):
     print(p.stdout[-6000:], file=sys.stderr)  # pytest's own report, failures included
     return junit_counts(xml.read_text())
 
-
 def junit_counts(text):
     suite = ET.fromstring(text)
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -96,17 +90,14 @@ def junit_counts(text):
     return {"passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],
             "failed": n["failures"] + n["errors"], "skipped": n["skipped"], "failed_tests": failed}
 
-
 def bench(script, argv, steps=BENCH_STEPS):
     """The trainer's own --bench with self-conditioning on (it times it off too): its JSON
     record."""
     out = run([sys.executable, script, *argv, "--self-cond", "--bench", str(steps)], timeout=300)
     return last_json(out)
 
-
 def bench_part(script, argv, peak):
     return bench_figures(bench(script, argv), peak)
-
 
 def bench_figures(rec, peak):
     """The figures of one --bench record, MFU also against the datasheet peak when it is known."""
@@ -116,7 +107,6 @@ def bench_figures(rec, peak):
     if peak:
         out["mfu_datasheet"] = rec["tflops"] / peak
     return out
-
 
 def fid_speed(device, n=1000, batch=200, rounds=5):
     """fid.py's feature extraction in images/s: random Inception weights loaded from a file as the
@@ -136,7 +126,6 @@ def fid_speed(device, n=1000, batch=200, rounds=5):
         times.append(time.perf_counter() - t)
     assert f.shape == (n, 2048)
     return {"fid_features_per_s": n / statistics.median(times[1:]), "batch": batch}
-
 
 def sample_speed(tmp, net_argv=("--net", "B", "--dataset", "in1k"), vae_config="f16d32", batch=100,
                  steps=250):
@@ -166,7 +155,6 @@ def sample_speed(tmp, net_argv=("--net", "B", "--dataset", "in1k"), vae_config="
     cfg = json.loads((tmp / f"n{2 * batch}" / "config.json").read_text())["cfg_scale"]
     return {"img_per_s": batch / (secs[1] - secs[0]), "batch": batch, "steps": steps,
             "cfg_scale": cfg, "seconds_per_batch": secs[1] - secs[0]}
-
 
 def _ddp_order_worker(rank, world, port, argv, backend, steps, result):
     """One rank: the same training step under torch.compile(DDP(model)) and
@@ -214,7 +202,6 @@ def _ddp_order_worker(rank, world, port, argv, backend, steps, result):
             "ratio_compile_ddp_over_ddp_compile": ms["compile(DDP)"] / ms["DDP(compile)"]}))
     dist.destroy_process_group()
 
-
 def ddp_order(gpus, tmp, argv=DDP_ORDER_NET, backend="inductor", steps=10, world=2, timeout=400):
     """Which order is faster, over 2 ranks. The trainers wrap DDP(torch.compile(model))."""
     if gpus < world and torch.cuda.is_available():
@@ -236,7 +223,6 @@ def ddp_order(gpus, tmp, argv=DDP_ORDER_NET, backend="inductor", steps=10, world
             raise TimeoutError(f"no result within {timeout} s")
     return json.loads(result.read_text())
 
-
 # ------------------------------------------------------------------------------------------------
 # Assembly
 
@@ -248,7 +234,6 @@ def environment():
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "datasheet_bf16_tflops": datasheet_bf16_tflops(gpu)}
 
-
 def rounded(obj):
     """Floats to 4 significant digits, so the one line stays readable."""
     if isinstance(obj, float):
@@ -256,7 +241,6 @@ def rounded(obj):
     if isinstance(obj, dict):
         return {k: rounded(v) for k, v in obj.items()}
     return [rounded(v) for v in obj] if isinstance(obj, list) else obj
-
 
 def measure(figures, name, fn, *args):
     """figures[name] = fn(*args), or the error that stopped it: one broken part costs only
@@ -272,13 +256,11 @@ def measure(figures, name, fn, *args):
         figures[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
     log(f"{name} done in {time.perf_counter() - t:.0f} s")
 
-
 def failed(figures):
     """The parts that errored, and a GPU test set with failures: what makes the exit status 1."""
     bad = [k for k, v in figures.items() if isinstance(v, dict) and "error" in v]
     bad += [f"bench {k}" for k, v in figures.get("bench", {}).items() if "error" in v]
     return bad + (["tests"] if figures.get("tests", {}).get("failed") else [])
-
 
 def readme_table(figures):
     """The README performance table's GPU figures, in its own units, ready to paste."""
@@ -301,7 +283,6 @@ def readme_table(figures):
                      f"{figures['sample_dit_b1']['img_per_s']:.1f} images/s")
     return "\n".join(lines)
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("parts", nargs="*", metavar="PART",
@@ -312,7 +293,6 @@ def get_args(argv=None):
         p.error(f"unknown part {', '.join(unknown)}: choose from {', '.join(PARTS)}")
     args.parts = args.parts or list(PARTS)
     return args
-
 
 def main(argv=None):
     args = get_args(argv)
@@ -343,7 +323,6 @@ def main(argv=None):
     if bad:
         log(f"failed: {', '.join(bad)}")
     return 1 if bad else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,13 +44,11 @@ import train_unet  # noqa: E402
 
 IN1K_TRAIN = 1_281_167
 
-
 # ------------------------------------------------------------------------------------------------
 # Stub networks: the shapes of DiT-B's pooled features and Inception's outputs, almost no compute
 
 class StubDiT(nn.Module):
     """DiT-B's pooled features (12 blocks x 768) from a fixed projection of the latent."""
-
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(32, 768)
@@ -61,10 +59,8 @@ class StubDiT(nn.Module):
         f = self.proj(x.mean((2, 3)))  # (N, 768)
         return x, {name: f + i for i, name in enumerate(self.feature_layers) if name in feats}
 
-
 class StubInception(nn.Module):
     """pool3 (N, 2048) and logits (N, 1008) as a fixed random map of the 4x4-pooled image."""
-
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.randn(48, 2048, generator=torch.Generator().manual_seed(0)))
@@ -73,20 +69,16 @@ class StubInception(nn.Module):
         f = F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.w
         return f, f[:, :1008]
 
-
 class RandomEncoder:
     """Stands in for the VA-VAE: random latents (B, 32, 16, 16) of any images."""
-
     def __init__(self):
         self.g = torch.Generator().manual_seed(0)
 
     def encode(self, x):
         return torch.randn(len(x), 32, 16, 16, generator=self.g)
 
-
 class BlankImages(torch.utils.data.Dataset):
     """n blank 256x256 images as the latent cache reads them: (index, uint8 (3, 256, 256), '')."""
-
     def __init__(self, n):
         self.n = n
 
@@ -95,7 +87,6 @@ class BlankImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return i, torch.zeros(3, 256, 256, dtype=torch.uint8), ""
-
 
 # ------------------------------------------------------------------------------------------------
 # Fake data: an ImageNet-1k latent cache and a stub DiT-B checkpoint; class folders and shards
@@ -116,7 +107,6 @@ def probe_data(root, n):
                 "images": 0, "latent_stats": {"mean": torch.zeros(32), "std": torch.ones(32)}},
                root / "ckpt.pt")
 
-
 def fid_data(root, n):
     """n 320x240 JPEGs in 1000 class folders (ADM-cropped to 256 when read) and sample.py's
     shards of n 256x256 samples, 250 a shard."""
@@ -133,7 +123,6 @@ def fid_data(root, n):
         np.savez(root / "shards" / f"shard-{start:07d}.npz", images=np.repeat(image[None], m, 0),
                  labels=np.arange(m) % 1000, nfe=np.array(250))
 
-
 # ------------------------------------------------------------------------------------------------
 # The steps, as the tools run them on a rank
 
@@ -142,7 +131,6 @@ def fid_reference(root, world):
     args = train_unet.get_args(["--dataset", "in1k", "--data-path", str(root / "in1k")])
     ref, _, _ = sample.fid_reference("in1k", train_unet, args, 256, workers=0)
     return fid.compute_statistics(ref(), StubInception(), score=False)
-
 
 def sample_fid(root, world):
     """sample.py --fid once its shards exist: rank 0 merges them into samples.npz, every rank
@@ -158,7 +146,6 @@ def sample_fid(root, world):
     return fid.fid_from_samples(fid.Source(own, n=n), (np.zeros(2048), np.eye(2048), 50_000),
                                 StubInception())
 
-
 # probe.py's steps train Table 11's head for one epoch: the features held per image are those of
 # the lbfgs head too (which adds at most probe.CACHE_BYTES of standardised rows per node), and its
 # fit to convergence over 1000 classes would take hours here.
@@ -171,7 +158,6 @@ STEPS = {  # name -> (what it measures, the step run on the data under root by e
     "probe-grid": ("probe.py --grid", lambda root, world: probe.main(
         ["--ckpt", str(root / "ckpt.pt"), "--grid", *PROBE, "--out", str(root / f"g{world}")])),
 }
-
 
 def peak_anon(fn):
     """fn() while a thread samples this process's RssAnon every 2 ms: the peak in bytes."""
@@ -192,7 +178,6 @@ def peak_anon(fn):
         thread.join()
     return peak[0]
 
-
 def rank_main(rank, world, port, step, root, peaks):
     """One rank of a step, as torchrun starts it: its peak goes to `peaks`."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -203,7 +188,6 @@ def rank_main(rank, world, port, step, root, peaks):
     train_dit.build_model = lambda args: StubDiT()
     fid.load_inception = lambda path=None, device="cpu": StubInception()
     peaks.put(peak_anon(lambda: STEPS[step][1](Path(root), world)))
-
 
 def run_step(step, root, world):
     """The step on `world` fresh processes: the largest rank's peak in bytes."""
@@ -228,7 +212,6 @@ def run_step(step, root, world):
             p.kill()
             p.join()
 
-
 # ------------------------------------------------------------------------------------------------
 # Main
 
@@ -249,7 +232,6 @@ def get_args(argv=None):
     if not 0 < a.sizes[0] < a.sizes[1] or min(a.worlds) < 1 or a.repeats < 1:
         p.error("give two sizes 0 < N1 < N2, worlds >= 1 and repeats >= 1")
     return a
-
 
 def main(argv=None):
     a = get_args(argv)
@@ -280,7 +262,6 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(rows))
     return rows
-
 
 if __name__ == "__main__":
     main()

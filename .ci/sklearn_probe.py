@@ -20,13 +20,11 @@ import probe  # noqa: E402
 
 C_GRID = [1e-3, 1e-2, 1e-1, 1, 10, 100, 1e3, 1e4]  # probe.py's L2 path spans C up to 5e3 here
 
-
 def fit(X, Y, C):
     """Standardised multinomial logistic regression at inverse strength C."""
     s = StandardScaler().fit(X)
     m = LogisticRegression(C=C, max_iter=5000).fit(s.transform(X), Y)
     return lambda Z: m.predict(s.transform(Z))
-
 
 def sklearn_probe(cell, train, test):
     """(test accuracy %, C) of cell: every view of each training image is a row; the held-out
@@ -43,14 +41,12 @@ def sklearn_probe(cell, train, test):
     Xt = test.feats(cell, torch.arange(len(test.y)), 0).numpy()
     return 100 * (fit(X, Y, C)(Xt) == test.y.numpy()).mean(), C
 
-
 def cells(*args, **kwargs):
     """probe.cells, and beside each cell the sklearn figure on its features."""
     for cell, train, test in _cells(*args, **kwargs):
         acc, C = sklearn_probe(cell, train, test)
         print(f"sklearn: {cell} test {acc:.2f}% (C={C:g})", flush=True)
         yield cell, train, test
-
 
 if __name__ == "__main__":
     _cells, probe.cells = probe.cells, cells
