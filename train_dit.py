@@ -1049,7 +1049,6 @@ def add_training_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes per rank")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images of folders")
     p.add_argument("--dry-run", action="store_true", help="print the config and parameter counts")
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
                    help="time STEPS training steps on a synthetic batch, self-cond on and off")

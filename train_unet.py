@@ -621,6 +621,7 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="cifar10",
                    help="cifar10, cifar100, tiny-imagenet, shapes, or a class-folder name")
     p.add_argument("--resolution", type=int, help="default: the dataset's (folders: 64)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images of folders")
     p.add_argument("--self-cond", action="store_true", help="self-conditioning (Sec. 4.1)")
     p.add_argument("--sc-mode", choices=["adaptive", "add"], default="adaptive",
                    help="time-scaled or direct addition (Table 7a)")
@@ -898,7 +899,6 @@ def add_training_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes per rank")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images of folders")
     p.add_argument("--dry-run", action="store_true", help="print the config and parameter counts")
     p.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="STEPS",
                    help="time STEPS training steps on a synthetic batch, self-cond on and off")
