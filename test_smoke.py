@@ -226,7 +226,7 @@ SHARED = {  # top-level definition -> the trainers that hold a copy of it, chara
         "fetch_once", "center_crop", "ImageFiles", "add_training_args", "setup_distributed",
         "use_bf16", "autocast", "memory_format", "epoch_order", "batch_indices", "update_ema",
         "count_params", "save_grid", "atomic_save", "check_out_dir", "resume", "Log", "LossSums",
-        "sync", "matmul_tflops", "benchmark", "main", "crossed", "is_gate", "agree",
+        "sync", "timed", "matmul_tflops", "benchmark", "main", "crossed", "is_gate", "agree",
         "check_finite", "log_metrics", "snapshot_plan", "timestep_embedding"], TRAINERS),
     **dict.fromkeys(["time_mlp", "SelfCond"], ("train_unet.py", "train_dit.py")),  # adaptive norm
     **dict.fromkeys([  # the pixel trainers: their data, DDPM, augmentation, contrastive, step

@@ -1266,17 +1266,21 @@ def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+def timed(step, n, device):
+    """Seconds per call of step(i), i = 0 .. n - 1, the device's queue drained before and after."""
+    sync(device)
+    t = time.perf_counter()
+    for i in range(n):
+        step(i)
+    sync(device)
+    return (time.perf_counter() - t) / n
+
 def matmul_tflops(device, dtype):
     """Dense matmul TFLOP/s in the training dtype, measured here and now: MFU's denominator."""
     n, reps = (8192, 20) if device.type == "cuda" else (1024, 8)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+    return 2 * n**3 / timed(lambda i: a @ b, reps, device) / 1e12
 
 def benchmark(args, rounds=5):
     """--bench: speed, memory, FLOPs, MFU of train_step, self-cond on/off in interleaved rounds."""
@@ -1295,29 +1299,22 @@ def benchmark(args, rounds=5):
         net = torch.compile(model) if a.compile else model
         return model, lambda i, m=net: train_step(m, model, ema, opt, diffusion, batch, i, a)
 
-    def timed(step, n):  # seconds per step
-        sync(device)
-        t = time.perf_counter()
-        for i in range(n):
-            step(i)
-        sync(device)
-        return (time.perf_counter() - t) / n
-
     model, step = setup(args)
     with FlopCounterMode(display=False) as counter:  # one whole step, uncompiled
         step(0, model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed(step, 3)  # warm-up (and compilation)
+    timed(step, 3, device)  # warm-up (and compilation)
     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: process peak
     other = setup(argparse.Namespace(**{**vars(args), "self_cond": not args.self_cond}))[1]
-    timed(other, 3)
+    timed(other, 3, device)
     rounds, n = min(rounds, args.bench), max(args.bench // rounds, 1)
     rows = []  # (s/step, s/step toggled, matmul TFLOP/s): the peak is the higher of before, after
     for _ in range(rounds):
         peak = matmul_tflops(device, dtype)
-        rows.append((timed(step, n), timed(other, n), max(peak, matmul_tflops(device, dtype))))
+        rows.append((timed(step, n, device), timed(other, n, device),
+                     max(peak, matmul_tflops(device, dtype))))
     flops = counter.get_total_flops() / args.batch_size
     sec = statistics.median(r[0] for r in rows)
     on_off = [(r[0] / r[1]) if args.self_cond else (r[1] / r[0]) for r in rows]
