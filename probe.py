@@ -164,11 +164,6 @@ def _generator(*ints):
     return torch.Generator().manual_seed(_seed(*ints))
 
 
-def no_flips(n):
-    """n images, none flipped."""
-    return torch.zeros(n, dtype=torch.bool)
-
-
 # ------------------------------------------------------------------------------------------------
 # Data: a labelled split in model space
 
@@ -185,9 +180,9 @@ class Data:
     def __len__(self):
         return len(self.rows)
 
-    def batch(self, i, flip):
+    def batch(self, i, flip=None):
         """Positions i (B,) -> (B, C, H, W) float32, flipped where flip (B,) is True."""
-        idx = self.rows[i]
+        idx, flip = self.rows[i], torch.zeros(len(i), dtype=torch.bool) if flip is None else flip
         if self.stats is None:
             x = self.x[idx].float() / 127.5 - 1
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -290,7 +285,7 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
     for b in tqdm(starts, desc=desc, disable=rank > 0 or desc is None, leave=False):
         i = torch.arange(b, min(b + batch_size, len(data)))
         for v, (flips, seed) in enumerate(views):
-            x = data.batch(i, no_flips(len(i)) if flips is None else flips[i])
+            x = data.batch(i, None if flips is None else flips[i])
             rows = slice(row, row + len(i))
             if pixels:
                 out["pixels"].put(rows, v, {"pixels": pixel_features(x) if pool else x.flatten(1)})
@@ -565,7 +560,7 @@ def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, re
     torch.manual_seed(seed)
     for _ in range(repeats):
         for i in torch.arange(len(data)).split(batch_size):
-            xb = data.batch(i, no_flips(len(i))).to(device)
+            xb = data.batch(i).to(device)
             cond = {"y": data.y[i].to(device)} if getattr(model, "num_classes", 0) else {}
             with autocast:
                 loss, level = diffusion.loss(model, xb, **cond)[:2]
@@ -594,7 +589,7 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
     torch.manual_seed(seed)
     try:
         for i in torch.arange(len(data)).split(batch_size):
-            x = data.batch(i, no_flips(len(i))).to(device)
+            x = data.batch(i).to(device)
             with autocast:  # t drawn as training draws it
                 level = diffusion.loss(model, x)[1].cpu()
             d, emb = seen.pop()
@@ -806,7 +801,7 @@ def dense_checkpoint(a, job, device, log):
         f"images, one ADM centre crop each at {res}x{res} (label maps nearest-neighbour), "
         f"{classes} classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch "
         f"{hp['batch_size']}")
-    x0, results = data[0].batch(torch.arange(1), no_flips(1)).to(device), []
+    x0, results = data[0].batch(torch.arange(1)).to(device), []
     maps = diffusion.pred(models["trained"], x0, torch.full((1,), job.ts[0], device=device),
                           feats=tuple(job.layers), pool=False)[1]
     shapes = {"pixels": x0.shape[1:], **{l: m.shape[1:] for l, m in maps.items()}}
