@@ -709,42 +709,12 @@ def cells(a, job, models, diffusion, data, views, device, pixels, pool=True):
         yield from ((c, *splits) for c in cs)
 
 
-def fit_cells(a, job, models, diffusion, data, views, classes, flip, device, pixels, log):
-    """[result] of a head per cell: accuracies (%), final training loss; lbfgs: held-out, l2."""
-    results = []
-    for c, tr, te in cells(a, job, models, diffusion, data, views, device, pixels):
-        held = l2 = None
-        if a.head == "lbfgs":
-            predict, held, l2 = fit_lbfgs(tr, c, classes, device, a.seed, log)
-        else:
-            predict = fit_table11(tr, c, classes, device, seed=a.seed, flip=flip,
-                                  **recipe(a, job.args))
-        loss, acc = evaluate(tr, c, predict, device)
-        results.append({**asdict(c), "test": evaluate(te, c, predict, device)[1], "train": acc,
-                        "loss": loss, "held_out": held, "l2": l2})
-    return results
-
-
-def diagnostics(a, job, model, diffusion, test, device):
-    """(--loss: the held-out loss by noise level, --sc-stats: the self-conditioning term)."""
-    mod, args, losses, sc = job.mod, job.args, None, None
-    kw = dict(batch_size=a.extract_batch, autocast=mod.autocast(device, a.precision))
-    if a.loss:
-        losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, LOSS),
-                              **kw)
-    if a.sc_stats:
-        nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
-            if args.dataset in mod.SHAPES else None
-        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, SC), **kw)
-    return losses, sc
-
-
 def probe_checkpoint(a, job, device, log, first=None):
     """One checkpoint's record, also in job.out/probe.json; first: an earlier snapshot's."""
-    args = job.args
+    mod, args = job.mod, job.args
     models, diffusion, ckpt = networks(a, job, device, first)
-    train, test = (load_split(job.mod, args, ckpt, s) for s in ("train", "test"))
-    n_train = len(train)
+    train, test = (load_split(mod, args, ckpt, s) for s in ("train", "test"))
+    n_train, hp = len(train), recipe(a, args)
     if a.limit:  # the same random subset for every checkpoint
         pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
             len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
@@ -756,9 +726,24 @@ def probe_checkpoint(a, job, device, log, first=None):
     log(f"probing {job.path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on "
         f"{args.dataset}: {len(train)} train / {len(test)} test, t {job.ts}, layers "
         f"{job.layers}, {a.head} head, {len(views)} views per training image")
-    results = fit_cells(a, job, models, diffusion, (train, test), views, classes, flip, device,
-                        a.raw_pixels and first is None, log)
-    losses, sc = diagnostics(a, job, models["trained"], diffusion, test, device)
+    results = []  # a head per cell: accuracies (%), final training loss; lbfgs: held-out, l2
+    for c, tr, te in cells(a, job, models, diffusion, (train, test), views, device,
+                           a.raw_pixels and first is None):
+        held = l2 = None
+        if a.head == "lbfgs":
+            predict, held, l2 = fit_lbfgs(tr, c, classes, device, a.seed, log)
+        else:
+            predict = fit_table11(tr, c, classes, device, seed=a.seed, flip=flip, **hp)
+        loss, acc = evaluate(tr, c, predict, device)
+        results.append({**asdict(c), "test": evaluate(te, c, predict, device)[1], "train": acc,
+                        "loss": loss, "held_out": held, "l2": l2})
+    kw = dict(batch_size=a.extract_batch, autocast=mod.autocast(device, a.precision))
+    losses = heldout_loss(models["trained"], diffusion, test, mod.LossSums(),
+                          seed=_seed(a.seed, LOSS), **kw) if a.loss else None
+    nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
+        if a.sc_stats and args.dataset in mod.SHAPES else None
+    sc = sc_stats(models["trained"], diffusion, test, args.probe_t, nuisance,
+                  seed=_seed(a.seed, SC), **kw) if a.sc_stats else None
     results += [r for r in (first or {}).get("results", []) if r["net"] != "trained"]
     get = {Cell(r["net"], r["t"], r["layer"]): r for r in results}.get
     best = max((r for r in results if r["net"] == "trained"),
@@ -769,12 +754,11 @@ def probe_checkpoint(a, job, device, log, first=None):
            "weights": "online" if a.raw else "ema", "dataset": args.dataset,
            "trained_on": ckpt["args"]["dataset"], "args": ckpt["args"],
            "images": ckpt.get("images"), "epoch": (ckpt.get("images") or 0) / n_train,
-           "train_size": n_train, "head": a.head,
-           **(recipe(a, args) if a.head == "table11" else {}), "draws": a.draws, "flip": flip,
-           "views": len(views), "train_images": len(train), "test_images": len(test),
-           "classes": classes, "chance": 100 / classes, "seed": a.seed, "ts": job.ts,
-           "layers": job.layers, "heldout_loss_by_level": losses, "sc_stats": sc,
-           "results": results, "cell": {**cell, "init": init and init["test"]},
+           "train_size": n_train, "head": a.head, **(hp if a.head == "table11" else {}),
+           "draws": a.draws, "flip": flip, "views": len(views), "train_images": len(train),
+           "test_images": len(test), "classes": classes, "chance": 100 / classes,
+           "seed": a.seed, "ts": job.ts, "layers": job.layers, "heldout_loss_by_level": losses,
+           "sc_stats": sc, "results": results, "cell": {**cell, "init": init and init["test"]},
            "raw_pixels": pixels and pixels["test"],
            "best": {**best, "flags": f"--sc-layer {best['layer'].replace('cls_', 'out_')} "
                                      f"--probe-t {best['t']:g}"}}
