@@ -474,32 +474,28 @@ def evaluate(split, cell, predict, device, keep=None):
 # ------------------------------------------------------------------------------------------------
 # Dense probing: a linear classifier per location on the unpooled features, scored by mIoU
 
-def segmentation_files(dataset, root, split):
-    """[(image, label map)]: VOC's lists, else ADE20K's images/ + annotations/ layout."""
-    root = Path(root)
-    if dataset == "voc":
-        lists = {"train": "train.txt", "test": "val.txt"}
-        names = root / "ImageSets" / "Segmentation" / lists[split]
-        if not names.is_file():
-            raise SystemExit(f"--dense: no {names}: point --data-path at VOCdevkit/VOC2012")
-        return [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClass" / f"{n}.png")
-                for n in names.read_text().split()]
-    subs = [s for s in {"train": ("training", "train"), "test": ("validation", "val")}[split]
-            if (root / "images" / s).is_dir()]
-    if not subs:
-        raise SystemExit(f"--dense: no {root / 'images'}/training or /train: point --data-path at "
-                         f"a folder with images/ and annotations/ (ADE20K's layout)")
-    return [(f, root / "annotations" / subs[0] / f"{f.stem}.png")
-            for f in sorted((root / "images" / subs[0]).iterdir())]
-
-
 def load_segmentation(mod, args, split, res):
     """(uint8 images (N, 3, res, res), label maps (N, res, res)): one ADM centre crop each."""
     if args.dataset in mod.SHAPES:  # the toy's masks: 0 background, 1 + class on a dot
         x, _, masks, _ = mod.shapes_split(args, split)
         return x, masks
+    root = Path(args.data_path)
+    if args.dataset == "voc":  # VOC's lists, else ADE20K's images/ + annotations/ layout
+        names = root / "ImageSets/Segmentation" / {"train": "train.txt", "test": "val.txt"}[split]
+        if not names.is_file():
+            raise SystemExit(f"--dense: no {names}: point --data-path at VOCdevkit/VOC2012")
+        files = [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClass" / f"{n}.png")
+                 for n in names.read_text().split()]
+    else:
+        subs = [s for s in {"train": ("training", "train"), "test": ("validation", "val")}[split]
+                if (root / "images" / s).is_dir()]
+        if not subs:
+            raise SystemExit(f"--dense: no {root / 'images'}/training or /train: point --data-path"
+                             " at a folder with images/ and annotations/ (ADE20K's layout)")
+        files = [(f, root / "annotations" / subs[0] / f"{f.stem}.png")
+                 for f in sorted((root / "images" / subs[0]).iterdir())]
     xs, ms = [], []
-    for f, m in segmentation_files(args.dataset, args.data_path, split):
+    for f, m in files:
         if not m.exists():
             raise SystemExit(f"--dense: {f} has no label map {m}")
         with Image.open(f) as im, Image.open(m) as lab:
