@@ -257,13 +257,14 @@ class Features:
     def __init__(self, n, views=1, spill=None):
         self.n, self.views, self.spill, self.data, self.cols = n, views, spill, None, {}
 
-    def put(self, rows, view, feats):  # rows: a slice of this rank's rows; feats {layer: (B, C)}
-        f = torch.cat(list(feats.values()), 1).float().cpu()
+    def put(self, rows, view, feats):  # rows: a slice of this rank's rows; feats {layer: (B, ..)}
+        f = torch.cat([v.flatten(1) for v in feats.values()], 1).float().cpu()
         if self.data is None:
             self.data = _rows(self.views * self.n, f.shape[1], self.spill)
             self.shift = f.mean(0)  # float16 is coarse far from zero: store around a mean
-            ends = np.cumsum([v.shape[1] for v in feats.values()])
-            self.cols = {k: slice(e - v.shape[1], e) for (k, v), e in zip(feats.items(), ends)}
+            self.shapes = {k: v.shape[1:] for k, v in feats.items()}  # (C, h, w) unpooled
+            ends = np.cumsum([v[0].numel() for v in feats.values()])
+            self.cols = {k: slice(e - v[0].numel(), e) for (k, v), e in zip(feats.items(), ends)}
         self.data[rows.start + view * self.n:rows.stop + view * self.n] = (f - self.shift).half()
 
     def get(self, rows, view, layer):
@@ -288,7 +289,7 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
             x = data.batch(i, None if flips is None else flips[i])
             rows = slice(row, row + len(i))
             if pixels:
-                out["pixels"].put(rows, v, {"pixels": pixel_features(x) if pool else x.flatten(1)})
+                out["pixels"].put(rows, v, {"pixels": pixel_features(x) if pool else x})
             # seeded by (view, first row) alone: a cell probed alone sees a grid's features,
             # on any number of ranks
             noise = torch.randn(x.shape, generator=_generator(seed, b))
@@ -297,7 +298,7 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
             for name, m in models.items():
                 with autocast:  # unconditional (a conditional DiT: the null class)
                     f = diffusion.pred(m, xt, tt, feats=tuple(layers), pool=pool)[1]
-                out[name].put(rows, v, {l: f[l].flatten(1) for l in layers})
+                out[name].put(rows, v, {l: f[l] for l in layers})
         row += len(i)
     return out
 
@@ -507,11 +508,12 @@ def load_segmentation(mod, args, split, res):
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(masks)
 
 
-def fit_dense(split, cell, shape, masks, classes, device, *, lr, epochs, batch_size, seed):
+def fit_dense(split, cell, masks, classes, device, *, lr, epochs, batch_size, seed):
     """Table 11's head per location of cell's (C, h, w) maps: predict(maps) -> (B, K, H, W)."""
     # logits upsampled bilinearly to the label map (as upsampling the features: both are linear);
     # cross-entropy over the labelled pixels, a label map flipped with its image
-    (C, h, w), head = shape, Probe(shape[0], classes).to(device)
+    C, h, w = split.stores[cell][0].shapes[cell.layer]
+    head = Probe(C, classes).to(device)
     rows = lambda f: f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
     up = lambda z: F.interpolate(z.view(-1, h, w, classes).permute(0, 3, 1, 2),
                                  size=masks.shape[1:], mode="bilinear", align_corners=False)
@@ -781,14 +783,10 @@ def dense_checkpoint(a, job, device, log):
         f"images, one ADM centre crop each at {res}x{res} (label maps nearest-neighbour), "
         f"{classes} classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch "
         f"{hp['batch_size']}")
-    x0, results = data[0].batch(torch.arange(1)).to(device), []
-    maps = diffusion.pred(models["trained"], x0, torch.full((1,), job.ts[0], device=device),
-                          feats=tuple(job.layers), pool=False)[1]
-    shapes = {"pixels": x0.shape[1:], **{l: m.shape[1:] for l, m in maps.items()}}
-    seed = _seed(a.seed, TRAIN, 0)
+    seed, results = _seed(a.seed, TRAIN, 0), []
     views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)]  # unflipped, flipped
     for c, tr, te in cells(a, job, models, diffusion, data, views, device, a.raw_pixels, False):
-        predict = fit_dense(tr, c, shapes[c.layer], masks, classes, device, seed=a.seed, **hp)
+        predict = fit_dense(tr, c, masks, classes, device, seed=a.seed, **hp)
         miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
         _, train_acc, loss = dense_scores(tr, c, predict, masks, classes)
         results.append({**asdict(c), "miou": miou, "pixel_acc": acc,
