@@ -448,7 +448,7 @@ def train_head(head, n, block, batch_loss, *, lr, epochs, batch_size, seed):
 def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, flip):
     """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip)."""
     head = Probe(split.width(cell), classes).to(device)
-    draws, n = split.views // (1 + flip), len(split.y)  # view 2d + f: draw d in flip f
+    draws = split.views // (1 + flip)  # view 2d + f: draw d in flip f
 
     def batch_loss(epoch, idx, mine, flips):
         view = epoch % draws * (1 + flip) + flips[mine].long() * flip
@@ -456,7 +456,7 @@ def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, f
         y = split.y[mine].to(device)
         return F.cross_entropy(head(f, len(idx)), y, reduction="sum") / len(idx)
 
-    return train_head(head, n, split.block, batch_loss, lr=lr, epochs=epochs,
+    return train_head(head, len(split.y), split.block, batch_loss, lr=lr, epochs=epochs,
                       batch_size=batch_size, seed=seed)
 
 
