@@ -164,11 +164,6 @@ def _generator(*ints):
     return torch.Generator().manual_seed(_seed(*ints))
 
 
-def no_flips(n):
-    """n images, none flipped."""
-    return torch.zeros(n, dtype=torch.bool)
-
-
 # ------------------------------------------------------------------------------------------------
 # Data: a labelled split in model space
 
@@ -185,9 +180,9 @@ class Data:
     def __len__(self):
         return len(self.rows)
 
-    def batch(self, i, flip):
+    def batch(self, i, flip=None):
         """Positions i (B,) -> (B, C, H, W) float32, flipped where flip (B,) is True."""
-        idx = self.rows[i]
+        idx, flip = self.rows[i], torch.zeros(len(i), dtype=torch.bool) if flip is None else flip
         if self.stats is None:
             x = self.x[idx].float() / 127.5 - 1
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -262,13 +257,14 @@ class Features:
     def __init__(self, n, views=1, spill=None):
         self.n, self.views, self.spill, self.data, self.cols = n, views, spill, None, {}
 
-    def put(self, rows, view, feats):  # rows: a slice of this rank's rows; feats {layer: (B, C)}
-        f = torch.cat(list(feats.values()), 1).float().cpu()
+    def put(self, rows, view, feats):  # rows: a slice of this rank's rows; feats {layer: (B, ..)}
+        f = torch.cat([v.flatten(1) for v in feats.values()], 1).float().cpu()
         if self.data is None:
             self.data = _rows(self.views * self.n, f.shape[1], self.spill)
             self.shift = f.mean(0)  # float16 is coarse far from zero: store around a mean
-            ends = np.cumsum([v.shape[1] for v in feats.values()])
-            self.cols = {k: slice(e - v.shape[1], e) for (k, v), e in zip(feats.items(), ends)}
+            self.shapes = {k: v.shape[1:] for k, v in feats.items()}  # (C, h, w) unpooled
+            ends = np.cumsum([v[0].numel() for v in feats.values()])
+            self.cols = {k: slice(e - v[0].numel(), e) for (k, v), e in zip(feats.items(), ends)}
         self.data[rows.start + view * self.n:rows.stop + view * self.n] = (f - self.shift).half()
 
     def get(self, rows, view, layer):
@@ -290,10 +286,10 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
     for b in tqdm(starts, desc=desc, disable=rank > 0 or desc is None, leave=False):
         i = torch.arange(b, min(b + batch_size, len(data)))
         for v, (flips, seed) in enumerate(views):
-            x = data.batch(i, no_flips(len(i)) if flips is None else flips[i])
+            x = data.batch(i, None if flips is None else flips[i])
             rows = slice(row, row + len(i))
             if pixels:
-                out["pixels"].put(rows, v, {"pixels": pixel_features(x) if pool else x.flatten(1)})
+                out["pixels"].put(rows, v, {"pixels": pixel_features(x) if pool else x})
             # seeded by (view, first row) alone: a cell probed alone sees a grid's features,
             # on any number of ranks
             noise = torch.randn(x.shape, generator=_generator(seed, b))
@@ -302,7 +298,7 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
             for name, m in models.items():
                 with autocast:  # unconditional (a conditional DiT: the null class)
                     f = diffusion.pred(m, xt, tt, feats=tuple(layers), pool=pool)[1]
-                out[name].put(rows, v, {l: f[l].flatten(1) for l in layers})
+                out[name].put(rows, v, {l: f[l] for l in layers})
         row += len(i)
     return out
 
@@ -452,7 +448,7 @@ def train_head(head, n, block, batch_loss, *, lr, epochs, batch_size, seed):
 def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, flip):
     """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip)."""
     head = Probe(split.width(cell), classes).to(device)
-    draws, n = split.views // (1 + flip), len(split.y)  # view 2d + f: draw d in flip f
+    draws = split.views // (1 + flip)  # view 2d + f: draw d in flip f
 
     def batch_loss(epoch, idx, mine, flips):
         view = epoch % draws * (1 + flip) + flips[mine].long() * flip
@@ -460,7 +456,7 @@ def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, f
         y = split.y[mine].to(device)
         return F.cross_entropy(head(f, len(idx)), y, reduction="sum") / len(idx)
 
-    return train_head(head, n, split.block, batch_loss, lr=lr, epochs=epochs,
+    return train_head(head, len(split.y), split.block, batch_loss, lr=lr, epochs=epochs,
                       batch_size=batch_size, seed=seed)
 
 
@@ -479,32 +475,28 @@ def evaluate(split, cell, predict, device, keep=None):
 # ------------------------------------------------------------------------------------------------
 # Dense probing: a linear classifier per location on the unpooled features, scored by mIoU
 
-def segmentation_files(dataset, root, split):
-    """[(image, label map)]: VOC's lists, else ADE20K's images/ + annotations/ layout."""
-    root = Path(root)
-    if dataset == "voc":
-        lists = {"train": "train.txt", "test": "val.txt"}
-        names = root / "ImageSets" / "Segmentation" / lists[split]
-        if not names.is_file():
-            raise SystemExit(f"--dense: no {names}: point --data-path at VOCdevkit/VOC2012")
-        return [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClass" / f"{n}.png")
-                for n in names.read_text().split()]
-    subs = [s for s in {"train": ("training", "train"), "test": ("validation", "val")}[split]
-            if (root / "images" / s).is_dir()]
-    if not subs:
-        raise SystemExit(f"--dense: no {root / 'images'}/training or /train: point --data-path at "
-                         f"a folder with images/ and annotations/ (ADE20K's layout)")
-    return [(f, root / "annotations" / subs[0] / f"{f.stem}.png")
-            for f in sorted((root / "images" / subs[0]).iterdir())]
-
-
 def load_segmentation(mod, args, split, res):
     """(uint8 images (N, 3, res, res), label maps (N, res, res)): one ADM centre crop each."""
     if args.dataset in mod.SHAPES:  # the toy's masks: 0 background, 1 + class on a dot
         x, _, masks, _ = mod.shapes_split(args, split)
         return x, masks
+    root = Path(args.data_path)
+    if args.dataset == "voc":  # VOC's lists, else ADE20K's images/ + annotations/ layout
+        names = root / "ImageSets/Segmentation" / {"train": "train.txt", "test": "val.txt"}[split]
+        if not names.is_file():
+            raise SystemExit(f"--dense: no {names}: point --data-path at VOCdevkit/VOC2012")
+        files = [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClass" / f"{n}.png")
+                 for n in names.read_text().split()]
+    else:
+        subs = [s for s in {"train": ("training", "train"), "test": ("validation", "val")}[split]
+                if (root / "images" / s).is_dir()]
+        if not subs:
+            raise SystemExit(f"--dense: no {root / 'images'}/training or /train: point --data-path"
+                             " at a folder with images/ and annotations/ (ADE20K's layout)")
+        files = [(f, root / "annotations" / subs[0] / f"{f.stem}.png")
+                 for f in sorted((root / "images" / subs[0]).iterdir())]
     xs, ms = [], []
-    for f, m in segmentation_files(args.dataset, args.data_path, split):
+    for f, m in files:
         if not m.exists():
             raise SystemExit(f"--dense: {f} has no label map {m}")
         with Image.open(f) as im, Image.open(m) as lab:
@@ -516,11 +508,12 @@ def load_segmentation(mod, args, split, res):
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(masks)
 
 
-def fit_dense(split, cell, shape, masks, classes, device, *, lr, epochs, batch_size, seed):
+def fit_dense(split, cell, masks, classes, device, *, lr, epochs, batch_size, seed):
     """Table 11's head per location of cell's (C, h, w) maps: predict(maps) -> (B, K, H, W)."""
     # logits upsampled bilinearly to the label map (as upsampling the features: both are linear);
     # cross-entropy over the labelled pixels, a label map flipped with its image
-    (C, h, w), head = shape, Probe(shape[0], classes).to(device)
+    C, h, w = split.stores[cell][0].shapes[cell.layer]
+    head = Probe(C, classes).to(device)
     rows = lambda f: f.to(device).view(-1, C, h, w).permute(0, 2, 3, 1).reshape(-1, C)
     up = lambda z: F.interpolate(z.view(-1, h, w, classes).permute(0, 3, 1, 2),
                                  size=masks.shape[1:], mode="bilinear", align_corners=False)
@@ -565,7 +558,7 @@ def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, re
     torch.manual_seed(seed)
     for _ in range(repeats):
         for i in torch.arange(len(data)).split(batch_size):
-            xb = data.batch(i, no_flips(len(i))).to(device)
+            xb = data.batch(i).to(device)
             cond = {"y": data.y[i].to(device)} if getattr(model, "num_classes", 0) else {}
             with autocast:
                 loss, level = diffusion.loss(model, xb, **cond)[:2]
@@ -594,7 +587,7 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
     torch.manual_seed(seed)
     try:
         for i in torch.arange(len(data)).split(batch_size):
-            x = data.batch(i, no_flips(len(i))).to(device)
+            x = data.batch(i).to(device)
             with autocast:  # t drawn as training draws it
                 level = diffusion.loss(model, x)[1].cpu()
             d, emb = seen.pop()
@@ -714,42 +707,12 @@ def cells(a, job, models, diffusion, data, views, device, pixels, pool=True):
         yield from ((c, *splits) for c in cs)
 
 
-def fit_cells(a, job, models, diffusion, data, views, classes, flip, device, pixels, log):
-    """[result] of a head per cell: accuracies (%), final training loss; lbfgs: held-out, l2."""
-    results = []
-    for c, tr, te in cells(a, job, models, diffusion, data, views, device, pixels):
-        held = l2 = None
-        if a.head == "lbfgs":
-            predict, held, l2 = fit_lbfgs(tr, c, classes, device, a.seed, log)
-        else:
-            predict = fit_table11(tr, c, classes, device, seed=a.seed, flip=flip,
-                                  **recipe(a, job.args))
-        loss, acc = evaluate(tr, c, predict, device)
-        results.append({**asdict(c), "test": evaluate(te, c, predict, device)[1], "train": acc,
-                        "loss": loss, "held_out": held, "l2": l2})
-    return results
-
-
-def diagnostics(a, job, model, diffusion, test, device):
-    """(--loss: the held-out loss by noise level, --sc-stats: the self-conditioning term)."""
-    mod, args, losses, sc = job.mod, job.args, None, None
-    kw = dict(batch_size=a.extract_batch, autocast=mod.autocast(device, a.precision))
-    if a.loss:
-        losses = heldout_loss(model, diffusion, test, mod.LossSums(), seed=_seed(a.seed, LOSS),
-                              **kw)
-    if a.sc_stats:
-        nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
-            if args.dataset in mod.SHAPES else None
-        sc = sc_stats(model, diffusion, test, args.probe_t, nuisance, seed=_seed(a.seed, SC), **kw)
-    return losses, sc
-
-
 def probe_checkpoint(a, job, device, log, first=None):
     """One checkpoint's record, also in job.out/probe.json; first: an earlier snapshot's."""
-    args = job.args
+    mod, args = job.mod, job.args
     models, diffusion, ckpt = networks(a, job, device, first)
-    train, test = (load_split(job.mod, args, ckpt, s) for s in ("train", "test"))
-    n_train = len(train)
+    train, test = (load_split(mod, args, ckpt, s) for s in ("train", "test"))
+    n_train, hp = len(train), recipe(a, args)
     if a.limit:  # the same random subset for every checkpoint
         pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
             len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
@@ -761,9 +724,24 @@ def probe_checkpoint(a, job, device, log, first=None):
     log(f"probing {job.path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on "
         f"{args.dataset}: {len(train)} train / {len(test)} test, t {job.ts}, layers "
         f"{job.layers}, {a.head} head, {len(views)} views per training image")
-    results = fit_cells(a, job, models, diffusion, (train, test), views, classes, flip, device,
-                        a.raw_pixels and first is None, log)
-    losses, sc = diagnostics(a, job, models["trained"], diffusion, test, device)
+    results = []  # a head per cell: accuracies (%), final training loss; lbfgs: held-out, l2
+    for c, tr, te in cells(a, job, models, diffusion, (train, test), views, device,
+                           a.raw_pixels and first is None):
+        held = l2 = None
+        if a.head == "lbfgs":
+            predict, held, l2 = fit_lbfgs(tr, c, classes, device, a.seed, log)
+        else:
+            predict = fit_table11(tr, c, classes, device, seed=a.seed, flip=flip, **hp)
+        loss, acc = evaluate(tr, c, predict, device)
+        results.append({**asdict(c), "test": evaluate(te, c, predict, device)[1], "train": acc,
+                        "loss": loss, "held_out": held, "l2": l2})
+    kw = dict(batch_size=a.extract_batch, autocast=mod.autocast(device, a.precision))
+    losses = heldout_loss(models["trained"], diffusion, test, mod.LossSums(),
+                          seed=_seed(a.seed, LOSS), **kw) if a.loss else None
+    nuisance = mod.shapes_split(args, "test")[3][test.rows.numpy()] \
+        if a.sc_stats and args.dataset in mod.SHAPES else None
+    sc = sc_stats(models["trained"], diffusion, test, args.probe_t, nuisance,
+                  seed=_seed(a.seed, SC), **kw) if a.sc_stats else None
     results += [r for r in (first or {}).get("results", []) if r["net"] != "trained"]
     get = {Cell(r["net"], r["t"], r["layer"]): r for r in results}.get
     best = max((r for r in results if r["net"] == "trained"),
@@ -774,12 +752,11 @@ def probe_checkpoint(a, job, device, log, first=None):
            "weights": "online" if a.raw else "ema", "dataset": args.dataset,
            "trained_on": ckpt["args"]["dataset"], "args": ckpt["args"],
            "images": ckpt.get("images"), "epoch": (ckpt.get("images") or 0) / n_train,
-           "train_size": n_train, "head": a.head,
-           **(recipe(a, args) if a.head == "table11" else {}), "draws": a.draws, "flip": flip,
-           "views": len(views), "train_images": len(train), "test_images": len(test),
-           "classes": classes, "chance": 100 / classes, "seed": a.seed, "ts": job.ts,
-           "layers": job.layers, "heldout_loss_by_level": losses, "sc_stats": sc,
-           "results": results, "cell": {**cell, "init": init and init["test"]},
+           "train_size": n_train, "head": a.head, **(hp if a.head == "table11" else {}),
+           "draws": a.draws, "flip": flip, "views": len(views), "train_images": len(train),
+           "test_images": len(test), "classes": classes, "chance": 100 / classes,
+           "seed": a.seed, "ts": job.ts, "layers": job.layers, "heldout_loss_by_level": losses,
+           "sc_stats": sc, "results": results, "cell": {**cell, "init": init and init["test"]},
            "raw_pixels": pixels and pixels["test"],
            "best": {**best, "flags": f"--sc-layer {best['layer'].replace('cls_', 'out_')} "
                                      f"--probe-t {best['t']:g}"}}
@@ -806,14 +783,10 @@ def dense_checkpoint(a, job, device, log):
         f"images, one ADM centre crop each at {res}x{res} (label maps nearest-neighbour), "
         f"{classes} classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch "
         f"{hp['batch_size']}")
-    x0, results = data[0].batch(torch.arange(1), no_flips(1)).to(device), []
-    maps = diffusion.pred(models["trained"], x0, torch.full((1,), job.ts[0], device=device),
-                          feats=tuple(job.layers), pool=False)[1]
-    shapes = {"pixels": x0.shape[1:], **{l: m.shape[1:] for l, m in maps.items()}}
-    seed = _seed(a.seed, TRAIN, 0)
+    seed, results = _seed(a.seed, TRAIN, 0), []
     views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)]  # unflipped, flipped
     for c, tr, te in cells(a, job, models, diffusion, data, views, device, a.raw_pixels, False):
-        predict = fit_dense(tr, c, shapes[c.layer], masks, classes, device, seed=a.seed, **hp)
+        predict = fit_dense(tr, c, masks, classes, device, seed=a.seed, **hp)
         miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
         _, train_acc, loss = dense_scores(tr, c, predict, masks, classes)
         results.append({**asdict(c), "miou": miou, "pixel_acc": acc,
