@@ -71,7 +71,6 @@ BOOKKEEPING = {"out", "log_every", "ckpt_every", "ckpt_minutes", "sample_every",
                "data_path", "cache_dir", "extract_batch", "train_images", "keep_every"}
 Job = namedtuple("Job", "path out mod args ts layers run")  # run: the args but bookkeeping
 
-
 @dataclass(frozen=True)
 class Cell:
     """What one head reads: a network ("trained", "init" or "pixels") at noise level t, a layer."""
@@ -82,7 +81,6 @@ class Cell:
     def __str__(self):
         return "raw pixels" if self.net == "pixels" else \
             f"t={self.t:g} {self.layer}" + " at init" * (self.net == "init")
-
 
 def get_args(argv=None):
     """The flags, checked against each other (against each checkpoint: plan)."""
@@ -126,7 +124,6 @@ def get_args(argv=None):
     a.head = a.head or ("table11" if a.dense else "lbfgs")
     return a
 
-
 # ------------------------------------------------------------------------------------------------
 # Data-parallel bookkeeping: rank r owns the rows of extraction batches r, r + world, ...
 
@@ -134,16 +131,13 @@ def world():
     """(rank, world size), (0, 1) outside torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-
 def owned(i, block):
     """Which of the rows i (N,) this rank owns, for extraction batches of `block` rows."""
     return i // block % world()[1] == world()[0]
 
-
 def local_rows(i, block):
     """This rank's storage row of each owned row i: its batches are stored one after another."""
     return i // block // world()[1] * block + i % block
-
 
 def all_sum(t):
     """t summed over all ranks, in place (nccl sums on the GPU: a CPU tensor goes and returns)."""
@@ -153,16 +147,13 @@ def all_sum(t):
         t.copy_(u)
     return t
 
-
 def _seed(*ints):
     """A 32-bit generator seed from ints (torch's CPU generator keeps 32 bits of a seed)."""
     return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
 
-
 def _generator(*ints):
     """A CPU generator seeded from ints: a named noise stream (TEST, TRAIN, ..) and its index."""
     return torch.Generator().manual_seed(_seed(*ints))
-
 
 # ------------------------------------------------------------------------------------------------
 # Data: a labelled split in model space
@@ -191,10 +182,8 @@ class Data:
         z = torch.from_numpy(np.asarray(self.x[idx.numpy(), flip.long().numpy()], np.float32))
         return (z - self.stats["mean"][:, None, None]) / self.stats["std"][:, None, None]
 
-
 class Resized(torch.utils.data.Dataset):
     """Images another trainer read (CIFAR for a latent DiT), ADM-cropped for a latent cache."""
-
     def __init__(self, x, res, crop):
         self.x, self.res, self.crop = x, res, crop
 
@@ -204,7 +193,6 @@ class Resized(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img = self.crop(Image.fromarray(self.x[i].permute(1, 2, 0).numpy()), self.res)
         return i, torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()), ""
-
 
 def load_split(mod, args, ckpt, split):
     """The split's Data: pixels resized to the model's input, or the split's latent cache."""
@@ -226,13 +214,11 @@ def load_split(mod, args, ckpt, split):
     y = torch.from_numpy(np.load(d / "labels.npy"))
     return Data(np.load(d / "latents.npy", mmap_mode="r"), y, ckpt["latent_stats"])
 
-
 def pixel_features(x):
     """Raw-pixel features (N, D) of model-space x, 2x2-pooled to D <= MAX_PIXEL_DIM."""
     while x[0].numel() > MAX_PIXEL_DIM:
         x = F.avg_pool2d(x, 2)
     return x.flatten(1)
-
 
 # ------------------------------------------------------------------------------------------------
 # Features: this rank's rows, float16, in one or more views (noise draw x flip) per image
@@ -250,10 +236,8 @@ def _rows(n, width, spill):
             return torch.from_numpy(rows)
     return torch.zeros(n, width, dtype=torch.float16)
 
-
 class Features:
     """One rank's rows of several layers' features, `views` per image, stored float16."""
-
     def __init__(self, n, views=1, spill=None):
         self.n, self.views, self.spill, self.data, self.cols = n, views, spill, None, {}
 
@@ -271,7 +255,6 @@ class Features:
         """Local rows (B,) in view(s) (B,) or an int -> (B, C) float32 of one layer."""
         c = self.cols[layer]
         return torch.add(self.data[rows + view * self.n, c], self.shift[c])
-
 
 @torch.no_grad()
 def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=None, desc=None,
@@ -302,10 +285,8 @@ def extract(models, diffusion, data, t, layers, views, *, batch_size=256, spill=
         row += len(i)
     return out
 
-
 class Split:
     """A split as this rank holds it: all labels, each cell's (store, layer), its rows `mine`."""
-
     def __init__(self, y, stores, views, block):
         self.y, self.stores, self.views, self.block = y, stores, views, block
         self.mine = torch.arange(len(y))[owned(torch.arange(len(y)), block)]
@@ -326,7 +307,6 @@ class Split:
             for v in range(self.views):
                 yield self.feats(cell, local, v), self.y[self.mine[local]]
 
-
 # ------------------------------------------------------------------------------------------------
 # Heads: the converged logistic regression (L-BFGS), Table 11's recipe (Adam, cosine)
 
@@ -339,7 +319,6 @@ def moments(chunks, width):
     s1, s2, n = all_sum(s)
     std = (s2 / n - (s1 / n).square()).clamp(min=0).sqrt()
     return (s1 / n).float(), torch.where(std > 0, std, 1).float()
-
 
 def lbfgs(rows, n, classes, width, l2, device, init=None):
     """(W, b, max |gradient|) minimising mean cross-entropy + l2/2 |W|^2 by full-batch L-BFGS."""
@@ -365,7 +344,6 @@ def lbfgs(rows, n, classes, width, l2, device, init=None):
     opt.step(closure)
     closure()
     return W, b, max(W.grad.abs().max().item(), b.grad.abs().max().item())
-
 
 def fit_lbfgs(split, cell, classes, device, seed, log):
     """The converged head: (predict(features) -> logits, held-out accuracy %, its L2 strength)."""
@@ -400,7 +378,6 @@ def fit_lbfgs(split, cell, classes, device, seed, log):
         log(f"warning: {cell}: L-BFGS stopped at gradient {grad:.1e} (l2 {l2:g}), not converged")
     return predict((W, b)), acc, l2
 
-
 class Probe(nn.Module):
     """Table 11's head: BatchNorm without affine + Linear, batch statistics over all ranks."""
     # the BatchNorm is our choice (MAE's probe; DDAE's is a plain Linear): feature scales differ by
@@ -424,7 +401,6 @@ class Probe(nn.Module):
         self.var.lerp_(var * n / (n - 1), 0.1)
         return self.fc((f - mean) / (var + 1e-5).sqrt())
 
-
 def train_head(head, n, block, batch_loss, *, lr, epochs, batch_size, seed):
     """Table 11's optimisation (Adam, cosine) of batch_loss(epoch, batch, rows mine, flips)."""
     g, params = torch.Generator().manual_seed(seed), list(head.parameters())
@@ -444,7 +420,6 @@ def train_head(head, n, block, batch_loss, *, lr, epochs, batch_size, seed):
             sched.step()
     return head.eval()
 
-
 def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, flip):
     """Table 11's head: in epoch e each image is one of its views (draw e % K, a random flip)."""
     head = Probe(split.width(cell), classes).to(device)
@@ -459,7 +434,6 @@ def fit_table11(split, cell, classes, device, *, lr, epochs, batch_size, seed, f
     return train_head(head, len(split.y), split.block, batch_loss, lr=lr, epochs=epochs,
                       batch_size=batch_size, seed=seed)
 
-
 @torch.no_grad()
 def evaluate(split, cell, predict, device, keep=None):
     """(mean cross-entropy, top-1 accuracy %) over the rows of split in every view, all ranks."""
@@ -470,7 +444,6 @@ def evaluate(split, cell, predict, device, keep=None):
                           (z.argmax(1) == y).sum().double(), torch.tensor(len(y), device=device)])
     loss, correct, n = all_sum(s).tolist()
     return loss / n, 100 * correct / n
-
 
 # ------------------------------------------------------------------------------------------------
 # Dense probing: a linear classifier per location on the unpooled features, scored by mIoU
@@ -507,7 +480,6 @@ def load_segmentation(mod, args, split, res):
         masks = (masks.astype(np.int16) - 1).astype(np.uint8)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(masks)
 
-
 def fit_dense(split, cell, masks, classes, device, *, lr, epochs, batch_size, seed):
     """Table 11's head per location of cell's (C, h, w) maps: predict(maps) -> (B, K, H, W)."""
     # logits upsampled bilinearly to the label map (as upsampling the features: both are linear);
@@ -530,7 +502,6 @@ def fit_dense(split, cell, masks, classes, device, *, lr, epochs, batch_size, se
                batch_size=batch_size, seed=seed)
     return lambda f: up(head(rows(f)))
 
-
 @torch.no_grad()
 def dense_scores(split, cell, predict, masks, classes):
     """(mIoU % over the classes labelled or predicted, pixel accuracy %, mean cross-entropy)."""
@@ -544,7 +515,6 @@ def dense_scores(split, cell, predict, masks, classes):
     tp, union, n = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag(), conf.sum()
     return (100 * (tp[union > 0] / union[union > 0]).mean().item(), 100 * (tp.sum() / n).item(),
             all_sum(ce).item() / n.item())
-
 
 # ------------------------------------------------------------------------------------------------
 # Diagnostics: the held-out denoising loss, what the self-conditioning term carries
@@ -566,14 +536,12 @@ def heldout_loss(model, diffusion, data, sums, *, seed, batch_size, autocast, re
     rec = sums.read(1)  # every rank computed the same: nothing to reduce
     return [rec[f"loss_bin{i}"] for i in range(sums.BINS)]
 
-
 def explained(target, x):
     """The share of target's (N, D) variance explained by a linear map of x (N, k) + intercept."""
     x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
     target = target.double()
     residual = target - x @ torch.linalg.lstsq(x, target).solution
     return 1 - (residual.square().sum() / (target - target.mean(0)).square().sum()).item()
-
 
 @torch.no_grad()
 def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast):
@@ -605,7 +573,6 @@ def sc_stats(model, diffusion, data, t, nuisance, *, seed, batch_size, autocast)
             "r2_class": explained(d, F.one_hot(data.y).float()),
             "r2_nuisance": None if nuisance is None else explained(d, torch.as_tensor(nuisance))}
 
-
 # ------------------------------------------------------------------------------------------------
 # The plan: every checkpoint read and every flag checked against it, before any work
 
@@ -623,11 +590,9 @@ def resolve_layers(names, model):
         out += [l for l in new if l not in out]
     return out
 
-
 def run_key(args, skip=BOOKKEEPING):
     """A run's arguments as a key, but those in skip."""
     return json.dumps({k: v for k, v in args.items() if k not in skip}, sort_keys=True)
-
 
 def plan(a):
     """([Job] of every --ckpt, the summary's folder), or one line on what does not fit."""
@@ -669,7 +634,6 @@ def plan(a):
         jobs.append(Job(p, out, mod, args, ts, layers, run_key(ckpt["args"])))
     return jobs, root
 
-
 # ------------------------------------------------------------------------------------------------
 # Probing one checkpoint
 
@@ -682,14 +646,12 @@ def networks(a, job, device, first=None):
         models["init"] = for_inference(job.mod.build_model(job.args), device)
     return models, diffusion, ckpt
 
-
 def recipe(a, args):
     """Table 11's lr, epochs and global batch (the table11 and dense heads)."""
     latent = getattr(args, "latent", "none") != "none"
     return dict(lr=a.lr or (2e-3 if latent else 4e-3),
                 epochs=a.epochs or (15 if args.dataset in ("cifar10", "cifar100") else 30),
                 batch_size=a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128)))
-
 
 def cells(a, job, models, diffusion, data, views, device, pixels, pool=True):
     """(cell, train Split, test Split) of every cell, one noise level's features at a time."""
@@ -705,7 +667,6 @@ def cells(a, job, models, diffusion, data, views, device, pixels, pool=True):
             splits.append(Split(d.y, {c: (f[c.net], c.layer) for c in cs}, len(v),
                                 a.extract_batch))
         yield from ((c, *splits) for c in cs)
-
 
 def probe_checkpoint(a, job, device, log, first=None):
     """One checkpoint's record, also in job.out/probe.json; first: an earlier snapshot's."""
@@ -764,7 +725,6 @@ def probe_checkpoint(a, job, device, log, first=None):
         report(rec, job, log)
     return rec
 
-
 def dense_checkpoint(a, job, device, log):
     """--dense on one checkpoint: its record, also written to job.out/probe.json."""
     mod, args = job.mod, job.args
@@ -800,7 +760,6 @@ def dense_checkpoint(a, job, device, log):
         write(job.out / "probe.json", rec)
     return rec
 
-
 # ------------------------------------------------------------------------------------------------
 # Report: a checkpoint's lines, the grid's table and the Fig. 4-5 chart (accuracy against layer)
 
@@ -808,7 +767,6 @@ def write(path, rec):
     """rec as indented JSON at path, its folder made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1))
-
 
 def report(rec, job, log):
     """Rank 0's lines and files of a checkpoint's record."""
@@ -852,13 +810,11 @@ def report(rec, job, log):
               rec["raw_pixels"])
     log(f"wrote {job.out / 'probe.json'}")
 
-
 def table(acc, ts, layers):
     """Rows t, columns layers: accuracy {(t, layer): %}."""
     w = max(8, *(len(l) + 1 for l in layers))
     return "\n".join(["t".ljust(8) + "".join(l.rjust(w) for l in layers)] + [
         f"{t:<8g}" + "".join(f"{acc[(t, l)]:{w}.2f}" for l in layers) for t in ts])
-
 
 def by_layer(results, t, kind):
     """{layer index: [test accuracy]} of the trained network's `kind` layers (out, block, cls)."""
@@ -868,7 +824,6 @@ def by_layer(results, t, kind):
         if r["net"] == "trained" and r["t"] == t and k == kind and i.isdigit():
             out.setdefault(int(i), []).append(r["test"])
     return out
-
 
 def chart(path, series, title, baseline=None):
     """A line per series {label: {layer index: (mean, std)}}, a dashed raw-pixel baseline."""
@@ -907,7 +862,6 @@ def chart(path, series, title, baseline=None):
                anchor="lm")
     img.save(path)
 
-
 # ------------------------------------------------------------------------------------------------
 # Several checkpoints: App. A's snapshot rule, seeds, arms and their paired differences
 
@@ -915,7 +869,6 @@ def mean_std(values):
     """(mean, std) of the values that are not None; None if none is."""
     v = [x for x in values if x is not None]
     return (float(np.mean(v)), float(np.std(v))) if v else None
-
 
 def app_a(snapshots, on="test"):
     """The snapshot standing for a run (App. A): CIFAR's best of 800/1000/1200, else the last."""
@@ -926,7 +879,6 @@ def app_a(snapshots, on="test"):
         at(r, e) for e in APP_A_EPOCHS.get(r["trained_on"], ()))]
     return max(picks, key=lambda r: r["cell"][on]) if picks else \
         max(snapshots, key=lambda r: r["images"] or 0)
-
 
 def trajectories(records, log):
     """{run: the snapshot that stands for it}, and each run's trajectory (several snapshots)."""
@@ -943,7 +895,6 @@ def trajectories(records, log):
         log(f"    the run's figure (App. A: CIFAR's best of epochs 800/1000/1200 {how}, else the "
             f"final snapshot): {pick['ckpt']} ({pick['images']:,} images)")
     return [app_a(rs, on) for rs in runs.values()], out
-
 
 def summarize(records, out, log):
     """Mean +- std over each arm's seeds, paired differences from the first arm; their files."""
@@ -992,7 +943,6 @@ def summarize(records, out, log):
           pixels and pixels[0])
     log(f"wrote {out / 'summary.json'} and {out / 'layers.png'}")
 
-
 def main(argv=None):
     """Probe every --ckpt; its record, or their list (several: the summary too)."""
     a = get_args(argv)
@@ -1009,7 +959,6 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return records[0] if len(records) == 1 else records
-
 
 if __name__ == "__main__":
     main()
