@@ -45,14 +45,14 @@ def module(script):
 def _run(*argv, timeout=600, env=None):
     """`python *argv` in the repository, as a user runs it: the completed process."""
     p = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=timeout, env={**os.environ, **(env or {})})
+                       timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert p.returncode == 0, f"{argv[:4]} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
-def _proc(script, *argv, threads=1):
-    """A script in a process of its own (what a scheduler kills), on `threads` OpenMP threads."""
+def _proc(script, *argv):
+    """A script in a process of its own (what a scheduler kills), on one OpenMP thread."""
     return subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=ROOT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 def _wait_for_step(out, step, proc):
@@ -133,9 +133,8 @@ def _toy(sizes, args, split):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """tiny_run(*flags, toy=None): the folder of train_unet.py's run of `flags`, trained once per
-    session for every test that reads a trained checkpoint (tests that write use _copy_run).
-    toy: the (train, test) sizes of the shapes toy it trains on."""
+    """tiny_run(*flags, toy=None): the folder of train_unet.py's run of `flags` on a shapes toy of
+    `toy` (train, test) sizes, trained once a session (tests that write use _copy_run)."""
     runs = {}
 
     def run(*flags, toy=None):
@@ -195,9 +194,8 @@ def _half_written(error):
     return save
 
 def _stub_fid(monkeypatch, cache):
-    """fid.py with .ci/memory.py's stub Inception (a fixed random map of the pooled image) and a
-    stand-in distance (0 iff the statistics agree; a 2048-d sqrtm takes a minute), its reference
-    statistics cached in `cache`: where the plumbing is under test."""
+    """fid.py with .ci/memory.py's stub Inception and a stand-in distance (0 iff the statistics
+    agree; a 2048-d sqrtm takes a minute), its reference statistics cached in `cache`."""
     warnings.simplefilter("ignore")  # a handful of images: rank-deficient covariances
     monkeypatch.setattr(fid, "CACHE_DIR", str(cache))
     monkeypatch.setattr(fid, "frechet_distance", _distance_stand_in)
@@ -206,17 +204,17 @@ def _stub_fid(monkeypatch, cache):
 def _distance_stand_in(mu1, sigma1, mu2, sigma2):
     return float(abs(mu1 - mu2).sum() + abs(sigma1 - sigma2).sum())
 
-def _fid_images(n, size=32, seed=0):
+def _fid_images(n, size=32, seed=0, hwc=False):
+    """n random uint8 images, (N, 3, H, W), or hwc: (N, H, W, 3) numpy as in ADM's npz files."""
     x = torch.randint(0, 200, (n, 3, size, size), generator=torch.Generator().manual_seed(seed))
-    return x.to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy().astype(np.uint8) if hwc else x.to(torch.uint8)
 
 def _image_folder(folder, n, size=32, seed=0):
     """n of _fid_images as png files in folder: the (N, H, W, 3) array it holds."""
-    x = _fid_images(n, size, seed=seed).permute(0, 2, 3, 1).numpy()
+    x = _fid_images(n, size, seed=seed, hwc=True)
     for i, im in enumerate(x):
         _png(folder / f"{i}.png", im)
     return x
-
 # ------------------------------------------------------------------------------------------------
 # The copy rule: each train_*.py stands alone, so the blocks they share are copies, held identical
 
