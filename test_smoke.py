@@ -234,9 +234,7 @@ SHARED = {  # top-level definition -> the trainers that hold a copy of it, chara
         "contrastive_loss", "contrastive_step", "load_train_data", "fake_batch", "train_step",
         "sample_preview"], PIXEL),
 }
-# The part each trainer writes its own way: what the shared main and the tools call by name
-# (train_dit.py's latent data, step and preview differ from the pixel trainers' shared ones; it
-# keeps only the data its model trains on: the shapes toy in pixels, class folders as latents).
+# Each trainer's own: what the shared main and the tools call by name (DiT's data, step, preview)
 PER_SCRIPT = {"NETS", "ARCH_KEYS", "get_args", "build_model", "build_diffusion", "build_optimizer",
               "param_report", "load_train_data", "fake_batch", "train_step", "sample_preview",
               "TOOL_INTERFACE", "DATASETS", "image_files", "load_pixels"}
@@ -274,8 +272,18 @@ def _copies(tmp, files, edits=()):
     for f, old, new in edits:
         (tmp / f).write_text((ROOT / f).read_text().replace(old, new))
 
-def test_copy_rule_shared_blocks_are_identical(tmp_path):
+def test_copy_rule_shared_blocks_are_identical_and_read_only_what_get_args_defines(tmp_path):
     assert _copy_rule_breaks(ROOT) == []
+    # each trainer's get_args defines every args.<name> the shared code reads (DiT's lacked
+    # warmup_epochs; only a default keeping that branch untaken hid it)
+    for f in TRAINERS:
+        defs = _top_level(ROOT / f)
+        tree = ast.parse("\n".join(s for n, s in defs.items() if SHARED.get(n) == TRAINERS))
+        uses = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name) and n.value.id == "args"]
+        written = {n.attr for n in uses if isinstance(n.ctx, ast.Store)}
+        argv = ["--dataset", "shapes", "--latent", "none"] if f == "train_dit.py" else []
+        assert {n.attr for n in uses} - written - set(vars(module(f).get_args(argv))) == set(), f
     # the test bites: one edited character in one copy breaks it, and so does an undeclared twin
     _copies(tmp_path, TRAINERS, [("train_uvit.py", "decay = min(rate, 1 - (1 + step) ** (-2 / 3))",
                                   "decay = min(rate, 1 - (1 + step) ** (-3 / 4))")])
@@ -285,33 +293,17 @@ def test_copy_rule_shared_blocks_are_identical(tmp_path):
         "update_ema differs among train_unet.py, train_uvit.py, train_dit.py (or is missing)",
         "norm is defined in train_unet.py, train_dit.py but not declared shared"]
 
-def test_shared_main_reads_only_what_every_get_args_defines():
-    # each trainer's get_args must define every args.<name> the shared code reads (DiT's lacked
-    # warmup_epochs; only a default keeping that branch untaken hid it)
-    for f in TRAINERS:
-        defs = _top_level(ROOT / f)
-        tree = ast.parse("\n".join(s for n, s in defs.items() if SHARED.get(n) == TRAINERS))
-        uses = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-                and isinstance(n.value, ast.Name) and n.value.id == "args"]
-        written = {n.attr for n in uses if isinstance(n.ctx, ast.Store)}
-        argv = ["--dataset", "shapes", "--latent", "none"] if f == "train_dit.py" else []
-        args = vars(module(f).get_args(argv))
-        assert {n.attr for n in uses} - written - set(args) == set(), f
-
-
-# The tool interface: each trainer's TOOL_INTERFACE names what sample.py, probe.py, fid.py and
-# .ci/*.py may call in it. `mod` is the trainer a checkpoint names (any of the three); names only a
-# latent trainer has are reached for its checkpoints alone; every other name a tool reaches through
-# `mod`, every trainer declares.
+# The tool interface: each trainer's TOOL_INTERFACE names what the tools (sample.py, probe.py,
+# fid.py, .ci/*.py) may call in it; `mod` (a checkpoint's trainer) reaches LATENT_ONLY names for
+# train_dit.py alone, every other name in every trainer.
 CI_TOOLS = sorted(f".ci/{p.name}" for p in ROOT.glob(".ci/*.py"))
 TOOLS = ("sample.py", "probe.py", "fid.py", *CI_TOOLS)
 LATENT_ONLY = {"IMAGE_SIZE", "latent_cache", "build_vae", "load_vae", "decode"}
 REACH = {"mod": TRAINERS, "_trainer()": ("train_unet.py",), **{f[:-3]: (f,) for f in TRAINERS}}
 
 def _interface_breaks(root):
-    """What breaks the tool interface under root: a declared name a trainer does not define, or a
-    name a tool reaches through a trainer (mod.X, train_unet.X, getattr(mod, "X")) that the
-    trainer does not declare."""
+    """What breaks the tool interface under root: a declared name a trainer does not define, a
+    name a tool reaches (mod.X, train_unet.X, getattr(mod, "X")) that it does not declare."""
     declared, broken = {}, []
     for f in TRAINERS:
         tree = ast.parse((root / f).read_text())
@@ -341,14 +333,13 @@ def test_tool_interface_is_declared_defined_and_all_the_tools_use(tmp_path):
             text.index("\n# Self-conditioning")
     # the test bites: a trainer that drops a name it declares, or one the tools call, breaks it
     _copies(tmp_path, (*TRAINERS, *TOOLS), [("train_uvit.py", "def center_crop(", "def centre_(")])
-    assert _interface_breaks(tmp_path) == ["train_uvit.py declares center_crop but does not "
-                                           "define it"]
+    assert _interface_breaks(tmp_path) == [
+        "train_uvit.py declares center_crop but does not define it"]
     _copies(tmp_path, (), [("train_uvit.py", '    "build_model",  #', "    #")])
     broken = _interface_breaks(tmp_path)
     assert "sample.py calls mod.build_model, which train_uvit.py does not declare" in broken
     assert all(m.endswith(" calls mod.build_model, which train_uvit.py does not declare")
                for m in broken)
-
 
 # ------------------------------------------------------------------------------------------------
 # The README's commands
