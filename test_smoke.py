@@ -347,10 +347,9 @@ def test_tool_interface_is_declared_defined_and_all_the_tools_use(tmp_path):
 README_SCRIPTS = ("train_unet", "train_uvit", "train_dit", "sample", "probe", "fid", "memory")
 
 def _readme_commands(text):
-    """(line number, command, script, argv or why it is skipped) of each command in the README's
-    ``` blocks that runs a README_SCRIPTS script under python (any path) or torchrun: backslash
-    continuations joined, `# comments` dropped, $var and ${var} the first value of a preceding
-    `for var in a b; do` in the block, the launcher and its options dropped, globs kept as is."""
+    """(line, command, script, argv or why it is skipped) of each python or torchrun command of a
+    README_SCRIPTS script in the ``` blocks: continuations joined, comments and the launcher
+    dropped, $var the first value of the block's `for var in a b; do`, globs kept."""
     found, block, loops, lines, i = [], False, {}, text.splitlines(), 0
     while i < len(lines):
         number, line = i + 1, lines[i]
@@ -388,15 +387,14 @@ def _readme_commands(text):
     return found
 
 def _parse_only(name, argv):
-    """argv through script `name`'s own parser, and nothing run: its get_args(argv); a script
-    without one (fid.py builds its parser in main) runs main(argv) up to the parse only."""
+    """argv through script `name`'s own parser, nothing run: get_args(argv), or main(argv) stopped
+    at its parse (fid.py builds its parser in main)."""
     mod = module(name)
     if hasattr(mod, "get_args"):
         return mod.get_args(argv)
 
     class Parsed(Exception):
         pass
-
     parse = argparse.ArgumentParser.parse_args
 
     def parse_and_stop(parser, *args, **kwargs):
@@ -423,7 +421,7 @@ def _readme_failures(text, capsys):
     return failed
 
 def test_readme_commands_parse_with_their_scripts_own_parsers(capsys):
-    text = (ROOT / "README.md").read_text()  # read now: the README changes more than this test
+    text = (ROOT / "README.md").read_text()
     assert _readme_commands(text), "README.md runs none of the scripts in a ``` block"
     failed = _readme_failures(text, capsys)
     assert not failed, "README commands that their script's parser refuses:\n" + "\n".join(failed)
