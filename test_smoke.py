@@ -439,31 +439,30 @@ def test_readme_commands_parse_with_their_scripts_own_parsers(capsys):
 
 SC_UNET = 128 * 512 + 512 + 512 * 512 + 512 + 256 * 512 + 512  # time MLP, its output, projection
 
-@pytest.mark.parametrize("script,flags,total,sc,add", [
-    ("train_unet.py", "--net ddpm", 35_746_307, SC_UNET, 256 * 512 + 512),  # paper, Table 9
-    ("train_unet.py", "--net ddpmpp", 56_524_291, SC_UNET, 256 * 512 + 512),
-    ("train_uvit.py", "--dataset cifar10", 44_255_328, 1_024, None),  # official U-ViT-S (CIFAR)
-    ("train_dit.py", "--no-class-cond", 129_787_424, 1_378_560, 768 * 768 + 768),  # paper: 129.8M
-    ("train_dit.py", "--net L --no-class-cond", 457_127_936, 2_362_368, None)])  # DiT-L/1
-def test_param_counts_match_the_paper(script, flags, total, sc, add):
+@pytest.mark.parametrize("script,flags,total,sc,add,dry_run", [  # dry_run: its sc_layer, or True
+    ("train_unet.py", "--net ddpm", 35_746_307, SC_UNET, 256 * 512 + 512, "out_6"),  # Table 9
+    ("train_unet.py", "--net ddpmpp", 56_524_291, SC_UNET, 256 * 512 + 512, None),
+    ("train_uvit.py", "--dataset cifar10", 44_255_328, 1_024, None, True),  # U-ViT-S (CIFAR)
+    ("train_dit.py", "--no-class-cond", 129_787_424, 1_378_560, 768 * 768 + 768, "block_9"),
+    ("train_dit.py", "--net L --no-class-cond", 457_127_936, 2_362_368, None, None)])  # DiT-L/1
+def test_param_counts_match_the_paper_and_dry_run_prints_them(script, flags, total, sc, add,
+                                                              dry_run):
     """Self-conditioning: +460,288 in both UNets, a [CLS] token and its position row in the U-ViT,
-    +1.38M in DiT-B/1 (paper); direct addition (--sc-mode add) costs the projection only."""
+    +1.38M in DiT-B/1 (paper: 129.8M); --sc-mode add costs the projection only. --dry-run (at the
+    trainer's default dataset: CIFAR, Table 10's layer) prints the counts."""
+    mod = module(script)
+
     def count(*extra):
         with torch.device("meta"):  # no memory, no init cost
-            return module(script).count_params(module(script).build_model(
-                module(script).get_args([*flags.split(), *extra])))
+            return mod.count_params(mod.build_model(mod.get_args([*flags.split(), *extra])))
     assert count() == total and count("--self-cond") - total == sc and SC_UNET == 460_288
     assert add is None or count("--self-cond", "--sc-mode", "add") - total == add
-
-@pytest.mark.parametrize("script,flags,counts,sc_layer", [
-    ("train_unet.py", ["--net", "ddpm"], "36,206,595 total, 460,288", "out_6"),  # Table 10: CIFAR
-    ("train_uvit.py", [], "44,256,352 total, 1,024", None),
-    ("train_dit.py", ["--no-class-cond"], "131,165,984 total, 1,378,560", "block_9")])
-def test_dry_run_prints_the_parameter_counts(script, flags, counts, sc_layer):
-    p = _run(script, *flags, "--self-cond", "--dry-run")
-    args = json.loads(p.stdout[:p.stdout.rindex("}") + 1])
-    assert f"parameters: {counts} self-conditioning" in p.stdout and args["self_cond"]
-    assert sc_layer in (None, args["sc_layer"])
+    if dry_run:
+        argv = [] if script == "train_uvit.py" else flags.split()
+        p = _run(script, *argv, "--self-cond", "--dry-run")
+        args = json.loads(p.stdout[:p.stdout.rindex("}") + 1])
+        assert f"parameters: {total + sc:,} total, {sc:,} self-conditioning" in p.stdout
+        assert args["self_cond"] and dry_run in (True, args["sc_layer"])
 
 def test_unet_table10_defaults_feature_layers_and_resolutions():
     get = lambda *a: train_unet.get_args(list(a))
@@ -501,24 +500,23 @@ def test_unet_self_cond_starts_as_baseline_and_zero_label_is_no_label():
 
 @pytest.mark.parametrize("script", ["train_unet", "train_dit"])
 def test_self_cond_owns_its_zero_init_after_any_model_init(script):
-    """After every Linear is re-initialised (as DiT's own init does), reset_parameters() restores
-    the zero projection."""
+    # after every Linear is re-initialised (as DiT's own init does), reset_parameters() restores it
     torch.manual_seed(0)
     mod = module(script)
     model = mod.build_model(mod.get_args([*TINY[:4], "--self-cond", *(
         ["--latent", "none"] if mod is train_dit else [])]))
-    proj = model.self_cond.proj
-    assert not proj.weight.any() and not proj.bias.any()
+    zero = lambda: not model.self_cond.proj.weight.any() and not model.self_cond.proj.bias.any()
+    assert zero()
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-    assert proj.weight.any()
+    assert not zero()
     model.self_cond.reset_parameters()
-    assert not proj.weight.any() and not proj.bias.any()
+    assert zero()
 
 def test_snapshot_plan_counts_the_final_weights_once():
-    """ImageNet-1k: 90 epochs kept every 20 keep 20/40/60/80 and 90; a final step that is itself a
-    multiple is not counted twice; a keep-every under the batch keeps every step; 0 keeps none."""
+    # ImageNet-1k: 90 epochs kept every 20 keep 20/40/60/80 and 90; a final step that is itself a
+    # multiple is not counted twice; a keep-every under the batch keeps every step; 0 keeps none
     ema, n = nn.Linear(10, 10), 1_281_167
     size = sum(v.nbytes for v in ema.state_dict().values())
     plan = lambda images, batch, every: train_dit.snapshot_plan(types.SimpleNamespace(
@@ -530,8 +528,8 @@ def test_snapshot_plan_counts_the_final_weights_once():
     assert plan(320, 32, 160).endswith(f"2 x {size / 1e6:.3g} MB = {2 * size / 1e9:.3g} GB in run")
 
 def test_no_flip_steps_see_unflipped_images_and_the_default_still_flips(monkeypatch):
-    """--no-flip (classes that are not mirror-symmetric): train_step's flip, and with --aug the
-    pipe's x-flip, are off; the random draws stay a flipping run's (its unflipped rows alike)."""
+    """--no-flip: train_step's flip, and with --aug the pipe's x-flip, are off; the random draws
+    stay a flipping run's (its unflipped rows alike)."""
     batch = torch.linspace(-1, 1, 16).expand(8, 3, 16, 16).contiguous()  # a flip reverses a ramp
     seen = {}
     for flags in ([], ["--no-flip"], ["--aug"], ["--aug", "--no-flip"]):
@@ -547,8 +545,8 @@ def test_no_flip_steps_see_unflipped_images_and_the_default_still_flips(monkeypa
         seen[" ".join(flags)] += (torch.rand(4),)  # the draws after the step
     flipped = (seen[""][0] == batch.flip(3)).flatten(1).all(1)
     assert 0 < flipped.sum() < 8 and torch.equal(seen[""][0][~flipped], batch[~flipped])
-    assert torch.equal(seen["--no-flip"][0], batch)
-    assert torch.equal(seen["--no-flip"][2], seen[""][2])
+    assert torch.equal(seen["--no-flip"][0], batch) and torch.equal(seen["--no-flip"][2],
+                                                                    seen[""][2])
     xflip, both = seen["--aug"][1][:, 0] > 0, seen["--aug --no-flip"]  # the label: rows flipped
     assert 0 < xflip.sum() < 8 and not both[1][:, 0].any()
     assert torch.equal(both[1][:, 1:], seen["--aug"][1][:, 1:])  # the other ops alike
