@@ -568,18 +568,16 @@ def test_unet_formulations_train_and_reload(tmp_path, model, sc_mode):
     vars(args).update(ckpt["args"])
     rebuilt = train_unet.build_model(args)
     rebuilt.load_state_dict(ckpt["ema"], strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(),
-                                                 ema.state_dict().values()))
+    assert _same({"ema": rebuilt.state_dict()}, {"ema": ema.state_dict()}, ["ema"])
 
-def _ref(images=384):  # 12 steps: the session's reference run (tiny_run), or its first half
-    return _flags(images, "--keep-every", 160, log=32)
+def _ref(images=384, *extra):  # 12 steps: the session's reference run (tiny_run), or half
+    return _flags(images, "--keep-every", 160, *extra, log=32)
 
 def test_unet_resume_is_exact_and_keep_every_keeps_snapshots_and_the_final_weights(tmp_path,
                                                                                   tiny_run):
-    """A run stopped half way and rerun with the same command ends bitwise equal to an
-    uninterrupted run. --keep-every keeps ckpt-<images>.pt beside the rolling checkpoint, the
-    final weights too (384 images kept every 160 end at 384): what evaluation reads (EMA, args),
-    loadable weights-only; the run's start says how many it keeps and their size."""
+    """A run stopped half way and rerun longer ends bitwise equal to an uninterrupted run.
+    --keep-every keeps ckpt-<images>.pt (EMA and args, loadable weights-only) beside ckpt.pt, the
+    final weights too; the run's start says how many it keeps and their size."""
     ref = tiny_run(*_ref())
     train_unet.main([*_ref(192), "--out", str(tmp_path)])  # stops at step 6
     assert _load(tmp_path / "ckpt.pt")["step"] == 6
@@ -590,8 +588,7 @@ def test_unet_resume_is_exact_and_keep_every_keeps_snapshots_and_the_final_weigh
     assert names == [f"ckpt-{i:09d}.pt" for i in (160, 320, 384)]
     snap, last = _load(ref / "ckpt-000000384.pt"), _load(ref / "ckpt.pt")
     assert set(snap) == {"script", "args", "ema", "step", "images"} and snap["step"] == 12
-    assert snap["images"] == 384 and _same(snap, last, ["ema"])
-    assert last.keys() >= {"model", "opt"}  # the resume file: all
+    assert snap["images"] == 384 and _same(snap, last, ["ema"]) and last.keys() >= {"model", "opt"}
     size = sum(v.nbytes for v in last["ema"].values())  # EMA parameters x 4 bytes
     assert size < (ref / "ckpt-000000160.pt").stat().st_size < 1.05 * size  # on disk: +2%
     assert (f"snapshots: 3 kept (every 160 images and the final weights), 3 x {size / 1e6:.3g} MB "
@@ -604,14 +601,14 @@ def _train_rank(rank, world, script, argv):
     return module(script).main(argv)[0].state_dict()
 
 def test_unet_two_ranks_hold_identical_weights(tmp_path):
-    """Two gloo ranks as torchrun --nproc_per_node=2 starts them: DDP keeps the replicas equal."""
+    # two gloo ranks as torchrun --nproc_per_node=2 starts them: DDP keeps the replicas equal
     r0, r1 = ranks(2, _train_rank, "train_unet.py", [*_flags(192), "--out", str(tmp_path)])
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert "world 2" in (tmp_path / "log.txt").read_text()
     assert _metrics(tmp_path)[-1]["images"] == 192
 
 def test_unet_quickstart_loss_falls_grid_and_resume(tmp_path):
-    """The README quickstart, shortened: loss falls, a preview grid is written, a rerun resumes."""
+    # the README quickstart, shortened: loss falls, a preview grid is written, a rerun resumes
     argv = ["train_unet.py", "--net", "tiny", "--dataset", "shapes-fixed", "--model", "RF",
             "--self-cond", "--out", tmp_path, "--batch-size", "64", "--log-every", "640",
             "--sample-every", "1280", "--ckpt-every", "1280", "--warmup-images", "128"]
@@ -690,61 +687,54 @@ def test_resume_warns_of_changed_settings_and_refuses_what_it_cannot_continue(tm
     _raises(r"does not match the train_unet.py model .*conv_out.weight", sample.load_checkpoint,
             tmp_path / "edited.pt")
 
-KILLS = {  # script -> the flags of a tiny run checkpointing every step, the steps it is killed at
-    "train_unet.py": (_flags(384, "--ckpt-every", 32, log=32),  # 12 steps
-                      sorted(np.random.default_rng(0).choice(np.arange(2, 12), 3, replace=False))),
+KILLS = {  # script -> a tiny run checkpointing every step, the steps it is killed at
+    "train_unet.py": (_ref(384, "--ckpt-every", 32),  # 12 steps; then a SIGTERM
+                      sorted(np.random.default_rng(0).choice(np.arange(2, 9), 3, replace=False))),
     "train_uvit.py": (_flags(256, "--ckpt-every", 32, log=32), [3]),  # 8 steps
     "train_dit.py": (_flags(256, "--ckpt-every", 32, "--sample-every", 0, "--latent", "none",
-                                 log=32), [3])}
+                            log=32), [3])}
 
 @pytest.mark.parametrize("script", TRAINERS)
-def test_sigkill_then_resume_is_exact(tmp_path, script):
-    """Killed with SIGKILL mid-run (the UNet at three random steps) and rerun with the same
-    command, a run ends bitwise equal to an uninterrupted one."""
+def test_sigkill_or_sigterm_then_resume_is_exact(tmp_path, tiny_run, script):
+    """Killed with SIGKILL mid-run (the UNet at three random steps, then stopped by SIGTERM, which
+    saves and exits 0) and rerun with the same command, a run ends bitwise equal to an
+    uninterrupted one (the UNet's: the session's tiny_run, trained in-process on one thread)."""
     flags, kills = KILLS[script]
-    run = lambda name: _proc(script, *flags, "--out", tmp_path / name)
-    ref = run("ref")
+    run = lambda name, *f: _proc(script, *(f or flags), "--out", tmp_path / name)
+    ref = tiny_run(*_ref()) / "ckpt.pt" if script == "train_unet.py" else run("ref")
     for step in kills:
         killed = run("killed")
         _wait_for_step(tmp_path / "killed", int(step), killed)
         killed.kill()
         killed.wait()
         _load(tmp_path / "killed" / "ckpt.pt")  # whatever instant it died at, the checkpoint loads
+    if script == "train_unet.py":  # no --ckpt-every: the checkpoint past the kills is SIGTERM's
+        proc = run("killed", *_ref())
+        _wait_for_step(tmp_path / "killed", kills[-1] + 2, proc)
+        proc.terminate()
+        assert proc.wait() == 0, proc.stderr.read()[-2000:]
+        assert "stopped by signal" in (tmp_path / "killed" / "log.txt").read_text()
+        assert kills[-1] + 2 <= _load(tmp_path / "killed" / "ckpt.pt")["step"] < 12
     for p in (run("killed"), ref):
-        assert p.wait() == 0, p.stderr.read()[-2000:]
-    a, b = (_load(tmp_path / d / "ckpt.pt") for d in ("ref", "killed"))
+        assert isinstance(p, Path) or p.wait() == 0, p.stderr.read()[-2000:]
+    a, b = (_load(p) for p in (tmp_path / "killed" / "ckpt.pt", ref if isinstance(ref, Path) else
+                                tmp_path / "ref" / "ckpt.pt"))
     assert a["step"] == b["step"] == int(flags[flags.index("--train-images") + 1]) // 32
     assert _same(a, b)
 
-def test_unet_sigterm_saves_and_resume_is_exact(tmp_path, tiny_run):
-    ref = _load(tiny_run(*_ref()) / "ckpt.pt")
-    run = lambda: _proc("train_unet.py", *_ref(), "--out", tmp_path)  # 1 thread, as in-process
-    proc = run()
-    _wait_for_step(tmp_path, 3, proc)
-    proc.terminate()
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
-    assert "stopped by signal" in (tmp_path / "log.txt").read_text()
-    assert 3 <= _load(tmp_path / "ckpt.pt")["step"] < 12
-    proc = run()
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
-    assert _same(_load(tmp_path / "ckpt.pt"), ref)
-
-@pytest.mark.parametrize("script,extra", [("train_unet.py", []), ("train_uvit.py", []),
+@pytest.mark.parametrize("script,extra", [("train_unet.py", ["--model", "EDM"]),
+                                          ("train_uvit.py", []),
                                           ("train_dit.py", ["--latent", "none"])])
 def test_bench_reports_speed_flops_and_self_cond_overhead(script, extra, capsys):
-    rec = module(script).main([*TINY, "--batch-size", "8", "--self-cond", "--bench", "1", *extra])
+    argv = [*TINY, "--batch-size", "8", "--self-cond", "--bench", "1", *extra]
+    rec = module(script).main(argv)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rec  # the final line
     assert rec["self_cond"] and rec["batch"] == 8 and rec["img_per_s"] > 0
     assert rec["gflop_per_img"] > 0 and 0 < rec["mfu"] < 1
     assert rec["self_cond_overhead"] > 0 and rec["peak_mem_gib"] > 0
-
-def test_bench_times_the_real_training_step_with_aug_and_cl():
-    # --bench runs train_step itself: --aug --cl adds the EMA forward of the second view
-    argv = [*TINY, "--batch-size", "8", "--model", "EDM", "--bench", "1"]
-    base, cl = train_unet.main(argv), train_unet.main([*argv, "--aug", "--cl"])
-    # forward+backward (3F) plus the EMA forward (F) is 4/3; the heads add a little (1.43 measured)
-    assert 1.3 < cl["gflop_per_img"] / base["gflop_per_img"] < 1.6
-
+    if script == "train_unet.py":  # --bench times train_step: --cl adds the EMA forward of the
+        cl = train_unet.main([*argv, "--aug", "--cl"])  # second view (4/3 of 3F; 1.43 measured)
+        assert 1.3 < cl["gflop_per_img"] / rec["gflop_per_img"] < 1.6
 
 # ------------------------------------------------------------------------------------------------
 # First runs: downloads under several ranks, the GPU branches on CPU, bad input; data
