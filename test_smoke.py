@@ -753,11 +753,10 @@ def _fetch_rank(rank, world, tmp):
             raise OSError("Network is unreachable")
         Path(dst).write_bytes((tmp / ("vae.pt" if url == train_dit.VAVAE_URL else "cifar.tar.gz"))
                               .read_bytes())
-
     torch.hub.download_url_to_file = fetch
     url, _, *rest = train_unet.CIFAR["cifar10"]
-    md5 = hashlib.md5((tmp / "cifar.tar.gz").read_bytes()).hexdigest()
-    train_unet.CIFAR["cifar10"] = (url, md5, *rest)
+    train_unet.CIFAR["cifar10"] = (url, hashlib.md5((tmp / "cifar.tar.gz").read_bytes())
+                                   .hexdigest(), *rest)
     args, results = train_dit.get_args(["--vae-config", "tiny"]), []
     for load in [lambda: train_unet.load_cifar("cifar10", tmp / "data", "train")[0].shape] * 2 + \
             [lambda: train_dit.load_vae(args, CPU).quant_conv.weight.shape] * 2:
@@ -768,8 +767,7 @@ def _fetch_rank(rank, world, tmp):
     return results
 
 def test_downloads_under_three_ranks_fetch_once_or_fail_alike(tmp_path):
-    """One fetch per node (local rank 0) while the others wait; a failure ends every rank with one
-    line."""
+    # one fetch per node (local rank 0) while the others wait; a failure ends every rank alike
     with tarfile.open(tmp_path / "cifar.tar.gz", "w:gz") as tar:  # the official layout
         for name, data in _cifar_batches():
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -779,53 +777,50 @@ def test_downloads_under_three_ranks_fetch_once_or_fail_alike(tmp_path):
                tmp_path / "vae.pt")
     t0 = time.time()
     results = ranks(3, _fetch_rank, str(tmp_path), gloo=1800)
-    assert results[0] == results[1] == results[2]  # every rank ends the same way
+    assert results[0] == results[1] == results[2] and time.time() - t0 < 120
     cifar_fail, cifar_ok, vae_fail, vae_ok = results[0]
-    assert cifar_fail.startswith("exit cifar10 is not in") and "Network is unreachable" in \
-        cifar_fail
-    assert "--data-path" in cifar_fail and "\n" not in cifar_fail
+    assert cifar_fail.startswith("exit cifar10 is not in") and "\n" not in cifar_fail
+    assert "Network is unreachable" in cifar_fail and "--data-path" in cifar_fail
     assert vae_fail.startswith("exit cannot download the VA-VAE") and "--vae PATH" in vae_fail
     assert cifar_ok == "loaded (20, 3, 32, 32)" and vae_ok == "loaded (64, 64, 1, 1)"
     fetches = (tmp_path / "fetches").read_text().splitlines()
     assert [f.split()[0] for f in fetches] == ["0"] * 4  # one fetch per attempt, by local rank 0
     assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-batches-py"]  # no partial archive
     assert os.listdir(tmp_path / "cache" / "ddae") == [Path(train_dit.VAVAE_URL).name]
-    assert time.time() - t0 < 120
-
-def test_fetch_once_takes_another_nodes_copy_and_reports_its_own_failure(tmp_path):
-    """Nodes on one file system may fetch at once: the loser's rename fails, the data is there."""
+    # nodes on one file system may fetch at once: the loser's rename fails, the data is there
     def lost_the_race(path):
         path.mkdir()  # another node's folder landed first
         raise OSError("[Errno 39] Directory not empty")
 
     def offline(path):
         raise OSError("no network")
-
     assert train_unet.fetch_once(tmp_path / "a", lost_the_race, "cannot fetch a") == tmp_path / "a"
     assert _raises("", train_unet.fetch_once, tmp_path / "b", offline, "cannot fetch b") == \
         "cannot fetch b (OSError: no network)"
 
-@pytest.mark.parametrize("script,extra", [("train_unet.py", ["--model", "RF", "--self-cond"]),
-                                          ("train_uvit.py", ["--self-cond", "--aug", "--cl"]),
-                                          ("train_dit.py", ["--latent", "none", "--self-cond",
-                                                            "--class-cond"])])
-def test_bf16_and_compile_run_on_cpu_and_sample(tmp_path, monkeypatch, script, extra):
+GPU_STYLE = {"train_unet": ["--model", "RF", "--self-cond"],  # what the GPU check trains too
+             "train_uvit": ["--self-cond", "--aug", "--cl"],
+             "train_dit": ["--latent", "none", "--self-cond", "--class-cond"]}
+
+def _gpu_style(out, extra):
+    """The argv of a 4-step tiny run with --compile, no previews, in `out`."""
+    return [*TINY, "--batch-size", "8", "--train-images", "32", "--log-every", "16",
+            "--sample-every", "0", "--compile", "--out", str(out), *extra]
+
+@pytest.mark.parametrize("name", list(GPU_STYLE))
+def test_bf16_and_compile_run_on_cpu_and_sample(tmp_path, monkeypatch, name):
     """What a GPU run takes, on CPU: bf16 autocast and torch.compile (its graph capture: dynamo and
     AOT autograd; inductor's code generation costs minutes on 2 cores), then sampling in bf16."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    out = tmp_path / "run"
-    model, ema = module(script).main([
-        "--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "8",
-        "--train-images", "32", "--log-every", "16", "--sample-every", "0", "--precision", "bf16",
-        "--compile", "--out", str(out), *extra])
-    _check_gpu_style_run(out, ema, script, tmp_path / "samples", ["--precision", "bf16"])
+    argv = _gpu_style(tmp_path / "run", ["--precision", "bf16", *GPU_STYLE[name]])
+    _check_gpu_style_run(tmp_path / "run", module(name).main(argv)[1], f"{name}.py",
+                         tmp_path / "samples", ["--precision", "bf16"])
 
 def _check_gpu_style_run(out, ema, script, samples, flags):
     """A 2-step run's figures and checkpoint, then 4 samples of it (bf16)."""
-    m = _metrics(out)
+    m, ckpt = _metrics(out), _load(out / "ckpt.pt")
     assert len(m) == 2 and all(math.isfinite(v) for r in m for k, v in r.items()
                                if "loss" in k and v is not None)
-    ckpt = _load(out / "ckpt.pt")
     assert all(v.dtype == torch.float32 for k in ("model", "ema") for v in ckpt[k].values()
                if v.is_floating_point())
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])  # clean names
@@ -879,7 +874,7 @@ def test_shapes_deterministic_and_balanced():
     assert torch.equal(yf, y) and np.ptp(fixed, 0).max() == 0
     assert len(xf.flatten(1).unique(dim=0)) == 200
 
-def test_cifar_loader_reads_official_pickles(tmp_path):
+def test_pixel_loaders_read_cifar_pickles_and_class_folders_in_worker_processes(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     for name, data in _cifar_batches():
         (tmp_path / "cifar-10-batches-py" / name).write_bytes(data)
@@ -887,9 +882,7 @@ def test_cifar_loader_reads_official_pickles(tmp_path):
     x, y = train_unet.load_pixels(args, "train")
     assert x.shape == (20, 3, 32, 32) and y.tolist() == [0, 1, 2, 3] * 5
     assert train_unet.load_pixels(args, "test")[0].shape == (4, 3, 32, 32)
-
-def test_class_folders_decode_in_worker_processes_and_name_a_bad_image(tmp_path):
-    _class_folders(tmp_path / "train", 5)
+    _class_folders(tmp_path / "train", 5)  # decoded alike in worker processes, a bad image named
     args = train_unet.get_args(["--dataset", "pets", "--data-path", str(tmp_path), "--resolution",
                                 "16", "--workers", "0"])
     ref = train_unet.load_pixels(args, "train")
@@ -898,14 +891,11 @@ def test_class_folders_decode_in_worker_processes_and_name_a_bad_image(tmp_path)
     assert x.shape == (10, 3, 16, 16) and torch.equal(x, ref[0])
     assert y.tolist() == [0] * 5 + [1] * 5
     (tmp_path / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(SystemExit, match="cannot read image .*bad.png.*--skip-bad"):
-        train_unet.load_pixels(args, "train")
+    _raises("cannot read image .*bad.png.*--skip-bad", train_unet.load_pixels, args, "train")
     args.skip_bad = True
     assert len(train_unet.load_pixels(args, "train")[0]) == 10
-    with pytest.raises(SystemExit, match="no images found"):
-        train_unet.load_pixels(train_unet.get_args(["--dataset", "x", "--data-path",
-                                                    str(tmp_path / "none")]))
-
+    _raises("no images found", train_unet.load_pixels, train_unet.get_args([
+        "--dataset", "x", "--data-path", str(tmp_path / "none")]))
 
 # ------------------------------------------------------------------------------------------------
 # train_unet.py: non-leaky augmentation, uncertainty, contrastive head
