@@ -914,29 +914,25 @@ def _aug_only(op, p=1.0):
     kw = dict(xflip=False, yflip=0, scale=0, rotate=0, aniso=0, translate=0)
     return train_unet.AugmentPipe(p=p, **{**kw, op: 1})
 
-def test_augment_p0_is_identity_apart_from_flip():
-    x = _aug_images(8)
-    y, lab = train_unet.AugmentPipe(p=0)(x, generator=torch.Generator().manual_seed(1))
-    assert lab.shape == (8, 9) and lab.dtype == torch.float32 and (lab[:, 1:] == 0).all()
-    flipped = lab[:, 0] == 1
-    assert 0 < flipped.sum() < 8 and ((lab[:, 0] == 0) | flipped).all()
-    ref = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
-    assert torch.allclose(y, ref, atol=1e-4)  # sym6 resampling still runs: identity to float eps
-
-def test_augment_label_layout():
-    x = _aug_images(16)
-    g = lambda: torch.Generator().manual_seed(3)
-    for op, slots in AUG_OPS.items():
+def test_augment_label_layout_p0_identity_and_determinism():
+    x, g = _aug_images(16), lambda s=3: torch.Generator().manual_seed(s)
+    for op, slots in {**AUG_OPS, "yflip": [1]}.items():
         _, lab = _aug_only(op)(x, generator=g())
-        nonzero = (lab != 0).any(0).nonzero().flatten().tolist()
-        assert nonzero == slots, (op, nonzero)
-    _, lab = _aug_only("yflip")(x, generator=g())
-    assert (lab != 0).any(0).nonzero().flatten().tolist() == [1]
+        assert (lab != 0).any(0).nonzero().flatten().tolist() == slots, op
     assert set(lab[:, 1].tolist()) == {0.0, 1.0}
     # p gates each op per image: at the CIFAR p=0.12 most images carry no geometric label
     _, lab = train_unet.AugmentPipe()(_aug_images(400, size=8), generator=g())
     frac = (lab[:, 2:] != 0).any(1).float().mean().item()
     assert abs(frac - (1 - 0.88 ** 4)) < 0.08  # 4 geometric ops, each on with probability p
+    x = x[:8]  # p=0: the identity apart from the flip (sym6 resampling still runs: float eps)
+    y, lab = train_unet.AugmentPipe(p=0)(x, generator=g(1))
+    assert lab.shape == (8, 9) and lab.dtype == torch.float32 and (lab[:, 1:] == 0).all()
+    flipped = lab[:, 0] == 1
+    assert 0 < flipped.sum() < 8 and ((lab[:, 0] == 0) | flipped).all()
+    assert torch.allclose(y, torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x), atol=1e-4)
+    pipe = train_unet.AugmentPipe(p=1)  # deterministic given the generator
+    a, b, c = (pipe(x, generator=g(s)) for s in (7, 7, 8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
 
 def test_augment_labels_describe_the_transform():
     # each image's warp rebuilt from its label alone (docstring formulas), resampled independently
@@ -976,14 +972,8 @@ def test_augment_integer_translation_and_rot90_match_roll_and_rot90():
     assert err.max() < 0.1 and err.mean() < 0.01
     assert (y - torch.rot90(x, -1, dims=(2, 3))).abs().mean() > 0.1  # and the direction is pinned
 
-def test_augment_deterministic_given_generator():
-    x, pipe = _aug_images(8), train_unet.AugmentPipe(p=1)
-    a, b, c = (pipe(x, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
-
 def test_augment_uncertainty_learns_log_loss():
-    # Closed form: d/du (L e^-u + u) = 1 - L e^-u vanishes at u = ln L, and pushes u towards it
-    # from both sides.
+    # closed form: d/du (L e^-u + u) = 1 - L e^-u vanishes at u = ln L, pushing u to it both ways
     L = torch.tensor(0.3)
     for u0 in (-2.0, 2.0):
         u = torch.tensor(u0, requires_grad=True)
@@ -1002,18 +992,14 @@ def test_augment_uncertainty_learns_log_loss():
                 p -= 0.05 * p.grad
     assert (unc(sigma) - target.log()).abs().max() < 0.1
 
-def test_augment_contrastive_loss_chance_and_perfect():
+def test_augment_contrastive_loss_chance_perfect_and_gathered_across_ranks(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    N, T = 64, 0.2
-    q, k = torch.randn(N, 128, generator=g), torch.randn(N, 128, generator=g)
-    chance = 2 * T * math.log(N)
-    assert abs(train_unet.contrastive_loss(q, k, T) - chance) < 0.1 * chance
+    q, k = torch.randn(64, 128, generator=g), torch.randn(64, 128, generator=g)
+    chance = 2 * 0.2 * math.log(64)
+    assert abs(train_unet.contrastive_loss(q, k, 0.2) - chance) < 0.1 * chance
     # only q.k scale-invariance and temperature left
-    assert train_unet.contrastive_loss(q, 3 * q, T) < 0.15 * chance
-
-def test_augment_contrastive_loss_gathers_across_ranks(monkeypatch):
-    # Fake a 2-rank world: each rank's positives sit at rank * N_local in the gathered targets.
-    g = torch.Generator().manual_seed(0)
+    assert train_unet.contrastive_loss(q, 3 * q, 0.2) < 0.15 * chance
+    # a fake 2-rank world: each rank's positives sit at rank * N_local in the gathered targets
     q, k = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
     k[:4] = q[:4] + 0.1 * k[:4]
     logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / 0.2
@@ -1024,9 +1010,8 @@ def test_augment_contrastive_loss_gathers_across_ranks(monkeypatch):
                             ("get_rank", lambda: rank), ("all_gather", lambda out, t: [
                                 o.copy_(s) for o, s in zip(out, kn.chunk(2))])):
             monkeypatch.setattr(train_unet.dist, name, value)
-        sl = slice(4 * rank, 4 * rank + 4)
-        loss = train_unet.contrastive_loss(q[sl], k[sl])
-        assert torch.allclose(loss, full[sl].mean() * 0.4, atol=1e-5)
+        loss = train_unet.contrastive_loss(q[4 * rank:4 * rank + 4], k[4 * rank:4 * rank + 4])
+        assert torch.allclose(loss, full[4 * rank:4 * rank + 4].mean() * 0.4, atol=1e-5)
 
 def test_augment_proj_head_params_and_time_mode():
     time_, moco = train_unet.ProjHead(256, mode="time"), train_unet.ProjHead(256, mode="mocov3")
@@ -1039,19 +1024,17 @@ def test_augment_proj_head_params_and_time_mode():
     assert time_(f, level).shape == (16, 256) and time_.project(f, level).shape == (16, 256)
 
 def test_augment_contrastive_training_falls():
-    # Two noisy views of the same instances; online head trained, target = a frozen EMA copy of it.
+    # two noisy views of the same instances; online head trained, target a frozen EMA copy of it
     torch.manual_seed(0)
-    N, C = 64, 32
-    z = torch.randn(N, C)
-    head, ema = (train_unet.ProjHead(C, hidden=64, out=32) for _ in range(2))
+    z = torch.randn(64, 32)
+    head, ema = (train_unet.ProjHead(32, hidden=64, out=32) for _ in range(2))
     ema.load_state_dict(head.state_dict())
     losses = []
     for _ in range(60):  # hand-written SGD: torch.optim's first use imports dynamo (seconds)
-        v1, v2 = z + 0.5 * torch.randn(N, C), z + 0.5 * torch.randn(N, C)
-        t1, t2 = torch.rand(N), torch.full((N,), 0.01)
+        v1, v2 = z + 0.5 * torch.randn(64, 32), z + 0.5 * torch.randn(64, 32)
         with torch.no_grad():
-            k = ema.project(v2, t2)
-        loss = train_unet.contrastive_loss(head(v1, t1), k)
+            k = ema.project(v2, torch.full((64,), 0.01))
+        loss = train_unet.contrastive_loss(head(v1, torch.rand(64)), k)
         head.zero_grad()
         loss.backward()
         with torch.no_grad():
@@ -1060,7 +1043,6 @@ def test_augment_contrastive_training_falls():
                 pe.lerp_(p, 0.1)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-
 
 # ------------------------------------------------------------------------------------------------
 # train_uvit.py (tiny runs: 16x16 shapes, 16 patch tokens)
