@@ -1135,21 +1135,28 @@ def test_uvit_loss_falls_resume_is_exact_and_checkpoint_reloads_strictly(tmp_pat
 def _dit_args(*argv):
     return train_dit.get_args(list(argv))
 
-def test_dit_table10_defaults_and_sc_layer_parsing():
-    assert _dit_args("--dataset", "in1k").sc_layer == "block_10"
-    assert _dit_args("--dataset", "in1k", "--no-class-cond").sc_layer == "block_9"
-    assert _dit_args("--dataset", "in100").sc_layer == "block_8"
-    assert _dit_args("--sc-layer", "7").sc_layer == _dit_args("--sc-layer", "block_7").sc_layer
-    assert _dit_args("--sc-layer", "7").sc_layer == "block_7"
-    assert _dit_args("--dataset", "in1k").class_cond
-    assert not _dit_args("--dataset", "mydata").class_cond
+def test_dit_table10_defaults_sc_layer_parsing_and_label_table(tmp_path):
+    assert [_dit_args(*a.split()).sc_layer for a in (
+        "--dataset in1k", "--dataset in1k --no-class-cond", "--dataset in100", "--sc-layer 7",
+        "--sc-layer block_7")] == ["block_10", "block_9", "block_8", "block_7", "block_7"]
+    assert _dit_args("--dataset", "in1k").class_cond and not _dit_args("--dataset", "x").class_cond
     assert _dit_args().probe_t == 0.25
-    with pytest.raises(SystemExit):
-        _dit_args("--sc-layer", "13")
+    _raises("", _dit_args, "--sc-layer", "13")
     # DiT-L/1 (24 blocks, width 1024, 16 heads): Table 10's designated block scaled by depth
     assert [_dit_args("--net", "L", *f).sc_layer for f in (["--no-class-cond"], [],
                                                           ["--dataset", "in100"])] == \
         ["block_18", "block_20", "block_16"]
+    # get_args counts the training split's class folders: build_model needs no data loading
+    for c in ("cat", "dog", "owl"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path), *TINY[:2], "--class-cond")
+    assert args.num_classes == 3
+    assert train_dit.build_model(args).y_embed.weight.shape == (4, 64)  # + the null class
+    assert _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "nil")).num_classes is None
+    with torch.device("meta"):  # ImageNet-1k: 1000 classes + the null class
+        counts = [train_dit.count_params(train_dit.build_model(_dit_args(*a)))
+                  for a in (["--no-class-cond"], ["--dataset", "in1k"])]
+    assert counts[1] - counts[0] == 1001 * 768
 
 def test_dit_rope_is_a_relative_2d_rotation_of_the_patch_tokens():
     with torch.device("meta"):
@@ -1168,8 +1175,7 @@ def test_dit_rope_is_a_relative_2d_rotation_of_the_patch_tokens():
     rq, rk = rope(q.expand(1, 1, 256, 16))[0, 0], rope(k.expand(1, 1, 256, 16))[0, 0]
     assert torch.allclose(rq[0] @ rk[17], rq[18] @ rk[35], atol=1e-4)  # (0,0)-(1,1) vs (1,2)-(2,3)
     assert not torch.allclose(rq[0] @ rk[17], rq[0] @ rk[18], atol=1e-4)  # and on the offset
-    with pytest.raises(RuntimeError):  # a sequence of another length does not fit the table
-        rope(torch.randn(1, 1, 255, 16))
+    _raises("", rope, torch.randn(1, 1, 255, 16), exc=RuntimeError)  # another length: no fit
 
 def test_dit_self_cond_starts_as_noop_and_returns_features():
     torch.manual_seed(0)
@@ -1189,29 +1195,13 @@ def test_dit_self_cond_starts_as_noop_and_returns_features():
     assert feats["block_3"].shape == (4, 64) and feats["block_3"].dtype == torch.float32
     v, f = train_dit.build_diffusion(args).pred(sc, x, t, y, feats=("block_2",))
     assert v.shape == x.shape and set(f) == {"block_2"}
-    with pytest.raises(ValueError):
-        sc(x, t, y, feats=("out_1",))
-
-def test_dit_class_folders_size_the_label_table_from_get_args(tmp_path):
-    # get_args counts the training split's class folders, so build_model needs no data loading
-    for c in ("cat", "dog", "owl"):
-        (tmp_path / "train" / c).mkdir(parents=True)
-    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path), *TINY[:2], "--class-cond")
-    assert args.num_classes == 3
-    assert train_dit.build_model(args).y_embed.weight.shape == (4, 64)  # + the null class
-    assert _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "nil")).num_classes is None
-    with torch.device("meta"):  # ImageNet-1k: 1000 classes + the null class
-        counts = [train_dit.count_params(train_dit.build_model(_dit_args(*a)))
-                  for a in (["--no-class-cond"], ["--dataset", "in1k"])]
-    assert counts[1] - counts[0] == 1001 * 768
+    _raises("", sc, x, t, y, feats=("out_1",), exc=ValueError)
 
 def test_dit_pixels_are_the_shapes_toy_only_other_data_trains_as_latents(capsys):
-    """train_dit.py keeps the data its model trains on: latents of ImageNet or class folders, and
-    the shapes toy in pixel space (--latent none, the CPU tests); CIFAR trains in the pixel
-    trainers."""
+    # train_dit.py keeps the data its model trains on: latents of ImageNet or class folders, and
+    # the shapes toy in pixel space (--latent none, the CPU tests); CIFAR trains in PIXEL trainers
     for argv in (["--latent", "none", "--dataset", "cifar10"], ["--dataset", "shapes"]):
-        with pytest.raises(SystemExit):
-            _dit_args(*argv)
+        _raises("", _dit_args, *argv)
         assert "pixel space (--latent none) is for the shapes toy" in capsys.readouterr().err
     args = _dit_args("--latent", "none", "--dataset", "shapes-fixed")
     assert (args.num_classes, args.epochs, args.keep_epochs) == (10, 40, 0)
@@ -1231,8 +1221,8 @@ def _fake_cache(out, key, latents, labels=None):
     (out / "complete").write_text("{}")
 
 def test_dit_no_flip_takes_the_unflipped_view_latent_and_pixel(tmp_path):
-    """--no-flip: a latent batch reads the cache's unflipped copy, a pixel batch is not flipped;
-    the default picks either copy."""
+    # --no-flip: a latent batch reads the cache's unflipped copy, a pixel batch is not flipped;
+    # the default picks either copy
     common = ["--dataset", "toy", "--data-path", str(tmp_path), "--cache-dir",
               str(tmp_path / "cache"), "--net", "tiny", "--sample-every", "0"]
     out = train_dit.cache_dir(_dit_args(*common), "train")
@@ -1243,13 +1233,12 @@ def test_dit_no_flip_takes_the_unflipped_view_latent_and_pixel(tmp_path):
     idx = torch.arange(8)
     for extra in ([], ["--no-flip"]):
         torch.manual_seed(0)
-        data = train_dit.load_train_data(_dit_args(*common, *extra), CPU)
-        views = data.batch(idx)[0].flatten(1).mean(1)
+        views = train_dit.load_train_data(_dit_args(*common, *extra), CPU).batch(idx)[0]
+        views = views.flatten(1).mean(1)
         assert 0 < views.sum() < 8 if not extra else not views.any()
         p = _dit_args("--latent", "none", "--dataset", "shapes", "--net", "tiny", *extra)
         x = train_dit.load_train_data(p, CPU).batch(idx)[0]
-        clean = train_dit.load_pixels(p)[0][:8].float() / 127.5 - 1
-        flipped = ~(x == clean).flatten(1).all(1)
+        flipped = ~(x == train_dit.load_pixels(p)[0][:8].float() / 127.5 - 1).flatten(1).all(1)
         assert 0 < flipped.sum() < 8 if not extra else not flipped.any()
 
 def test_dit_label_dropout_rate_and_null_class():
@@ -1261,28 +1250,23 @@ def test_dit_label_dropout_rate_and_null_class():
     assert abs(null.float().mean().item() - 0.1) < 0.005  # 0.1 +- 7 sigma
     assert torch.equal(dropped[~null], y[~null])
     seen = []
-
-    def model(x, t, y, feats=(), pool=True):
-        seen.append(y)
-        return torch.zeros_like(x), {}
-
+    model = lambda x, t, y, feats=(), pool=True: seen.append(y) or (torch.zeros_like(x), {})
     loss, level = rf.loss(model, torch.randn(4000, 2, 2, 2), torch.zeros(4000, dtype=torch.long))
     assert loss.shape == level.shape == (4000,) and 0 < level.min() and level.max() < 1
     assert abs((seen[0] == 1000).float().mean().item() - 0.1) < 0.03
     noised = rf.add_noise(torch.zeros(2, 1, 1, 1), torch.tensor([0.0, 1]), torch.ones(2, 1, 1, 1))
     assert torch.allclose(noised.flatten(), torch.tensor([0.0, 1.0]))  # t=1: pure noise (paper)
 
+VAE_SHAPES = {  # the official VA-VAE's: attention at 16x16, 3 blocks per decoder level
+    "encoder.conv_in.weight": (128, 3, 3, 3), "quant_conv.weight": (64, 64, 1, 1),
+    "post_quant_conv.weight": (32, 32, 1, 1), "decoder.conv_out.weight": (3, 128, 3, 3),
+    "encoder.down.4.attn.1.proj_out.weight": (512, 512, 1, 1),
+    "decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3)}
+
 def test_dit_vae_official_layout_strict_load_and_round_trip(tmp_path):
     with torch.device("meta"):
         official = train_dit.build_vae(_dit_args()).state_dict()
-    assert {k: tuple(official[k].shape) for k in (
-        "encoder.conv_in.weight", "quant_conv.weight", "post_quant_conv.weight",
-        "decoder.conv_out.weight", "encoder.down.4.attn.1.proj_out.weight",  # attention at 16x16
-        "decoder.up.0.block.2.conv2.weight")} == {  # 3 blocks per decoder level
-        "encoder.conv_in.weight": (128, 3, 3, 3), "quant_conv.weight": (64, 64, 1, 1),
-        "post_quant_conv.weight": (32, 32, 1, 1), "decoder.conv_out.weight": (3, 128, 3, 3),
-        "encoder.down.4.attn.1.proj_out.weight": (512, 512, 1, 1),
-        "decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3)}
+    assert {k: tuple(official[k].shape) for k in VAE_SHAPES} == VAE_SHAPES
     assert len(official) == 342 and {k.split(".")[0] for k in official} == \
         {"encoder", "decoder", "quant_conv", "post_quant_conv"}
     torch.manual_seed(0)
@@ -1293,9 +1277,8 @@ def test_dit_vae_official_layout_strict_load_and_round_trip(tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "vavae.pt")
     vae = train_dit.load_vae(args, CPU)  # strict after dropping the 3 extra keys
     z = vae.encode(torch.rand(1, 3, 256, 256) * 2 - 1)
-    assert z.shape == (1, 32, 16, 16)
     img = train_dit.decode(vae, z, {"mean": torch.zeros(32), "std": torch.ones(32)})
-    assert img.shape == (1, 3, 256, 256) and img.abs().max() <= 1
+    assert z.shape == (1, 32, 16, 16) and img.shape == (1, 3, 256, 256) and img.abs().max() <= 1
 
 class _CountingVAE:
     """Wraps a VAE, counting encoded images; optionally fails on the n-th call (a killed run)."""
@@ -1350,9 +1333,8 @@ def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch)
     files, out = train_dit.image_files(args, "train"), train_dit.cache_dir(args, "train")
     vae = train_dit.load_vae(args, CPU)
     # 1) a single-process extraction killed during its second batch: images 0 and 1 are done
-    with pytest.raises(KeyboardInterrupt):
-        train_dit.extract_latents(*_dit_source(files), out, train_dit.cache_key(args, 6),
-                                  _CountingVAE(vae, fail_on=2), CPU, batch=2)
+    _raises("", train_dit.extract_latents, *_dit_source(files), out, train_dit.cache_key(args, 6),
+            _CountingVAE(vae, fail_on=2), CPU, batch=2, exc=KeyboardInterrupt)
     assert np.load(out / "done.rank0.npy").tolist() == [True, True, False, False, False, False]
     # 2) two gloo ranks finish the rest, each writing only its own rows
     r0, r1 = ranks(2, _dit_cache_rank, args, gloo=1800)
@@ -1388,15 +1370,16 @@ def test_dit_latent_cache_two_ranks_resumes_and_is_reused(tmp_path, monkeypatch)
     _run("train_dit.py", "--dataset", "toy", "--data-path", tmp_path / "data", "--cache-dir",
          tmp_path / "cache", "--vae", tmp_path / "vae.pt", "--vae-config", "tiny", "--net", "tiny",
          "--self-cond", "--class-cond", "--batch-size", "4", "--train-images", "8",
-         "--sample-every", "0", "--out", tmp_path / "run", env={"OMP_NUM_THREADS": "1"})
+         "--sample-every", "0", "--out", tmp_path / "run")
     ckpt, stats = _load(tmp_path / "run" / "ckpt.pt"), _load(out / "stats.pt")
     assert torch.equal(ckpt["latent_stats"]["mean"], stats["mean"])
     assert ckpt["latent_stats"]["std"].shape == (32,) and ckpt["args"]["num_classes"] == 2
     assert ckpt["model"]["y_embed.weight"].shape == (3, 64)
 
-def test_dit_bad_latent_cache_ends_every_rank_with_one_line(tmp_path):
+def test_dit_bad_or_unshared_latent_cache_ends_every_rank_with_one_line(tmp_path):
     # a truncated latents.npy, and an old (64-byte header) cache that must still load: two gloo
-    # ranks end promptly with the same line, none waits at a barrier
+    # ranks end promptly with the same line, none waits at a barrier; so do ranks whose cache
+    # folders differ (no shared disk)
     args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "absent"), "--cache-dir",
                      str(tmp_path / "cache"))
     out = train_dit.cache_dir(args, "train")
@@ -1409,8 +1392,9 @@ def test_dit_bad_latent_cache_ends_every_rank_with_one_line(tmp_path):
     assert m0 == m1 and "is unreadable" in m0 and "\n" not in m0
     assert max(t0, t1) < 50  # the group's timeout is 60 s
     (out / "latents.npy").write_bytes(b"garbage" * 100)  # garbage: the same one line
-    with pytest.raises(SystemExit, match="is unreadable"):
-        train_dit.latent_cache(args, "train")
+    _raises("is unreadable", train_dit.latent_cache, args, "train")
+    msgs = ranks(2, _dit_cache_rank, args, "own folder", gloo=60)
+    assert msgs[0] == msgs[1] and "do not share the latent cache" in msgs[0]
 
 def test_dit_unreadable_image_ends_every_rank_during_extraction(tmp_path):
     # rank 1's first image is damaged: both ranks stop within a batch with the same line
@@ -1424,12 +1408,6 @@ def test_dit_unreadable_image_ends_every_rank_during_extraction(tmp_path):
     assert msgs[0] == msgs[1] and msgs[0].startswith("cannot read image") and "1.png" in msgs[0]
     # rank 0 encoded at most its first image before stopping
     assert train_dit.done_mask(train_dit.cache_dir(args, "train"), 6).sum() <= 2
-
-def test_dit_ranks_without_a_shared_cache_stop_with_one_line(tmp_path):
-    args = _dit_args("--dataset", "toy", "--data-path", str(tmp_path / "absent"), "--cache-dir",
-                     str(tmp_path / "cache"))
-    msgs = ranks(2, _dit_cache_rank, args, "own folder", gloo=60)
-    assert msgs[0] == msgs[1] and "do not share the latent cache" in msgs[0]
 
 class _TensorImages(torch.utils.data.Dataset):
     """Images in memory, as another dataset reaches the latent cache: (index, uint8 image, "")."""
@@ -1445,9 +1423,8 @@ class _TensorImages(torch.utils.data.Dataset):
 
 def test_dit_latent_cache_encodes_any_source_and_refuses_another_key(tmp_path):
     """latent_cache(args, split, source): a tensor-backed dataset (a transfer dataset to probe)
-    encodes as class folders do. The cache is keyed (dataset, data folder, VA-VAE file and layout,
-    images): a cache of another dataset, folder or VA-VAE, complete or partial, is refused on
-    every rank with one line naming both keys."""
+    encodes as class folders do. A cache of another key (dataset, data folder, VA-VAE file and
+    layout, images), complete or partial, is refused on every rank with one line naming both."""
     torch.manual_seed(0)
     _tiny_vae(tmp_path / "vae.pt", tmp_path / "other.pt")
     common = ["--cache-dir", str(tmp_path / "cache"), "--vae-config", "tiny", "--net", "tiny",
@@ -1481,8 +1458,7 @@ def test_dit_latent_cache_encodes_any_source_and_refuses_another_key(tmp_path):
         assert msg.endswith("pass another --cache-dir, or delete it to encode afresh")
     assert (out / "latents.npy").read_bytes() == before and not (out / "complete").exists()
     (out / "key.json").unlink()  # a cache that records no key is never taken for this one
-    with pytest.raises(SystemExit, match="records no key"):
-        train_dit.latent_cache(args, "test")
+    _raises("records no key", train_dit.latent_cache, args, "test")
     (out / "key.json").write_text(json.dumps({**key, "dataset": "in100"}))  # on every rank:
     msgs = ranks(2, _dit_cache_rank, args, "cache test", gloo=60)  # the same line
     assert msgs[0] == msgs[1] and '"dataset": "in100"' in msgs[0] and "\n" not in msgs[0]
@@ -1490,8 +1466,7 @@ def test_dit_latent_cache_encodes_any_source_and_refuses_another_key(tmp_path):
 def test_dit_tiny_pixel_run_trains_and_resumes_exactly(tmp_path):
     def train(out, images, *extra):
         _run("train_dit.py", "--latent", "none", *TINY, *"--batch-size 32 --log-every 160 "
-             "--ckpt-every 320".split(), "--train-images", images, "--out", out, *extra,
-             env={"OMP_NUM_THREADS": "1"})
+             "--ckpt-every 320".split(), "--train-images", images, "--out", out, *extra)
     train(tmp_path / "a", 320)
     rec = _metrics(tmp_path / "a")
     assert [r["images"] for r in rec] == [160, 320] and rec[-1]["loss"] < rec[0]["loss"]
@@ -1503,7 +1478,6 @@ def test_dit_tiny_pixel_run_trains_and_resumes_exactly(tmp_path):
     assert a["step"] == b["step"] == 15 and a["images"] == 480 and a["script"] == "train_dit.py"
     assert _same(a, b, ["model"])  # randomness is a function of (seed, rank, step)
     assert "latent_stats" not in a and a["args"]["sc_layer"] == "block_3"
-
 
 # ------------------------------------------------------------------------------------------------
 # fid.py
