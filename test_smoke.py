@@ -1497,8 +1497,7 @@ def _fid_model():
 
 @pytest.fixture(scope="module")
 def _fid_weights(tmp_path_factory, _fid_model):
-    """The random model saved in the official file's layout (with num_batches_tracked, as
-    torchvision saves it)."""
+    """The random model in the official file's layout (num_batches_tracked, as torchvision's)."""
     sd = dict(_fid_model.state_dict())
     for k in [k for k in sd if k.endswith(".bn.running_var")]:
         sd[k.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
@@ -1506,16 +1505,16 @@ def _fid_weights(tmp_path_factory, _fid_model):
     torch.save(sd, path)
     return path
 
-def test_fid_official_key_layout_and_output_shapes(_fid_model):
+FID_SHAPES = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_1a_3x3.bn.running_var": (32,),
+    "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1), "fc.weight": (1008, 2048),
+    "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7), "fc.bias": (1008,),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1)}
+
+def test_fid_official_key_layout_output_shapes_and_strict_load(_fid_model, _fid_weights,
+                                                                tmp_path):
     sd = _fid_model.state_dict()
-    assert {k: tuple(sd[k].shape) for k in (
-        "Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_var", "fc.weight", "fc.bias",
-        "Mixed_5b.branch1x1.conv.weight", "Mixed_6e.branch7x7dbl_5.conv.weight",
-        "Mixed_7c.branch_pool.conv.weight")} == {
-        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_1a_3x3.bn.running_var": (32,),
-        "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1), "fc.weight": (1008, 2048),
-        "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7), "fc.bias": (1008,),
-        "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1)}
+    assert {k: tuple(sd[k].shape) for k in FID_SHAPES} == FID_SHAPES
     assert not any(k.startswith("AuxLogits") for k in sd)
     assert _fid_model.Mixed_5b.branch_pool.bn.eps == 0.001
     # torchvision inception_v3 without aux (23,834,568 with 1000 classes) + 8 more classes of TF's
@@ -1524,18 +1523,14 @@ def test_fid_official_key_layout_and_output_shapes(_fid_model):
         pool3, logits = _fid_model(torch.rand(1, 3, 75, 75))  # 32x32 inputs run in the CLI test
     assert pool3.shape == (1, 2048) and logits.shape == (1, 1008)
     assert torch.isfinite(pool3).all() and (pool3 >= 0).all()  # pool3 averages ReLU outputs
-
-def test_fid_strict_load(_fid_weights, tmp_path):
-    # load_inception folds BatchNorm into the convs, so its weights are checked through its
-    # features (test_fid_fast_forward_matches_plain_forward)
+    # load_inception folds BatchNorm into the convs: its weights are checked through its features
+    # (test_fid_fast_forward_matches_plain_forward); a file of another layout must not load
     assert not fid.load_inception(str(_fid_weights)).training
-    sd = _load(_fid_weights)  # a file of another layout must not load silently
+    sd = _load(_fid_weights)
     sd["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="AuxLogits"):
-        fid.load_inception(str(tmp_path / "bad.pth"))
-    with pytest.raises(SystemExit, match="no such file"):
-        fid.load_inception(str(tmp_path / "missing.pth"))
+    _raises("AuxLogits", fid.load_inception, str(tmp_path / "bad.pth"), exc=RuntimeError)
+    _raises("no such file", fid.load_inception, str(tmp_path / "missing.pth"))
 
 def test_fid_distance_matches_eigenvalues_and_grows_with_shift():
     rng = np.random.default_rng(0)
@@ -1558,14 +1553,10 @@ def test_fid_distance_matches_eigenvalues_and_grows_with_shift():
 def test_fid_inception_score_and_too_few_images(_fid_model):
     assert fid.inception_score(np.zeros((50, 1008))) == pytest.approx((1.0, 0.0))
     onehot = 50.0 * np.eye(1008)[np.arange(200) % 10]  # each of 10 splits: 2 of each of 10 classes
-    mean, std = fid.inception_score(onehot)
-    assert mean == pytest.approx(10, rel=1e-6) and std == pytest.approx(0, abs=1e-6)
-    with pytest.raises(ValueError, match="at least 10"):
-        fid.inception_score(np.zeros((5, 1008)))
-    with pytest.raises(SystemExit, match="at least 3 images"):
-        fid.compute_statistics(_fid_images(2), _fid_model)
-    with pytest.raises(ValueError, match="at least 3 images"):
-        fid.Sums(2).statistics()
+    assert fid.inception_score(onehot) == pytest.approx((10, 0), rel=1e-6, abs=1e-6)
+    _raises("at least 10", fid.inception_score, np.zeros((5, 1008)), exc=ValueError)
+    _raises("at least 3 images", fid.compute_statistics, _fid_images(2), _fid_model)
+    _raises("at least 3 images", fid.Sums(2).statistics, exc=ValueError)
     with pytest.warns(UserWarning, match="2049"):
         fid.statistics(np.random.default_rng(0).normal(size=(10, 2048)))
 
@@ -1591,22 +1582,13 @@ def test_fid_running_sums_equal_numpy_statistics_and_inception_score():
     assert s.inception_score() == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-10)
     assert fid.inception_score(logits, 7) == pytest.approx(s.inception_score(), rel=1e-12)
 
-def test_fid_reads_adm_reference_batch_statistics(tmp_path):
-    # ADM's VIRTUAL_imagenet256_labeled.npz holds images and their statistics: the statistics are
-    # the reference (Tables 5-6 follow ADM's evaluator), and no image is decoded
-    g = np.random.default_rng(0)
-    mu, sigma = g.normal(size=2048), np.eye(2048)
-    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=sigma,
-             mu_s=mu[:7], sigma_s=np.eye(7))
-    got = fid.load_input(str(tmp_path / "ref.npz"))
-    assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma) and got[2] is None
-
-def test_fid_cli_npz_folder_stats(_fid_weights, tmp_path, capsys, monkeypatch):
+def test_fid_cli_npz_folder_stats_and_adm_reference_batch(_fid_weights, tmp_path, capsys,
+                                                          monkeypatch):
     # the plumbing is under test, not the distance: a cheap stand-in, 0 iff the statistics agree
     monkeypatch.setattr(fid, "frechet_distance",
                         lambda m1, s1, m2, s2: max(abs(m1 - m2).max(), abs(s1 - s2).max()))
     warnings.simplefilter("ignore")  # 3 images: rank-deficient covariance (tested above)
-    x = _fid_images(3).permute(0, 2, 3, 1).numpy()  # (N, H, W, C) as in ADM npz files
+    x = _fid_images(3, hwc=True)
     np.savez(tmp_path / "samples.npz", arr_0=x)
     for i, im in enumerate(x):  # png is lossless: the folder holds the same images
         _png(tmp_path / "imgs" / ("sub" if i % 2 else "") / f"{i}.png", im)
@@ -1629,6 +1611,13 @@ def test_fid_cli_npz_folder_stats(_fid_weights, tmp_path, capsys, monkeypatch):
     for argv, msg in (([tmp_path / "nope.npz", tmp_path / "s.npz"], "nope.npz: no such file"),
                       ([tmp_path / "samples.npz", "cifar10"], "cifar10: no such .* sample.py --")):
         _raises(msg, fid.main, [str(a) for a in argv] + common)
+    # ADM's VIRTUAL_imagenet256_labeled.npz holds images and their statistics: the statistics are
+    # the reference (Tables 5-6 follow ADM's evaluator), and no image is decoded
+    mu, sigma = np.random.default_rng(0).normal(size=2048), np.eye(2048)
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=sigma,
+             mu_s=mu[:7], sigma_s=np.eye(7))
+    got = fid.load_input(str(tmp_path / "ref.npz"))
+    assert np.array_equal(got[0], mu) and np.array_equal(got[1], sigma) and got[2] is None
 
 def test_fid_between_two_folders_imports_no_trainer(_fid_weights, tmp_path):
     for name, seed in (("a", 0), ("b", 1)):
@@ -1641,23 +1630,21 @@ def test_fid_between_two_folders_imports_no_trainer(_fid_weights, tmp_path):
         "r = fid.main([*sys.argv[1:3], '--inception', sys.argv[3], '--num-workers', '0',",
         "              '--cache-dir', sys.argv[4]])",
         "print(json.dumps({**r, 'trainers': [m for m in sys.modules if m[:5] == 'train']}))"]),
-        tmp_path / "a", tmp_path / "b", _fid_weights, tmp_path / "cache", timeout=300,
-        env={"OMP_NUM_THREADS": "1"})
+        tmp_path / "a", tmp_path / "b", _fid_weights, tmp_path / "cache", timeout=300)
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["trainers"] == [] and r["n"] == r["n_ref"] == 4 and r["fid"] > 0
 
 def test_fid_bad_input_is_one_line_before_any_download_or_network(_fid_weights, tmp_path,
                                                                   monkeypatch):
-    """Missing, small, malformed or unwritable inputs: one line before the weights are fetched, the
-    network built or anything written (no statistics, no cache)."""
+    # missing, small, malformed or unwritable inputs: one line before the weights are fetched,
+    # the network built or anything written (no statistics, no cache)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))  # no weights there: they'd be fetched
 
     def never(*a, **k):
         raise AssertionError("downloaded the weights or built the network before checking inputs")
-
     monkeypatch.setattr(torch.hub, "download_url_to_file", never)
     monkeypatch.setattr(fid, "InceptionV3", never)
-    x = _fid_images(3).permute(0, 2, 3, 1).numpy()
+    x = _fid_images(3, hwc=True)
     for name, arrays in (("good", dict(arr_0=x)), ("two", dict(arr_0=x[:2])),
                          ("other", dict(images=x)), ("float", dict(arr_0=x.astype(np.float32))),
                          ("stats", dict(mu=np.zeros(4), sigma=np.zeros((4, 3))))):
@@ -1714,10 +1701,10 @@ def test_fid_fast_forward_matches_plain_forward(tmp_path, monkeypatch):
         assert np.abs(a - b.double().numpy()).max() <= 1e-5 * b.abs().max().item()
 
 def test_fid_failed_stats_write_leaves_no_temp_file(_fid_model, tmp_path, monkeypatch):
-    np.savez(tmp_path / "three.npz", arr_0=_fid_images(3).permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "three.npz", arr_0=_fid_images(3, hwc=True))
     monkeypatch.setattr(np, "savez", _half_written(OSError(28, "No space left on device")))
     _one_line(r"s\.npz: .*No space left", fid.save_statistics, str(tmp_path / "out" / "s.npz"),
-           np.zeros(3), np.eye(3), 5)
+              np.zeros(3), np.eye(3), 5)
     assert os.listdir(tmp_path / "out") == []
     # a reference cache that cannot be written costs the cache, not the FID
     warnings.simplefilter("ignore")  # 3 images: rank-deficient covariance (tested above)
@@ -1745,7 +1732,6 @@ def _fid_fetch_rank(rank, world, tmp, weights):
             raise OSError("no network")
         Path(dst + ".partial").write_bytes(Path(weights).read_bytes())
         os.replace(dst + ".partial", dst)
-
     torch.hub.download_url_to_file, results = fetch, []
     for _ in range(2):
         try:
@@ -1758,7 +1744,6 @@ def test_fid_weights_fetched_once_per_node_and_a_failed_fetch_is_one_line(
         _fid_model, _fid_weights, tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("no network")
-
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "alone"))  # one process, no process group
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     msg = _one_line("no network", fid.load_inception)
@@ -1767,12 +1752,10 @@ def test_fid_weights_fetched_once_per_node_and_a_failed_fetch_is_one_line(
     assert r1 == r0  # the same one-line error on both ranks, then the same weights
     failed, loaded = r0
     assert failed.startswith("exit could not download") and "\n" not in failed
-    assert "no network" in failed and fid.FID_WEIGHTS_URL in failed
-    assert "--inception PATH" in failed
+    assert all(s in failed for s in ("no network", fid.FID_WEIGHTS_URL, "--inception PATH"))
     assert loaded == f"loaded {_fid_model.fc.weight.sum().item():.4f}"
     assert (tmp_path / "fetches").read_text() == "0\n0\n"  # one fetch per attempt, by local rank 0
     assert os.listdir(tmp_path / "home" / "hub" / "checkpoints") == [fid.FID_WEIGHTS]  # no temp
-
 
 # ------------------------------------------------------------------------------------------------
 # sample.py: the solvers on data x0 ~ N(MU, S^2) per dimension. Every marginal is Gaussian, so the
