@@ -1760,26 +1760,14 @@ def test_fid_weights_fetched_once_per_node_and_a_failed_fetch_is_one_line(
 # ------------------------------------------------------------------------------------------------
 # sample.py: the solvers on data x0 ~ N(MU, S^2) per dimension. Every marginal is Gaussian, so the
 # exact predictors are linear in x and the probability-flow ODE maps N(0, I) onto the data. At the
-# paper's settings the solver error is a few percent of the std (this data is harder than images
-# for few-step solvers: the denoiser turns from "predict the mean" to "identity" within an octave
-# of sigma around S); refining the grid must shrink it (DDIM/Euler 1st order, Heun 2nd order).
+# paper's settings the solver error is a few percent of the std (the denoiser turns from "predict
+# the mean" to "identity" within an octave of sigma around S); refining the grid must shrink it.
 
 MU, S = 0.3, 0.5
-
-def _gauss_noise(n=4000, d=4):
-    z = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return (z - z.mean(0)) / z.std(0)  # standardised: the test measures only the solver's error
 
 def _ddpm_ab():
     betas = torch.cat([torch.zeros(1), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)])
     return torch.cumprod(1 - betas, 0)  # (T+1,), index 0 == 1
-
-def _counted(fn):
-    def counted(*a):
-        counted.nfe += 1
-        return fn(*a)
-    counted.nfe = 0
-    return counted
 
 def _eps_ddpm(x, t, ab=_ddpm_ab()):  # x_t = a x0 + b eps
     a, b = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
@@ -1792,34 +1780,24 @@ def _v_rf(x, t):  # x_t = (1-t) x0 + t eps, v = eps - x0
     var, r = (1 - t) ** 2 * S * S + t * t, x - (1 - t) * MU
     return t * r / var - (MU + (1 - t) * S * S * r / var)
 
-def _gauss_check(x, tol):
-    assert abs(x.mean().item() - MU) < 0.005, x.mean().item()
-    assert abs(x.std(0).mean().item() - S) < tol, x.std(0).mean().item()
-
-def test_sample_ddim_gaussian_and_nfe():
-    fn = _counted(_eps_ddpm)
-    _gauss_check(sample.ddim(fn, _gauss_noise(), _ddpm_ab(), steps=100), 0.03)
-    assert fn.nfe == 100
-    _gauss_check(sample.ddim(fn, _gauss_noise(), _ddpm_ab(), steps=1000), 0.003)
-
-def test_sample_heun_gaussian_and_nfe():
-    fn = _counted(_denoise_edm)
-    _gauss_check(sample.heun(fn, _gauss_noise(), steps=18), 0.03)
-    assert fn.nfe == 35
-    _gauss_check(sample.heun(fn, _gauss_noise(), steps=72), 0.003)
-
-def test_sample_rk45_gaussian():
-    fn = _counted(_v_rf)
-    _gauss_check(sample.rk45(fn, _gauss_noise()), 0.002)
-    assert 0 < fn.nfe < 400
-
-def test_sample_euler_shift_gaussian_and_nfe():
-    fn = _counted(_v_rf)
-    _gauss_check(sample.euler(fn, _gauss_noise(), steps=250, shift=3.3), 0.01)
-    assert fn.nfe == 250
-    _gauss_check(sample.euler(fn, _gauss_noise(), steps=2500, shift=3.3), 0.002)
-    ts = sample.shifted_times(250, 3.3)
-    assert ts[0] == 1 and ts[-1] == 0 and ts[125] > 0.5  # shift > 1: more steps at high noise
+@pytest.mark.parametrize("solver,fn,kw,nfe,grid", [  # (steps, tolerance) at the paper's and finer
+    ("ddim", _eps_ddpm, {"alphas_cumprod": _ddpm_ab()}, lambda n: n,
+     ((100, 0.03), (1000, 0.003))),
+    ("heun", _denoise_edm, {}, lambda n: 2 * n - 1, ((18, 0.03), (72, 0.003))),  # 2nd order
+    ("euler", _v_rf, dict(shift=3.3), lambda n: n, ((250, 0.01), (2500, 0.002))),
+    ("rk45", _v_rf, {}, None, ((None, 0.002),))])
+def test_sample_solvers_reach_the_gaussian_and_count_nfe(solver, fn, kw, nfe, grid):
+    for steps, tol in grid:
+        z = torch.randn(4000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        calls = []
+        counted = lambda *a: calls.append(1) or fn(*a)
+        steps_kw = {} if steps is None else {"steps": steps}
+        x = getattr(sample, solver)(counted, (z - z.mean(0)) / z.std(0), **kw, **steps_kw)
+        assert abs(x.mean().item() - MU) < 0.005 and abs(x.std(0).mean().item() - S) < tol, x.std()
+        assert len(calls) == nfe(steps) if nfe else 0 < len(calls) < 400
+    if solver == "euler":
+        ts = sample.shifted_times(250, 3.3)
+        assert ts[0] == 1 and ts[-1] == 0 and ts[125] > 0.5  # shift > 1: more steps at high noise
 
 def test_sample_clip_keeps_pixel_estimates_in_range():
     ab, noise = _ddpm_ab(), torch.randn(64, 3)
@@ -1833,18 +1811,15 @@ def test_sample_cfg_scale_interval_and_batching():
     def pred(x, t, y):  # a label-dependent toy prediction over several channels
         calls.append(len(x))
         return x * (1 + y.view(-1, 1, 1, 1)) + t
-
     x, y, null = torch.randn(3, 4, 2, 2), torch.tensor([0, 1, 2]), 5
     assert torch.equal(sample.cfg(pred, y, null, scale=1.0)(x, 0.5), pred(x, 0.5, y))
     calls.clear()
     guided = sample.cfg(pred, y, null, scale=1.5, max_level=0.89)
-    assert torch.equal(guided(x, 0.9), pred(x, 0.9, y))  # above the interval: conditional only
-    assert calls == [3, 3]
+    assert torch.equal(guided(x, 0.9), pred(x, 0.9, y)) and calls == [3, 3]  # above: cond only
     calls.clear()
     c, u = pred(x, 0.89, y), pred(x, 0.89, torch.full_like(y, null))
     torch.testing.assert_close(guided(x, 0.89), u + 1.5 * (c - u))  # all 4 channels guided
     assert calls == [3, 3, 6]  # one batched cond+uncond forward
-
 
 # ------------------------------------------------------------------------------------------------
 # sample.py end to end, on tiny random-weight checkpoints (sampling needs no training)
