@@ -1848,18 +1848,7 @@ def test_sample_ranks_and_resume_identical(tmp_path):
     sample.main([*common[:2], "--num-samples", "12", *common[4:], "--out", str(tmp_path / "one")])
     more = _npz(tmp_path / "one" / "samples.npz")["arr_0"]  # the short last shard: regenerated
     assert len(more) == 12 and np.abs(more[:10].astype(int) - one["arr_0"]).max() <= 1
-    with pytest.raises(SystemExit, match="other settings"):
-        sample.main(common[:-1] + ["5", "--out", str(tmp_path / "one")])
-
-def test_sample_load_checkpoint_errors(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
-        sample.load_checkpoint(tmp_path / "nope.pt")
-    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SystemExit, match="truncated or corrupt"):
-        sample.load_checkpoint(tmp_path / "bad.pt")
-    torch.save({"script": "os.py", "args": {}}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="expected one of train_unet.py"):
-        sample.load_checkpoint(tmp_path / "other.pt")
+    _raises("other settings", sample.main, common[:-1] + ["5", "--out", str(tmp_path / "one")])
 
 def test_sample_dit_labels_class_and_latent_decode(tmp_path):
     ckpt = _ckpt(tmp_path, "--dataset", "shapes", "--latent", "none", "--class-cond",
@@ -1870,10 +1859,8 @@ def test_sample_dit_labels_class_and_latent_decode(tmp_path):
     assert _npz(tmp_path / "all" / "samples.npz")["arr_1"].tolist() == [0, 1, 2, 3]  # i % classes
     sample.main(common + ["--class", "7", "--out", str(tmp_path / "seven")])
     assert _npz(tmp_path / "seven" / "samples.npz")["arr_1"].tolist() == [7] * 4
-    with pytest.raises(SystemExit, match=r"10 classes \(0\.\.9\)"):
-        sample.main(common + ["--class", "10"])
-    with pytest.raises(SystemExit, match="needs a DDPM model"):
-        sample.main(common[:-4] + ["--sampler", "ddim"])
+    _raises(r"10 classes \(0\.\.9\)", sample.main, common + ["--class", "10"])
+    _raises("needs a DDPM model", sample.main, common[:-4] + ["--sampler", "ddim"])
     # latent: a tiny random VA-VAE stands in for the official weights (no download in tests)
     _tiny_vae(tmp_path / "vae.pt")
     ckpt = _ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", script="train_dit.py",
@@ -1904,6 +1891,8 @@ def test_sample_checks_every_checkpoint_and_flag_before_sampling(tmp_path):
     rf = _ckpt(tmp_path / "rf", "--dataset", "shapes", "--model", "RF")
     snapshot = tmp_path / "run" / "ckpt-000000100.pt"  # what evaluation reads, no online weights
     torch.save({k: v for k, v in _load(ckpt).items() if k != "model"}, snapshot)
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated")
+    torch.save({"script": "os.py", "args": {}}, tmp_path / "other.pt")
     for argv, msg in (
             ([ckpt, tmp_path / "run" / "missing.pt"], "missing.pt not found"),
             ([ckpt, snapshot, "--raw"], "--raw: .*ckpt-000000100.pt is a snapshot holding"),
@@ -1915,6 +1904,9 @@ def test_sample_checks_every_checkpoint_and_flag_before_sampling(tmp_path):
         _one_line(msg, sample.main, ["--ckpt", *map(str, argv)])
         assert time.time() - t < 10
     assert not list(tmp_path.rglob("samples-*"))  # nothing written
+    for path, msg in ((tmp_path / "nope.pt", "not found"), (tmp_path / "bad.pt", "truncated or "
+                      "corrupt"), (tmp_path / "other.pt", "expected one of train_unet.py")):
+        _raises(msg, sample.load_checkpoint, path)
 
 def test_sample_merge_streams_the_shards_into_what_savez_writes(tmp_path):
     g, paths = np.random.default_rng(0), [tmp_path / f"shard-{i}.npz" for i in range(3)]
@@ -1945,10 +1937,10 @@ def test_sample_fid_reads_a_dataset_reference_through_the_checkpoints_trainer(tm
 
 def test_sample_fid_class_folder_reference_streams_and_its_cache_is_read_before_listing(
         tmp_path, monkeypatch):
-    """A class-folder reference is streamed from its files; its cached statistics are found before
-    anything is listed or decoded; an unreadable file is a one-line error naming it."""
+    # a class-folder reference is streamed from its files; its cached statistics are found before
+    # anything is listed or decoded; an unreadable file is a one-line error naming it
     _stub_fid(monkeypatch, tmp_path / "cache")
-    for i, im in enumerate(_fid_images(6, size=20).permute(0, 2, 3, 1).numpy()):
+    for i, im in enumerate(_fid_images(6, size=20, hwc=True)):
         _png(tmp_path / "data" / f"c{i % 2}" / f"{i}.png", im)
     args = train_unet.get_args(["--dataset", "folders", "--data-path", str(tmp_path / "data")])
     _raises("--fid cifar: not a file or folder, nor a dataset .* folders, or cifar10",
@@ -1962,7 +1954,6 @@ def test_sample_fid_class_folder_reference_streams_and_its_cache_is_read_before_
 
     def no(*a, **k):
         raise AssertionError("decoded or listed the dataset although its statistics are cached")
-
     with monkeypatch.context() as m:
         for name in ("image_files", "load_pixels", "decode_images"):
             m.setattr(train_unet, name, no)
@@ -1973,7 +1964,7 @@ def test_sample_fid_class_folder_reference_streams_and_its_cache_is_read_before_
     ref, other, _ = sample.fid_reference("folders", train_unet, args, 8, workers=0)
     assert other != cache  # another size is another entry
     _one_line(r"cannot read image .*bad.png .*fix or remove it", fid.fid_from_samples,
-           _fid_images(5, size=8), ref, model, batch_size=4, cache=other)
+              _fid_images(5, size=8), ref, model, batch_size=4, cache=other)
 
 def _sample_fid_rank(rank, world, argv, cache):
     """A rank of sample.py --fid: the shard files it read, and the FID report."""
@@ -1992,7 +1983,7 @@ def test_sample_fid_on_two_ranks_reads_each_rank_its_own_shards(tmp_path):
         str(tmp_path / f"s{world}"), "--fid", str(tmp_path / "ref")], tmp_path / f"cache-{world}")
         for world in (1, 2)}  # the reference computed on `world` ranks
     grid = [f"shard-{s:07d}.npz" for s in (0, 3, 6, 9)]  # rank 0: the first 64 images for grid.png
-    assert results[1][0]["read"] == grid + [f"shard-{s:07d}.npz" for s in (0, 3, 6, 9)]
+    assert results[1][0]["read"] == grid + grid
     assert [r["read"] for r in results[2]] == [grid + ["shard-0000000.npz", "shard-0000006.npz"],
                                                ["shard-0000003.npz", "shard-0000009.npz"]]
     one, two = results[1][0], results[2][0]
@@ -2016,7 +2007,6 @@ def test_sample_snapshots_of_a_run_each_get_a_folder_and_fid_names_the_best(tmp_
     best, out = min(results, key=lambda r: r["fid"]), capsys.readouterr().out
     assert f"{paths[0]} (100 images): FID {results[0]['fid']:.4f}" in out
     assert f"best FID {best['fid']:.4f}: {best['ckpt']} ({best['images']:,} images)" in out
-
 
 # ------------------------------------------------------------------------------------------------
 # probe.py
