@@ -2037,17 +2037,15 @@ def _probe_fit(head, x, y, xt, yt, **kw):
     return types.SimpleNamespace(test=probe.evaluate(test, c, predict, "cpu")[1], train=acc,
                                  loss=loss)
 
-def test_probe_heads_reach_100_on_separable_data():
+def test_probe_heads_reach_100_on_separable_data_and_lbfgs_the_optimum_of_its_objective():
+    """Both heads reach 100% on separable blobs. On overlapping ones, the converged L-BFGS head's
+    objective, minimised independently by scipy's L-BFGS-B in float64 on the same standardised
+    rows: the same minimum and predictions; Table 11's head stops well above that loss."""
+    from scipy.optimize import minimize
     (x, y), (xt, yt) = _blobs(2000), _blobs(500, seed=1)
     for head in ("lbfgs", "table11"):
         score = _probe_fit(head, x, y, xt, yt)
         assert score.test >= 99.0 and score.train >= 99.0, (head, score)
-
-def test_probe_lbfgs_head_reaches_the_optimum_of_its_objective():
-    """The converged head's objective, minimised independently by scipy's L-BFGS-B in float64 on
-    the same standardised rows: the same minimum and predictions. Table 11's head, on the same
-    features, stops well above that loss."""
-    from scipy.optimize import minimize
     x, y = _blobs(1500, dim=16, noise=2.5)  # overlapping classes: the optimum is not 0 loss
     split, l2 = _probe_split(x, y), 1e-3
     mean, std = probe.moments(split.chunks(_cell()), 16)
@@ -2061,7 +2059,6 @@ def test_probe_lbfgs_head_reaches_the_optimum_of_its_objective():
         loss = F.cross_entropy(xs @ w.t() + c, y) + l2 / 2 * w.square().sum()
         loss.backward()
         return loss.item(), torch.cat([w.grad.flatten(), c.grad]).numpy()
-
     ref = minimize(objective, np.zeros(170), jac=True, method="L-BFGS-B",
                    options=dict(gtol=1e-10, maxiter=10000))
     ours = objective(torch.cat([W.flatten(), b]).numpy())[0]
@@ -2071,13 +2068,6 @@ def test_probe_lbfgs_head_reaches_the_optimum_of_its_objective():
     assert same.float().mean() >= 0.995
     short, converged = _probe_fit("table11", x, y, x, y, epochs=2), _probe_fit("lbfgs", x, y, x, y)
     assert short.loss > converged.loss + 0.05, (short, converged)
-
-def test_probe_pixel_features_pool_large_images():
-    data = probe.Data(torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8),
-                      torch.zeros(4, dtype=torch.long))
-    f = probe.pixel_features(data.batch(torch.arange(4), torch.tensor([True, False, True, False])))
-    assert f.shape == (4, 3 * 64 * 64) and f.abs().max() <= 1
-    assert probe.pixel_features(torch.zeros(2, 3, 32, 32)).shape == (2, 3072)
 
 @pytest.fixture(scope="module")
 def _probe_ckpt(tmp_path_factory):
@@ -2097,7 +2087,7 @@ def _toy_pixels(sizes, args, split):
 def _results(rec, net="trained"):
     return {(r["t"], r["layer"]): r["test"] for r in rec["results"] if r["net"] == net}
 
-def test_probe_features_deterministic(_probe_ckpt):
+def test_probe_features_deterministic_and_pixel_features_pool_large_images(_probe_ckpt):
     _, args, model = _probe_ckpt
     diffusion = train_unet.build_diffusion(args)
     data = probe.Data(torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8),
@@ -2111,7 +2101,6 @@ def test_probe_features_deterministic(_probe_ckpt):
                               batch_size=8)["trained"]
             out.update({(t, l): f.get(torch.arange(20), 0, l) for l in layers})
         return out
-
     f1, f2 = extract([11, 66], layers), extract([66], layers[1:])  # a cell alone, as in a grid
     assert set(f1) == {(t, l) for t in (11, 66) for l in layers}
     assert f1[(11, layers[0])].shape[0] == 20 and f1[(11, layers[0])].dtype == torch.float32
@@ -2119,6 +2108,11 @@ def test_probe_features_deterministic(_probe_ckpt):
     assert not torch.equal(f1[(11, layers[1])], f1[(66, layers[1])])
     f3 = extract([11], layers[:1], [(views[0][0], 8)])
     assert not torch.equal(f1[(11, layers[0])], f3[(11, layers[0])])  # the view's seed is used
+    data = probe.Data(torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8),
+                      torch.zeros(4, dtype=torch.long))
+    f = probe.pixel_features(data.batch(torch.arange(4), torch.tensor([True, False, True, False])))
+    assert f.shape == (4, 3 * 64 * 64) and f.abs().max() <= 1
+    assert probe.pixel_features(torch.zeros(2, 3, 32, 32)).shape == (2, 3072)
 
 def test_probe_grid_matches_single_cells_and_prints_the_flags_of_its_best(
         _probe_ckpt, _small_shapes, tmp_path, capsys):
@@ -2146,10 +2140,9 @@ def _probe_rank(rank, world, argv):
     return probe.main(argv)["results"]
 
 @pytest.mark.parametrize("head", ["lbfgs", "table11"])
-def test_probe_grid_on_two_ranks_equals_one(_probe_ckpt, _small_shapes, tmp_path,
-                                            head):
-    """Each rank extracts and holds only its own rows and the heads train data-parallel: every
-    (t, layer) and raw pixels score as in one process."""
+def test_probe_grid_on_two_ranks_equals_one(_probe_ckpt, _small_shapes, tmp_path, head):
+    # each rank extracts and holds only its own rows and the heads train data-parallel: every
+    # (t, layer) and raw pixels score as in one process
     argv = ["--ckpt", str(_probe_ckpt[0]), *"--grid --t 11 66 --layer 1 4 --raw-pixels --limit "
             "120 --epochs 3 --extract-batch 16 --batch-size 32".split(), "--head", head, "--out",
             str(tmp_path / "p")]
@@ -2203,9 +2196,8 @@ def test_probe_sc_stats_measures_the_self_conditioning_term(tmp_path, _small_sha
 
 def test_probe_checks_every_checkpoint_and_flag_before_any_work(_probe_ckpt, tmp_path,
                                                                  monkeypatch):
-    """A missing second --ckpt, --sc-stats on a run without self-conditioning, a layer or t the
-    model has not, a flag --dense cannot honour: one line within seconds, before any feature is
-    extracted and with nothing written."""
+    # a missing second --ckpt, --sc-stats without self-conditioning, a layer or t the model has
+    # not, a flag --dense cannot honour: one line within seconds, before any feature is extracted
     path = _probe_ckpt[0]
     monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("extracted before checks"))
     uvit = _ckpt(tmp_path / "u", "--dataset", "shapes", script="train_uvit.py")
@@ -2284,7 +2276,11 @@ def test_probe_several_checkpoints_summarise_arms_over_seeds_and_pair_them(tmp_p
     assert (tmp_path / "p" / "layers.png").exists()
     assert (tmp_path / "p" / "base1" / "probe.json").exists()
 
-def test_probe_app_a_rule_picks_cifar_best_of_800_1000_1200_else_the_final_snapshot():
+def test_probe_snapshots_of_one_run_are_a_trajectory_and_app_a_names_the_one_that_stands(
+        tmp_path, _small_shapes, capsys, monkeypatch):
+    """ckpt-<images>.pt snapshots of one run are a trajectory, not seeds: each snapshot's figure,
+    the one App. A's rule names (CIFAR: the best of epochs 800/1000/1200; else, or with none of
+    those kept, the final) stands for the run; --init and --raw-pixels are measured once."""
     def rec(dataset, epoch, acc, n=50_000, batch=512):
         return {"dataset": dataset, "trained_on": dataset, "epoch": epoch, "train_size": n,
                 "images": round(epoch * n), "args": {"batch_size": batch}, "cell": {"test": acc}}
@@ -2295,12 +2291,6 @@ def test_probe_app_a_rule_picks_cifar_best_of_800_1000_1200_else_the_final_snaps
     assert probe.app_a([rec("cifar10", 800.5, 99), rec("cifar10", 2000, 90)])["epoch"] == 2000
     assert probe.app_a([rec("in1k", e, a, 1_281_167, 1024) for e, a in ((20, 95), (90, 60))])[
         "epoch"] == 90
-
-def test_probe_snapshots_of_one_run_print_the_trajectory_and_the_final_one_stands(
-        tmp_path, _small_shapes, capsys, monkeypatch):
-    """ckpt-<images>.pt snapshots of one run are a trajectory, not seeds: each snapshot's figure,
-    the one App. A's rule names (off CIFAR: the final) stands for the run, and --init and
-    --raw-pixels, which no snapshot changes, are measured once."""
     torch.manual_seed(0)
     paths = [str(tmp_path / f"ckpt-{images:09d}.pt") for images in (64, 32, 96)]  # out of order
     for i, (path, images) in enumerate(zip(paths, (64, 32, 96))):
@@ -2343,8 +2333,8 @@ def test_probe_transfer_reads_the_named_dataset_never_the_runs_folder(tmp_path, 
 
 def test_probe_latent_dit_transfers_to_cifar_and_class_folders_through_its_vae(tmp_path,
                                                                                monkeypatch):
-    """A latent DiT probes CIFAR (read by train_unet.py's loader) and class folders through its own
-    VA-VAE, each encoded once into a cache keyed by dataset and autoencoder."""
+    # a latent DiT probes CIFAR (read by train_unet.py's loader) and class folders through its own
+    # VA-VAE, each encoded once into a cache keyed by dataset and autoencoder
     torch.manual_seed(0)
     _tiny_vae(tmp_path / "vae.pt")
     ckpt = _ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", "--no-class-cond",
@@ -2367,8 +2357,8 @@ def test_probe_latent_dit_transfers_to_cifar_and_class_folders_through_its_vae(t
     assert (tmp_path / "runs" / "cache" / "flowers" / "val" / "complete").exists()
 
 def test_probe_dense_scores_ade20k_over_its_150_classes_label_0_ignored(tmp_path):
-    """ADE20K's label 0 ('other') is not scored: label c becomes class c - 1 and 0 is ignored (the
-    standard reduce-zero-label protocol); mIoU over the classes present, by hand."""
+    # ADE20K's label 0 ('other') is not scored: label c becomes class c - 1 (reduce-zero-label);
+    # mIoU over the classes present, by hand
     root = tmp_path / "ADEChallengeData2016"
     labels = np.array([[0, 1, 1, 2], [0, 1, 2, 2], [3, 3, 0, 0], [3, 3, 3, 0]], np.uint8)
     for sub in ("training", "validation"):
@@ -2420,6 +2410,7 @@ def test_probe_dense_above_chance_after_a_short_run_near_chance_at_init(tmp_path
     assert abs(init[(0.4, "out_2")]["miou"] - chance) < 1, (rec, chance)
     assert trained[(0.4, "out_2")]["miou"] > chance + 3, (rec, chance)  # 13.1% vs 8.4% at first
     assert trained[(0.4, "out_2")]["pixel_acc"] > 100 * background
+
 # ------------------------------------------------------------------------------------------------
 # .ci/gpu: the GPU check. The `gpu` tests need CUDA (skipped here; `.ci/gpu` runs them with
 # `-m gpu`) and run with the real GPU defaults: bf16 autocast, fused Adam, TF32, channels_last,
