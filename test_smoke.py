@@ -2436,23 +2436,17 @@ print(json.dumps({"backend": dist.get_backend(),
                                        for p in model.parameters() if p.dim() == 4)}))
 dist.destroy_process_group()
 """
-GPU_TRAINERS = {"train_unet": ["--model", "RF", "--self-cond"],
-                "train_uvit": ["--self-cond", "--aug", "--cl"],
-                "train_dit": ["--latent", "none", "--self-cond", "--class-cond"]}
 
 @pytest.fixture(scope="module")
 def _gpu_runs(tmp_path_factory):
-    """The three trainers' tiny presets, 4 steps each with the GPU defaults (--precision auto,
-    --compile on inductor), each a 1-rank nccl world as torchrun starts it; side by side, so that
-    their compilations overlap."""
+    """The three trainers' GPU_STYLE runs with the GPU defaults (--precision auto, --compile on
+    inductor), each a 1-rank nccl world as torchrun starts it; side by side, so that their
+    compilations overlap."""
     procs, runs = {}, {}
-    for name, extra in GPU_TRAINERS.items():
+    for name, extra in GPU_STYLE.items():
         out = tmp_path_factory.mktemp(name) / "run"
-        argv = ["--net", "tiny", "--dataset", "shapes", "--resolution", "16", "--batch-size", "8",
-                "--train-images", "32", "--log-every", "16", "--sample-every", "0", "--compile",
-                "--out", str(out), *extra]
         procs[name] = out, subprocess.Popen(
-            [sys.executable, "-c", GPU_TRAIN, name, *argv], cwd=ROOT, text=True,
+            [sys.executable, "-c", GPU_TRAIN, name, *_gpu_style(out, extra)], cwd=ROOT, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
@@ -2467,14 +2461,13 @@ def _gpu_runs(tmp_path_factory):
 
 @GPU
 @NEEDS_CUDA
-@pytest.mark.parametrize("name", list(GPU_TRAINERS))
+@pytest.mark.parametrize("name", list(GPU_STYLE))
 def test_gpu_trainers_train_with_gpu_defaults_and_sample(_gpu_runs, tmp_path, name):
     out, rc, log = _gpu_runs[name]
     assert rc == 0, log[-3000:]
     assert gpu_check.last_json(log) == {"backend": "nccl", "tf32": True, "fused_adam": True,
                                         "channels_last": True}
     _check_gpu_style_run(out, None, f"{name}.py", tmp_path / "samples", [])  # auto: bf16 on CUDA
-
 
 # bf16 rounds each operand to 8 significant bits (steps of 0.4%); the four paper nets read 0.4-1.1%
 # relative L2 error of their output on CPU (ddpm 0.99%, ddpmpp 1.07%, UViT-S 0.71%, DiT-B/1 0.41%),
@@ -2483,10 +2476,9 @@ def test_gpu_trainers_train_with_gpu_defaults_and_sample(_gpu_runs, tmp_path, na
 BF16_TOL = 0.03
 
 def _bf16_error(mod, argv, shape, device):
-    """Relative L2 error of the bf16 autocast forward (flash attention kernels only, so a model
-    whose attention cannot use them fails here) against the true fp32 forward (TF32 off) of the
-    same weights. Zero-initialised tensors (DiT's adaLN-zero, the output layers) get small random
-    values: at init their output is exactly 0 and every error would be relative to nothing."""
+    """Relative L2 error of the bf16 autocast forward (flash attention kernels only) against the
+    true fp32 forward (TF32 off) of the same weights. Zero-initialised tensors (adaLN-zero, output
+    layers) get small random values: else the output is 0 and the error relative to nothing."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     mod, fmt = module(mod), module(mod).memory_format(device)
     torch.manual_seed(0)
@@ -2519,38 +2511,32 @@ def test_gpu_bf16_forward_matches_fp32_on_flash_attention(mod, argv, shape):
     assert _bf16_error(mod, argv, shape, torch.device("cuda")) < BF16_TOL
 
 def test_gpu_check_bf16_comparison_runs_on_cpu_tiny_nets():
-    """The comparison above, on the tiny presets on CPU (flash attention has a CPU kernel)."""
+    # the comparison above, on the tiny presets on CPU (flash attention has a CPU kernel)
     for mod, argv in [("train_unet", []), ("train_uvit", []), ("train_dit", ["--latent", "none"])]:
-        err = _bf16_error(mod, ["--net", "tiny", "--dataset", "shapes", *argv], (3, 32, 32),
-                          CPU)
+        err = _bf16_error(mod, [*TINY[:4], *argv], (3, 32, 32), CPU)
         assert 1e-4 < err < BF16_TOL  # not zero: bf16 did run
 
 def test_gpu_check_without_cuda_says_so_and_exits_0():
     p = subprocess.run([str(ROOT / ".ci" / "gpu")], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert p.returncode == 0
-    assert p.stdout == ("gpu check: no CUDA device (torch.cuda.is_available() is False); nothing "
-                        "to run\n")
+    assert p.returncode == 0 and p.stdout == (
+        "gpu check: no CUDA device (torch.cuda.is_available() is False); nothing to run\n")
 
-def test_gpu_check_arguments_name_parts_and_datasheet_peaks():
+def test_gpu_check_arguments_datasheet_peaks_and_the_papers_per_gpu_batch():
     assert gpu_check.get_args([]).parts == list(gpu_check.PARTS)
     assert gpu_check.get_args(["bench", "ddp-order"]).parts == ["bench", "ddp-order"]
-    with pytest.raises(SystemExit):
-        gpu_check.get_args(["bench", "speed"])  # argparse's usage error (exit 2), before GPU work
+    _raises("", gpu_check.get_args, ["bench", "speed"])  # argparse's usage error, before GPU work
     assert gpu_check.datasheet_bf16_tflops("NVIDIA H200") == 989
     assert gpu_check.datasheet_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
     for other in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "A100-SXM4-80GB"):
         assert gpu_check.datasheet_bf16_tflops(other) is None
-
-def test_gpu_check_benchmarks_run_the_papers_per_gpu_batch():
-    """Table 11's global batch (the trainers' default) over the paper's GPUs: 4; 6 for DiT-B/1."""
+    # the benchmarks: Table 11's global batch (the trainers' default) over the paper's GPUs
     gpus = {"ddpm": 4, "ddpmpp": 4, "uvit_s": 4, "dit_b1": 6}
     for name, (script, argv) in gpu_check.BENCHES.items():
         mod = module(script)
         args = mod.get_args([*argv, "--self-cond", "--bench", str(gpu_check.BENCH_STEPS)])  # flags
-        assert argv[-2] == "--batch-size"
+        assert argv[-2] == "--batch-size" and args.net == {"dit_b1": "B"}.get(name, name)
         assert args.batch_size == mod.get_args(argv[:-2]).batch_size // gpus[name]
-        assert args.net == {"dit_b1": "B"}.get(name, name)
 
 def test_gpu_check_assembles_one_json_line(monkeypatch, capsys):
     """main() on fake parts: every figure in one line, MFU against the datasheet, a failed part
@@ -2566,7 +2552,6 @@ def test_gpu_check_assembles_one_json_line(monkeypatch, capsys):
         if "ddpmpp" in argv:
             raise RuntimeError("exit 1: CUDA error: an illegal memory access was encountered")
         return rec
-
     monkeypatch.setattr(gpu_check, "bench", bench)
     monkeypatch.setattr(gpu_check, "gpu_tests", lambda tmp: {
         "passed": 7, "failed": 0, "skipped": 0, "failed_tests": []})
@@ -2575,10 +2560,9 @@ def test_gpu_check_assembles_one_json_line(monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "sample_speed", lambda tmp: {"img_per_s": 12.34567})
     assert gpu_check.main([]) == 1
     cap = capsys.readouterr()
-    assert len(cap.out.splitlines()) == 1
-    fig = json.loads(cap.out)
-    assert fig["gpu"] == "NVIDIA H100 80GB HBM3" and fig["gpus"] == 1
-    assert fig["datasheet_bf16_tflops"] == 989 and fig["tests"]["passed"] == 7
+    fig = json.loads(cap.out)  # one line
+    assert len(cap.out.splitlines()) == 1 and fig["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert fig["gpus"] == 1 and fig["datasheet_bf16_tflops"] == 989 and fig["tests"]["passed"] == 7
     assert fig["fid"]["fid_features_per_s"] == 4321
     assert fig["sample_dit_b1"] == {"img_per_s": 12.35}  # 4 significant digits
     assert fig["bench"]["ddpm"]["mfu_datasheet"] == 0.3
@@ -2612,7 +2596,7 @@ def test_gpu_check_runs_the_gpu_tests_and_counts_them(tmp_path, monkeypatch, cap
                                              "failed_tests": ["test_a", "test_c"]}
 
 def test_gpu_check_parts_measure_on_cpu(tmp_path):
-    """Each measuring part end to end on tiny configurations: the same calls the GPU run makes."""
+    # each measuring part end to end on tiny configurations: the same calls the GPU run makes
     rec = gpu_check.bench_part("train_dit.py", [*TINY, "--latent", "none", "--batch-size", "4"],
                                None)
     assert rec["batch"] == 4 and rec["img_per_s"] > 0 and rec["self_cond_overhead"] > 0
@@ -2622,12 +2606,9 @@ def test_gpu_check_parts_measure_on_cpu(tmp_path):
                                steps=2)
     assert s["img_per_s"] > 0 and s["cfg_scale"] == 1.5  # class-conditional: guided by default
     assert np.load(tmp_path / "n4" / "samples.npz")["arr_0"].shape == (4, 256, 256, 3)  # VA-VAE
-
-def test_gpu_check_ddp_order_two_ranks_on_cpu(tmp_path):
-    """Both orders train over 2 gloo ranks (eager backend: dynamo's capture, DDP's graph split, no
-    code generation)."""
-    r = gpu_check.ddp_order(0, tmp_path, ["--net", "tiny", "--dataset", "shapes", "--resolution",
-                                          "16", "--self-cond", "--batch-size", "4"],
+    # the DDP order: both train over 2 gloo ranks (eager backend: dynamo's capture, DDP's graph
+    # split, no code generation)
+    r = gpu_check.ddp_order(0, tmp_path, [*TINY, "--self-cond", "--batch-size", "4"],
                             backend="eager", steps=1)
     assert r["world"] == 2 and set(r["ms_per_step"]) == {"compile(DDP)", "DDP(compile)"}
     assert r["faster"] in r["ms_per_step"] and r["ratio_compile_ddp_over_ddp_compile"] > 0
