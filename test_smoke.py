@@ -635,8 +635,11 @@ def test_checkpoints_by_wall_clock_and_no_previews(tmp_path, monkeypatch):
     _unet(tmp_path / "b", 128, "--ckpt-every", "1000000", "--ckpt-minutes", "0", log=32)
     assert saves == [1, 2, 3, 4]
 
-def test_nan_loss_and_failed_writes_keep_the_last_good_checkpoint_and_say_so(tmp_path, tiny_run,
-                                                                             monkeypatch):
+def test_nan_loss_failed_writes_and_refused_resumes_keep_the_last_good_checkpoint(
+        tmp_path, tiny_run, monkeypatch):
+    """A nan loss and a failed or killed write keep the last good checkpoint and say so; changed
+    settings are a warning; another architecture, another trainer's checkpoint and a truncated
+    one are refused, the file left as it was; the tools refuse mismatched shapes."""
     out = _copy_run(tiny_run(*_flags(64)), tmp_path)
     ckpt, before = out / "ckpt.pt", (out / "ckpt.pt").read_bytes()
     with monkeypatch.context() as m:
@@ -658,17 +661,12 @@ def test_nan_loss_and_failed_writes_keep_the_last_good_checkpoint_and_say_so(tmp
         f"cannot write {ckpt} ({pos}); the previous {ckpt} is intact"
     assert ckpt.read_bytes() == before and not (out / "ckpt.pt.tmp").exists()
     monkeypatch.undo()
-    monkeypatch.setattr(np, "savez", _half_written(OSError(28, "No space left on device")))
-    _raises(r"cannot write .*shard-0000000.npz \(\[Errno 28\] No space left on device\); nothing "
-            "was written", sample.main, ["--ckpt", str(ckpt), "--num-samples", "2", "--steps", "2",
-                                         "--out", str(tmp_path / "s")])
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", _half_written(OSError(28, "No space left on device")))
+        _raises(r"cannot write .*shard-0000000.npz \(\[Errno 28\] No space left on device\); "
+                "nothing was written", sample.main, ["--ckpt", str(ckpt), "--num-samples", "2",
+                                                     "--steps", "2", "--out", str(tmp_path / "s")])
     assert os.listdir(tmp_path / "s" / "shards") == []
-
-def test_resume_warns_of_changed_settings_and_refuses_what_it_cannot_continue(tmp_path, tiny_run):
-    """Changed settings are a warning; another architecture, another trainer's checkpoint and a
-    truncated one are refused, the file left as it was; the tools refuse mismatched shapes."""
-    out = _copy_run(tiny_run(*_flags(64)), tmp_path)
-    ckpt = out / "ckpt.pt"
     _unet(out, 96, "--grad-clip", "0.5")
     log = (out / "log.txt").read_text()
     assert "warning: resuming with changed settings: " in log and "grad_clip 1.0 -> 0.5" in log
