@@ -108,8 +108,7 @@ def _timed(rank, world, fn, *args):
     return fn(rank, world, *args), time.time() - t0
 
 def ranks(world, fn, *args, gloo=None):
-    """fn(rank, world, *args) on `world` spawned ranks: their return values. gloo: the timeout (s)
-    of a process group set up first; else the tool sets up its own, as under torchrun."""
+    """fn(rank, world, *args) on spawned ranks: their returns. gloo: a process group's timeout."""
     with tempfile.TemporaryDirectory() as tmp:
         args = (world, free_port(), f"{tmp}/r", fn, args, gloo)
         torch.multiprocessing.spawn(_rank_main, args=args, nprocs=world)
@@ -133,8 +132,7 @@ def _toy(sizes, args, split):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """tiny_run(*flags, toy=None): the folder of train_unet.py's run of `flags` on a shapes toy of
-    `toy` (train, test) sizes, trained once a session (tests that write use _copy_run)."""
+    """tiny_run(*flags, toy=(train, test)): train_unet.py's run, once a session; its folder."""
     runs = {}
 
     def run(*flags, toy=None):
@@ -152,8 +150,7 @@ def _copy_run(run, tmp):
     return Path(shutil.copytree(run, tmp / "run"))
 
 def _ckpt(folder, *argv, script="train_unet.py", seed=None, **extra):
-    """folder/ckpt.pt in the checkpoint contract: random weights of the tiny net of `argv`
-    (sampling and probing need no training); `extra` overrides args."""
+    """folder/ckpt.pt in the checkpoint contract: random weights of the tiny net of argv, args."""
     mod = module(script)
     args = mod.get_args(["--net", "tiny", *map(str, argv)])
     vars(args).update(extra)
@@ -274,8 +271,7 @@ def _copies(tmp, files, edits=()):
 
 def test_copy_rule_shared_blocks_are_identical_and_read_only_what_get_args_defines(tmp_path):
     assert _copy_rule_breaks(ROOT) == []
-    # each trainer's get_args defines every args.<name> the shared code reads (DiT's lacked
-    # warmup_epochs; only a default keeping that branch untaken hid it)
+    # each trainer's get_args defines every args.<name> the shared code reads (DiT lacked one)
     for f in TRAINERS:
         defs = _top_level(ROOT / f)
         tree = ast.parse("\n".join(s for n, s in defs.items() if SHARED.get(n) == TRAINERS))
@@ -515,8 +511,7 @@ def test_self_cond_owns_its_zero_init_after_any_model_init(script):
     assert zero()
 
 def test_snapshot_plan_counts_the_final_weights_once():
-    # ImageNet-1k: 90 epochs kept every 20 keep 20/40/60/80 and 90; a final step that is itself a
-    # multiple is not counted twice; a keep-every under the batch keeps every step; 0 keeps none
+    # ImageNet-1k: 90 epochs kept every 20 keep 20/40/60/80 and 90; the final step counted once
     ema, n = nn.Linear(10, 10), 1_281_167
     size = sum(v.nbytes for v in ema.state_dict().values())
     plan = lambda images, batch, every: train_dit.snapshot_plan(types.SimpleNamespace(
@@ -738,8 +733,7 @@ def test_bench_reports_speed_flops_and_self_cond_overhead(script, extra, capsys)
 # First runs: downloads under several ranks, the GPU branches on CPU, bad input; data
 
 def _fetch_rank(rank, world, tmp):
-    """A rank fetching CIFAR and the VA-VAE twice each: the substituted download fails the first
-    time (no network) and serves a local file the second time."""
+    """A rank fetching CIFAR and the VA-VAE twice each: the first fetch fails, the second works."""
     tmp = Path(tmp)
     os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")
 
@@ -965,8 +959,7 @@ def test_augment_integer_translation_and_rot90_match_roll_and_rot90():
     x = _aug_images(4, smooth=True)
     y = train_unet._apply_matrix(x, train_unet._rotate(torch.full((4,), math.pi / 2)))
     err = (y - torch.rot90(x, 1, dims=(2, 3)))[..., 4:-4, 4:-4].abs()
-    # not bit-exact: sym6 is only nearly symmetric, so a 90-degree turn does not commute with the
-    # filters (as in EDM)
+    # not bit-exact: sym6 is only nearly symmetric (as in EDM)
     assert err.max() < 0.1 and err.mean() < 0.01
     assert (y - torch.rot90(x, -1, dims=(2, 3))).abs().mean() > 0.1  # and the direction is pinned
 
@@ -1196,8 +1189,7 @@ def test_dit_self_cond_starts_as_noop_and_returns_features():
     _raises("", sc, x, t, y, feats=("out_1",), exc=ValueError)
 
 def test_dit_pixels_are_the_shapes_toy_only_other_data_trains_as_latents(capsys):
-    # train_dit.py keeps the data its model trains on: latents of ImageNet or class folders, and
-    # the shapes toy in pixel space (--latent none, the CPU tests); CIFAR trains in PIXEL trainers
+    # train_dit.py keeps the data its model trains on: latents, or the shapes toy in pixels
     for argv in (["--latent", "none", "--dataset", "cifar10"], ["--dataset", "shapes"]):
         _raises("", _dit_args, *argv)
         assert "pixel space (--latent none) is for the shapes toy" in capsys.readouterr().err
@@ -1219,8 +1211,6 @@ def _fake_cache(out, key, latents, labels=None):
     (out / "complete").write_text("{}")
 
 def test_dit_no_flip_takes_the_unflipped_view_latent_and_pixel(tmp_path):
-    # --no-flip: a latent batch reads the cache's unflipped copy, a pixel batch is not flipped;
-    # the default picks either copy
     common = ["--dataset", "toy", "--data-path", str(tmp_path), "--cache-dir",
               str(tmp_path / "cache"), "--net", "tiny", "--sample-every", "0"]
     out = train_dit.cache_dir(_dit_args(*common), "train")
@@ -1301,8 +1291,7 @@ def _tiny_vae(*paths):
         torch.save(train_dit.build_vae(_dit_args("--vae-config", "tiny")).state_dict(), path)
 
 def _dit_cache_rank(rank, world, args, what="extract", batch=2, workers=2):
-    """A gloo rank that extracts the latent cache ("extract": the rows it encoded) or builds it
-    ("cache", "cache test"; "own folder": as if each node had its own disk); or its one line."""
+    """A rank that extracts (the rows it encoded) or builds a latent cache; or its one line."""
     if what == "own folder":
         args.cache_dir = str(Path(args.cache_dir) / f"node{rank}")
     try:
@@ -1495,7 +1484,7 @@ def _fid_model():
 
 @pytest.fixture(scope="module")
 def _fid_weights(tmp_path_factory, _fid_model):
-    """The random model in the official file's layout (num_batches_tracked, as torchvision's)."""
+    """The random model in the official file's layout (with torchvision's num_batches_tracked)."""
     sd = dict(_fid_model.state_dict())
     for k in [k for k in sd if k.endswith(".bn.running_var")]:
         sd[k.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
@@ -1689,8 +1678,7 @@ def test_fid_fast_forward_matches_plain_forward(tmp_path, monkeypatch):
     assert fast.Mixed_7c.branch_pool.conv.weight.is_contiguous(memory_format=torch.channels_last)
     x = _fid_images(3)
     got = fid.compute_features(x, fast, batch_size=2)  # two batches, as fid.py runs them
-    # the plain forward of the same weights: conv, BatchNorm, out-of-place ReLU in NCHW, as
-    # pytorch-fid runs them
+    # the plain forward of the same weights, as pytorch-fid runs it
     monkeypatch.setattr(fid.BasicConv2d, "forward",
                         lambda self, x: F.relu(self.bn(self.conv(x.contiguous()))))
     with torch.inference_mode():
@@ -2139,8 +2127,7 @@ def _probe_rank(rank, world, argv):
 
 @pytest.mark.parametrize("head", ["lbfgs", "table11"])
 def test_probe_grid_on_two_ranks_equals_one(_probe_ckpt, _small_shapes, tmp_path, head):
-    # each rank extracts and holds only its own rows and the heads train data-parallel: every
-    # (t, layer) and raw pixels score as in one process
+    # each rank holds only its own rows, the heads train data-parallel: scores as in one process
     argv = ["--ckpt", str(_probe_ckpt[0]), *"--grid --t 11 66 --layer 1 4 --raw-pixels --limit "
             "120 --epochs 3 --extract-batch 16 --batch-size 32".split(), "--head", head, "--out",
             str(tmp_path / "p")]
@@ -2331,8 +2318,7 @@ def test_probe_transfer_reads_the_named_dataset_never_the_runs_folder(tmp_path, 
 
 def test_probe_latent_dit_transfers_to_cifar_and_class_folders_through_its_vae(tmp_path,
                                                                                monkeypatch):
-    # a latent DiT probes CIFAR (read by train_unet.py's loader) and class folders through its own
-    # VA-VAE, each encoded once into a cache keyed by dataset and autoencoder
+    # through its own VA-VAE, each encoded once into a cache keyed by dataset and autoencoder
     torch.manual_seed(0)
     _tiny_vae(tmp_path / "vae.pt")
     ckpt = _ckpt(tmp_path, "--dataset", "in100", "--vae-config", "tiny", "--no-class-cond",
@@ -2437,9 +2423,7 @@ dist.destroy_process_group()
 
 @pytest.fixture(scope="module")
 def _gpu_runs(tmp_path_factory):
-    """The three trainers' GPU_STYLE runs with the GPU defaults (--precision auto, --compile on
-    inductor), each a 1-rank nccl world as torchrun starts it; side by side, so that their
-    compilations overlap."""
+    """The GPU_STYLE runs with the GPU defaults, each a 1-rank nccl world, side by side."""
     procs, runs = {}, {}
     for name, extra in GPU_STYLE.items():
         out = tmp_path_factory.mktemp(name) / "run"
@@ -2537,8 +2521,7 @@ def test_gpu_check_arguments_datasheet_peaks_and_the_papers_per_gpu_batch():
         assert args.batch_size == mod.get_args(argv[:-2]).batch_size // gpus[name]
 
 def test_gpu_check_assembles_one_json_line(monkeypatch, capsys):
-    """main() on fake parts: every figure in one line, MFU against the datasheet, a failed part
-    recorded without stopping the others, and the exit status saying so."""
+    """main() on fake parts: one line, MFU on the datasheet, a failed part recorded, exit 1."""
     for name, value in (("is_available", lambda: True), ("device_count", lambda: 1),
                         ("get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")):
         monkeypatch.setattr(torch.cuda, name, value)
@@ -2604,16 +2587,14 @@ def test_gpu_check_parts_measure_on_cpu(tmp_path):
                                steps=2)
     assert s["img_per_s"] > 0 and s["cfg_scale"] == 1.5  # class-conditional: guided by default
     assert np.load(tmp_path / "n4" / "samples.npz")["arr_0"].shape == (4, 256, 256, 3)  # VA-VAE
-    # the DDP order: both train over 2 gloo ranks (eager backend: dynamo's capture, DDP's graph
-    # split, no code generation)
+    # the DDP order: both train over 2 gloo ranks (eager backend: no code generation)
     r = gpu_check.ddp_order(0, tmp_path, [*TINY, "--self-cond", "--batch-size", "4"],
                             backend="eager", steps=1)
     assert r["world"] == 2 and set(r["ms_per_step"]) == {"compile(DDP)", "DDP(compile)"}
     assert r["faster"] in r["ms_per_step"] and r["ratio_compile_ddp_over_ddp_compile"] > 0
 
 def test_memory_benchmark_sampler_sees_a_transient_allocation():
-    """.ci/memory.py's sampler: a 200 MiB array written and freed inside fn raises the peak by
-    about that much, although the process holds none of it afterwards."""
+    """.ci/memory.py's sampler: a 200 MiB array freed inside fn raises the peak by that much."""
     base = memory.peak_anon(lambda: None)
     peak = memory.peak_anon(lambda: (np.ones(200 * 2**20, np.uint8), time.sleep(0.05)))
     assert 190 * 2**20 < peak - base < 260 * 2**20
