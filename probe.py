@@ -480,7 +480,7 @@ def load_segmentation(mod, args, split, res):
         masks = (masks.astype(np.int16) - 1).astype(np.uint8)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(masks)
 
-def fit_dense(split, cell, masks, classes, device, *, lr, epochs, batch_size, seed):
+def fit_dense(split, cell, masks, classes, device, *, lr, epochs, batch_size, seed, flip):
     """Table 11's head per location of cell's (C, h, w) maps: predict(maps) -> (B, K, H, W)."""
     # logits upsampled bilinearly to the label map (as upsampling the features: both are linear);
     # cross-entropy over the labelled pixels, a label map flipped with its image
@@ -491,8 +491,9 @@ def fit_dense(split, cell, masks, classes, device, *, lr, epochs, batch_size, se
                                  size=masks.shape[1:], mode="bilinear", align_corners=False)
 
     def batch_loss(epoch, idx, mine, flips):
-        y = torch.where(flips[mine, None, None], masks[mine].flip(-1), masks[mine])
-        z = head(rows(split.feats(cell, local_rows(mine, split.block), flips[mine].long())),
+        f = flips[mine] & flip  # --no-flip: the flips are drawn, none is taken
+        y = torch.where(f[:, None, None], masks[mine].flip(-1), masks[mine])
+        z = head(rows(split.feats(cell, local_rows(mine, split.block), f.long())),
                  len(idx) * h * w)
         labelled = all_sum(torch.tensor([(y != 255).sum().item()], dtype=torch.float64)).item()
         return F.cross_entropy(up(z), y.long().to(device), ignore_index=255,
@@ -744,9 +745,10 @@ def dense_checkpoint(a, job, device, log):
         f"{classes} classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch "
         f"{hp['batch_size']}")
     seed, results = _seed(a.seed, TRAIN, 0), []
-    views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)]  # unflipped, flipped
+    flip = a.flip if a.flip is not None else getattr(args, "flip", True)
+    views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)][:1 + flip]
     for c, tr, te in cells(a, job, models, diffusion, data, views, device, a.raw_pixels, False):
-        predict = fit_dense(tr, c, masks, classes, device, seed=a.seed, **hp)
+        predict = fit_dense(tr, c, masks, classes, device, seed=a.seed, flip=flip, **hp)
         miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
         _, train_acc, loss = dense_scores(tr, c, predict, masks, classes)
         results.append({**asdict(c), "miou": miou, "pixel_acc": acc,
@@ -768,6 +770,18 @@ def write(path, rec):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1))
 
+def in_domain(job, rec):
+    """(file, test %) of this checkpoint's own in-domain probe, same head and cell, or None."""
+    cell = ("trained", rec["cell"]["t"], rec["cell"]["layer"])
+    for name in ("", ckpt_name(job.path)):  # probed alone, or among the run's snapshots
+        home = job.path.parent / "probe" / name / "probe.json"
+        old = json.loads(home.read_text()) if home.exists() else {}
+        if Path(old.get("ckpt", "")).absolute() == job.path.absolute() and \
+                old.get("head") == rec["head"]:  # another snapshot's or head's figure is no match
+            return next(((home, r["test"]) for r in old["results"]
+                         if (r["net"], r["t"], r["layer"]) == cell), None)
+    return None
+
 def report(rec, job, log):
     """Rank 0's lines and files of a checkpoint's record."""
     for r in rec["results"]:
@@ -782,12 +796,8 @@ def report(rec, job, log):
         ("at init", cell["init"]), ("raw pixels", rec["raw_pixels"])) if v is not None]
     log(f"t={cell['t']:g} {cell['layer']} ({rec['head']} head): {', '.join(parts)}, "
         f"chance {rec['chance']:.2f}%")
-    home = job.path.parent / "probe" / "probe.json"  # the in-domain figure, beside a transfer
-    if rec["dataset"] != rec["trained_on"] and home.exists():
-        same = [r["test"] for r in json.loads(home.read_text())["results"]
-                if (r["net"], r["t"], r["layer"]) == ("trained", cell["t"], cell["layer"])]
-        if same:
-            log(f"in-domain ({rec['trained_on']}, {home}): {same[0]:.2f}% at the same cell")
+    if rec["dataset"] != rec["trained_on"] and (home := in_domain(job, rec)):
+        log(f"in-domain ({rec['trained_on']}, {home[0]}): {home[1]:.2f}% at the same cell")
     if rec["heldout_loss_by_level"]:
         log("held-out loss by noise level " + " ".join(
             f"{v:.4f}" for v in rec["heldout_loss_by_level"]))
@@ -886,7 +896,8 @@ def trajectories(records, log):
     runs, out = {}, []
     for r in records:
         runs.setdefault(run_key(r["args"]), []).append(r)
-    for rs in (sorted(rs, key=lambda r: r["images"] or 0) for rs in runs.values() if len(rs) > 1):
+    runs = [sorted(rs, key=lambda r: r["images"] or 0) for rs in runs.values()]  # ties: earliest
+    for rs in (rs for rs in runs if len(rs) > 1):
         pick, cell = app_a(rs, on), rs[0]["cell"]
         out.append({"ckpts": [r["ckpt"] for r in rs], "images": [r["images"] for r in rs],
                     "test": [r["cell"]["test"] for r in rs], "stands": pick["ckpt"]})
@@ -894,7 +905,7 @@ def trajectories(records, log):
             f"{r['images']:,} images {r['cell']['test']:.2f}%" for r in rs))
         log(f"    the run's figure (App. A: CIFAR's best of epochs 800/1000/1200 {how}, else the "
             f"final snapshot): {pick['ckpt']} ({pick['images']:,} images)")
-    return [app_a(rs, on) for rs in runs.values()], out
+    return [app_a(rs, on) for rs in runs], out
 
 def summarize(records, out, log):
     """Mean +- std over each arm's seeds, paired differences from the first arm; their files."""

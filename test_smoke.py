@@ -2276,6 +2276,11 @@ def test_probe_snapshots_of_one_run_are_a_trajectory_and_app_a_names_the_one_tha
     assert probe.app_a([rec("cifar10", 800.5, 99), rec("cifar10", 2000, 90)])["epoch"] == 2000
     assert probe.app_a([rec("in1k", e, a, 1_281_167, 1024) for e, a in ((20, 95), (90, 60))])[
         "epoch"] == 90
+    tied = [{**rec("cifar10", e, 93), "ckpt": f"c{e:.0f}", "head": "table11", "args": {
+        "batch_size": 512}, "cell": {"test": 93, "t": 11, "layer": "out_1"}} for e in (800, 1000)]
+    for order in (tied, tied[::-1]):  # a tie on the pick figure: the earliest snapshot stands
+        stands, (run,) = probe.trajectories(order, lambda msg: None)
+        assert stands[0]["ckpt"] == run["stands"] == "c800"
     torch.manual_seed(0)
     paths = [str(tmp_path / f"ckpt-{images:09d}.pt") for images in (64, 32, 96)]  # out of order
     for i, (path, images) in enumerate(zip(paths, (64, 32, 96))):
@@ -2315,6 +2320,11 @@ def test_probe_transfer_reads_the_named_dataset_never_the_runs_folder(tmp_path, 
     served.clear()
     probe.main(common + ["--dataset", "shapes-fixed", "--data-path", str(tmp_path / "there")])
     assert served == [("shapes-fixed", str(tmp_path / "there"))] * 2
+    # a snapshot beside it is another checkpoint: ckpt.pt's in-domain figure is not its own
+    snap = shutil.copy(ckpt, tmp_path / "ckpt-000000032.pt")
+    capsys.readouterr()
+    probe.main(["--ckpt", str(snap), "--limit", "60", "--dataset", "shapes-fixed"])
+    assert "in-domain" not in capsys.readouterr().out
 
 def test_probe_latent_dit_transfers_to_cifar_and_class_folders_through_its_vae(tmp_path,
                                                                                monkeypatch):
@@ -2372,6 +2382,13 @@ def test_probe_dense_two_noise_levels_raw_pixels_and_init_each_get_a_head(_probe
         [(n, 66, l) for n, l in nets]
     assert (rec["resolution"], rec["classes"]) == (16, 11)
     assert all(0 <= r["miou"] <= 100 and r["train_loss"] > 0 for r in rec["results"])
+    # the dense head flips as the pooled heads do: --no-flip (or a run without flips) takes none
+    seen = _spy(monkeypatch, lambda ms, d, data, t, layers, views, **k: views)
+    for flags, flipped in (([], [None, True]), (["--no-flip"], [None])):
+        seen.clear()
+        probe.main(["--ckpt", str(_probe_ckpt[0]), "--dense", "--epochs", "1", *flags,
+                    "--out", str(tmp_path / "f")])
+        assert [v if v is None else bool(v.all()) for v, _ in seen[0]] == flipped
 
 def test_probe_dense_above_chance_after_a_short_run_near_chance_at_init(tmp_path, tiny_run,
                                                                         monkeypatch):
