@@ -654,6 +654,13 @@ def recipe(a, args):
                 epochs=a.epochs or (15 if args.dataset in ("cifar10", "cifar100") else 30),
                 batch_size=a.batch_size or (1440 if latent else PROBE_BATCH.get(args.net, 128)))
 
+def train_views(a, args, n):
+    """(flip, views): each of the n training images in --draws noise draws, each in both flips
+    unless --no-flip or the run trained without them (--dense takes one draw)."""
+    flip = a.flip if a.flip is not None else getattr(args, "flip", True)
+    return flip, [(f, _seed(a.seed, TRAIN, d)) for d in range(a.draws)
+                  for f in [None, torch.ones(n, dtype=torch.bool)][:1 + flip]]
+
 def cells(a, job, models, diffusion, data, views, device, pixels, pool=True):
     """(cell, train Split, test Split) of every cell, one noise level's features at a time."""
     ex = dict(batch_size=a.extract_batch, spill=job.out, pool=pool,
@@ -679,9 +686,7 @@ def probe_checkpoint(a, job, device, log, first=None):
         pick = lambda d: Data(d.x, d.y, d.stats, torch.randperm(
             len(d), generator=torch.Generator().manual_seed(a.seed))[:a.limit])
         train, test = pick(train), pick(test)
-    flip = a.flip if a.flip is not None else getattr(args, "flip", True)
-    views = [(f, _seed(a.seed, TRAIN, d)) for d in range(a.draws)
-             for f in [None, torch.ones(len(train), dtype=torch.bool)][:1 + flip]]
+    flip, views = train_views(a, args, len(train))
     classes = int(max(train.y.max(), test.y.max())) + 1
     log(f"probing {job.path} ({'online' if a.raw else 'EMA'}, {diffusion.kind}) on "
         f"{args.dataset}: {len(train)} train / {len(test)} test, t {job.ts}, layers "
@@ -744,9 +749,7 @@ def dense_checkpoint(a, job, device, log):
         f"images, one ADM centre crop each at {res}x{res} (label maps nearest-neighbour), "
         f"{classes} classes, 255 ignored; lr {hp['lr']:g} epochs {hp['epochs']} batch "
         f"{hp['batch_size']}")
-    seed, results = _seed(a.seed, TRAIN, 0), []
-    flip = a.flip if a.flip is not None else getattr(args, "flip", True)
-    views = [(None, seed), (torch.ones(len(x), dtype=torch.bool), seed)][:1 + flip]
+    (flip, views), results = train_views(a, args, len(x)), []
     for c, tr, te in cells(a, job, models, diffusion, data, views, device, a.raw_pixels, False):
         predict = fit_dense(tr, c, masks, classes, device, seed=a.seed, flip=flip, **hp)
         miou, acc, _ = dense_scores(te, c, predict, masks_test, classes)
@@ -891,21 +894,23 @@ def app_a(snapshots, on="test"):
         max(snapshots, key=lambda r: r["images"] or 0)
 
 def trajectories(records, log):
-    """{run: the snapshot that stands for it}, and each run's trajectory (several snapshots)."""
+    """[the snapshot that stands for each run], and each run's trajectory (several snapshots)."""
     on, how = PICK[records[0]["head"]]
-    runs, out = {}, []
+    runs, stands, out = {}, [], []
     for r in records:
         runs.setdefault(run_key(r["args"]), []).append(r)
-    runs = [sorted(rs, key=lambda r: r["images"] or 0) for rs in runs.values()]  # ties: earliest
-    for rs in (rs for rs in runs if len(rs) > 1):
-        pick, cell = app_a(rs, on), rs[0]["cell"]
+    for rs in (sorted(rs, key=lambda r: r["images"] or 0) for rs in runs.values()):
+        stands.append(pick := app_a(rs, on))  # one pick per run (ties: the earliest snapshot)
+        if len(rs) == 1:
+            continue
+        cell = rs[0]["cell"]
         out.append({"ckpts": [r["ckpt"] for r in rs], "images": [r["images"] for r in rs],
                     "test": [r["cell"]["test"] for r in rs], "stands": pick["ckpt"]})
         log(f"along {Path(rs[0]['ckpt']).parent} at t={cell['t']:g} {cell['layer']}: " + ", ".join(
             f"{r['images']:,} images {r['cell']['test']:.2f}%" for r in rs))
         log(f"    the run's figure (App. A: CIFAR's best of epochs 800/1000/1200 {how}, else the "
             f"final snapshot): {pick['ckpt']} ({pick['images']:,} images)")
-    return [app_a(rs, on) for rs in runs], out
+    return stands, out
 
 def summarize(records, out, log):
     """Mean +- std over each arm's seeds, paired differences from the first arm; their files."""
